@@ -1,0 +1,33 @@
+# Set-up and checks. `make bench` runs the main job, `make test` everything CI runs.
+PYTHON ?= python3
+VENV ?= .venv
+# A pinned torch keeps set-up fast where a local wheel exists; a GPU host may pass TORCH=torch.
+TORCH ?= torch==2.13.0
+BENCH_OUT ?= bench-out
+BIN := $(VENV)/bin
+
+.PHONY: install lint typecheck test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python benchmarks/inference_stream.py --out $(BENCH_OUT)
+
+clean:
+	rm -rf $(VENV) $(BENCH_OUT)

@@ -1,0 +1,35 @@
+"""tensorsink: get tensors out of a GPU job and onto storage, asynchronously and crash-safely."""
+
+from __future__ import annotations
+
+from .commit import sweep
+from .errors import (
+    InvalidKeyError,
+    InvalidLayoutError,
+    TensorsinkError,
+    UnsupportedValueError,
+    WriterClosedError,
+)
+from .future import WriteFuture
+from .options import DictMode, Durability, SaveFormat, WriterOptions
+from .stats import WriterStats
+from .writer import AsyncWriter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsyncWriter",
+    "DictMode",
+    "Durability",
+    "InvalidKeyError",
+    "InvalidLayoutError",
+    "SaveFormat",
+    "TensorsinkError",
+    "UnsupportedValueError",
+    "WriteFuture",
+    "WriterClosedError",
+    "WriterOptions",
+    "WriterStats",
+    "__version__",
+    "sweep",
+]

@@ -1,0 +1,150 @@
+"""What tensorsink knows about the arrays it is given: torch tensors and numpy arrays.
+
+The caller's thread only asks cheap questions here (is it an array, its dtype, its size); the views that
+touch data (`host_array`, `byte_view`, `compact_tensor`) run in the workers.
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias, TypeGuard
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Array",
+    "byte_view",
+    "compact_tensor",
+    "dtype_name",
+    "host_array",
+    "is_array",
+    "nbytes",
+    "numpy_dtype",
+    "safetensors_dtype",
+    "torch_tensor",
+]
+
+Array: TypeAlias = "torch.Tensor | np.ndarray"
+
+_TORCH_TO_NUMPY: dict[torch.dtype, np.dtype] = {
+    torch.bool: np.dtype(np.bool_),
+    torch.uint8: np.dtype(np.uint8),
+    torch.int8: np.dtype(np.int8),
+    torch.int16: np.dtype(np.int16),
+    torch.int32: np.dtype(np.int32),
+    torch.int64: np.dtype(np.int64),
+    torch.float16: np.dtype(np.float16),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+    torch.complex64: np.dtype(np.complex64),
+    torch.complex128: np.dtype(np.complex128),
+}
+for _name in ("uint16", "uint32", "uint64"):
+    if hasattr(torch, _name):
+        _TORCH_TO_NUMPY[getattr(torch, _name)] = np.dtype(_name)
+_NUMPY_TO_TORCH: dict[np.dtype, torch.dtype] = {v: k for k, v in _TORCH_TO_NUMPY.items()}
+
+_SAFETENSORS_NAMES: dict[str, str] = {
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
+    "uint16": "U16",
+    "int32": "I32",
+    "uint32": "U32",
+    "int64": "I64",
+    "uint64": "U64",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float32": "F32",
+    "float64": "F64",
+    "complex64": "C64",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e4m3fnuz": "F8_E4M3FNUZ",
+    "float8_e5m2": "F8_E5M2",
+    "float8_e5m2fnuz": "F8_E5M2FNUZ",
+}
+
+
+def is_array(value: object) -> TypeGuard[torch.Tensor | np.ndarray]:
+    return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def dtype_name(array: Array) -> str:
+    """The dtype as users know it: "bfloat16", "float32" (torch's spelling for tensors)."""
+    if isinstance(array, torch.Tensor):
+        return str(array.dtype).removeprefix("torch.")
+    return str(array.dtype)
+
+
+def nbytes(array: Array) -> int:
+    """Payload size: numel x element size (what the budget counts), whatever the strides."""
+    if isinstance(array, torch.Tensor):
+        return array.numel() * array.element_size()
+    return int(array.nbytes)
+
+
+def numpy_dtype(array: Array) -> np.dtype | None:
+    """The numpy dtype that holds the array exactly, or None if numpy has none (bfloat16, float8 ...)."""
+    if isinstance(array, np.ndarray):
+        return None if array.dtype.hasobject else array.dtype
+    return _TORCH_TO_NUMPY.get(array.dtype)
+
+
+def safetensors_dtype(array: Array) -> str | None:
+    """The safetensors dtype tag ("F32", "BF16" ...), or None if safetensors cannot store it."""
+    if isinstance(array, np.ndarray):
+        if array.dtype.hasobject or array.dtype not in _NUMPY_TO_TORCH:
+            return None
+        return _SAFETENSORS_NAMES.get(array.dtype.name)
+    return _SAFETENSORS_NAMES.get(dtype_name(array))
+
+
+def torch_dtype(array: Array) -> torch.dtype | None:
+    """The torch dtype that holds the array exactly, or None (numpy strings, objects, records ...)."""
+    if isinstance(array, torch.Tensor):
+        return array.dtype
+    return _NUMPY_TO_TORCH.get(array.dtype.newbyteorder("="))
+
+
+def host_array(array: Array, *, native: bool = False) -> np.ndarray:
+    """A C-contiguous numpy array with the same values, sharing memory where it can.
+
+    With native=True the byte order is the machine's (safetensors and torch know no other).
+    """
+    if isinstance(array, torch.Tensor):
+        array = _resolved(array).contiguous().numpy()
+    elif native and not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return np.ascontiguousarray(array)
+
+
+def byte_view(array: Array, *, native: bool = False) -> memoryview:
+    """The array's bytes in C order, as a flat memoryview (what os.writev takes without a copy)."""
+    if isinstance(array, torch.Tensor) and array.dtype not in _TORCH_TO_NUMPY:
+        flat = _resolved(array).contiguous().reshape(-1)
+        return flat.view(torch.uint8).numpy().data
+    return host_array(array, native=native).reshape(-1).view(np.uint8).data
+
+
+def torch_tensor(array: Array) -> torch.Tensor:
+    """A CPU tensor with the same values; numpy arrays are wrapped without a copy where torch allows."""
+    if isinstance(array, torch.Tensor):
+        return array
+    host = host_array(array, native=True)
+    if not host.flags.writeable:
+        host = host.copy()
+    return torch.from_numpy(host)
+
+
+def compact_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor detached and owning only its own bytes, so torch.save does not store a whole batch."""
+    tensor = _resolved(tensor)
+    if tensor.untyped_storage().nbytes() > tensor.numel() * tensor.element_size():
+        return tensor.clone(memory_format=torch.contiguous_format)
+    return tensor
+
+
+def _resolved(tensor: torch.Tensor) -> torch.Tensor:
+    """Detached, with lazy conjugate and negative bits applied (numpy and torch.save see plain values)."""
+    return tensor.detach().resolve_conj().resolve_neg()

@@ -1,0 +1,43 @@
+"""The exceptions tensorsink raises.
+
+Each one is also an instance of the builtin it refines, so code that catches the builtin keeps working::
+
+    TensorsinkError
+    ├── InvalidKeyError        (ValueError)   a key that is absolute, empty or climbs out with ".."
+    ├── InvalidLayoutError     (ValueError)   a collection the format and dict mode cannot store
+    ├── UnsupportedValueError  (TypeError)    a value, or a dtype, the chosen format cannot store
+    └── WriterClosedError      (RuntimeError) write() after close()
+
+Failures in the background (disk full, a file where a directory should be) are raised as the original
+exception, by the next write(), by flush() and by close().
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "InvalidKeyError",
+    "InvalidLayoutError",
+    "TensorsinkError",
+    "UnsupportedValueError",
+    "WriterClosedError",
+]
+
+
+class TensorsinkError(Exception):
+    """Base of every exception tensorsink raises itself."""
+
+
+class InvalidKeyError(TensorsinkError, ValueError):
+    """A key (relative path without extension) that cannot name a file under the output root."""
+
+
+class InvalidLayoutError(TensorsinkError, ValueError):
+    """A mapping or sequence the chosen format and dict mode cannot store, e.g. a mapping as one .npy."""
+
+
+class UnsupportedValueError(TensorsinkError, TypeError):
+    """A value of a type, or a tensor of a dtype, that the chosen format cannot store."""
+
+
+class WriterClosedError(TensorsinkError, RuntimeError):
+    """write() was called on a writer that is closed."""

@@ -1,0 +1,104 @@
+"""The interface every format implements, and the one routine that puts buffers into a file."""
+
+from __future__ import annotations
+
+import enum
+import io
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar, TypeAlias
+
+from ..arrays import Array, dtype_name
+from ..errors import UnsupportedValueError
+from ..options import SaveFormat
+
+__all__ = ["Buffer", "BufferFormat", "Container", "FileEntry", "Format", "write_buffers"]
+
+Buffer: TypeAlias = "bytes | bytearray | memoryview"
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+class Container(enum.Enum):
+    """What the caller passed, so a single-file format can store the same shape back."""
+
+    TENSOR = "tensor"
+    MAPPING = "mapping"
+    SEQUENCE = "sequence"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file a write() makes: its final path, and the named arrays that go into it."""
+
+    path: Path
+    container: Container
+    names: tuple[str, ...]
+    arrays: tuple[Array, ...]
+    nbytes: int
+
+
+class Format(ABC):
+    """A file format: what it accepts (checked on the caller's thread) and how it writes a file."""
+
+    save_format: ClassVar[SaveFormat]
+    #: False when a file holds exactly one array, so mappings and sequences need DictMode.SPLIT.
+    holds_collections: ClassVar[bool] = True
+
+    @property
+    def suffix(self) -> str:
+        return "." + self.save_format.value
+
+    def check(self, name: str, array: Array) -> None:
+        """Raise UnsupportedValueError if this format cannot store `array` exactly."""
+        if self.dtype_tag(array) is None:
+            raise UnsupportedValueError(
+                f"{name}: dtype {dtype_name(array)} cannot be stored as {self.suffix}; "
+                f"use {self.alternatives(array)}"
+            )
+
+    @abstractmethod
+    def dtype_tag(self, array: Array) -> object | None:
+        """How the format names the array's dtype, or None if it cannot store it."""
+
+    def alternatives(self, array: Array) -> str:
+        return "SaveFormat.SAFETENSORS or SaveFormat.PYTORCH_PT"
+
+    @abstractmethod
+    def write(self, file: io.FileIO, entry: FileEntry) -> None:
+        """Write the whole file for `entry` into `file` (positioned at 0)."""
+
+
+class BufferFormat(Format):
+    """A format that is a header plus the arrays' own buffers, written in one gathered write."""
+
+    @abstractmethod
+    def encode(self, entry: FileEntry) -> list[Buffer]:
+        """The file's contents as a list of buffers; payloads are views, never copies."""
+
+    def write(self, file: io.FileIO, entry: FileEntry) -> None:
+        write_buffers(file.fileno(), self.encode(entry))
+
+
+def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:
+    """Write all of `buffers` to `fd` with os.writev, resuming after short writes; returns the bytes."""
+    views = [memoryview(b).cast("B") for b in buffers]
+    views = [v for v in views if v.nbytes]
+    total = 0
+    first = 0
+    while first < len(views):
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        if written <= 0:
+            raise OSError(f"os.writev wrote {written} bytes to fd {fd}")
+        total += written
+        while written:
+            head = views[first]
+            if written >= head.nbytes:
+                written -= head.nbytes
+                first += 1
+            else:
+                views[first] = head[written:]
+                written = 0
+    return total

@@ -1,0 +1,50 @@
+"""NUMPY_NPY: numpy's .npy layout, a padded text header followed by the array's bytes in C order."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from ..arrays import Array, byte_view, host_array, numpy_dtype
+from ..options import SaveFormat
+from .base import Buffer, BufferFormat, FileEntry
+
+__all__ = ["NpyFormat", "npy_header"]
+
+#: numpy pads its headers so the data starts on a multiple of this.
+NPY_ALIGNMENT = 64
+_MAGIC = b"\x93NUMPY"
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...], alignment: int = NPY_ALIGNMENT) -> bytes:
+    """The .npy header for a C-ordered array, padded with spaces so the data starts at `alignment`."""
+    text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (  # noqa: UP031 (numpy's own form)
+        np.lib.format.dtype_to_descr(dtype),
+        tuple(shape),
+    )
+    encoded = text.encode("latin1")
+    version, length_format = 1, "<H"
+    if _padded(10 + len(encoded) + 1, alignment) - 10 > 0xFFFF:  # too long for version 1.0
+        version, length_format = 2, "<I"
+    fixed = len(_MAGIC) + 2 + struct.calcsize(length_format)
+    header_len = _padded(fixed + len(encoded) + 1, alignment) - fixed
+    body = encoded + b" " * (header_len - len(encoded) - 1) + b"\n"
+    return _MAGIC + bytes([version, 0]) + struct.pack(length_format, header_len) + body
+
+
+def _padded(size: int, alignment: int) -> int:
+    return -(-size // alignment) * alignment
+
+
+class NpyFormat(BufferFormat):
+    save_format = SaveFormat.NUMPY_NPY
+    holds_collections = False
+
+    def dtype_tag(self, array: Array) -> np.dtype | None:
+        return numpy_dtype(array)
+
+    def encode(self, entry: FileEntry) -> list[Buffer]:
+        (array,) = entry.arrays
+        host = host_array(array)
+        return [npy_header(host.dtype, tuple(array.shape)), byte_view(host)]

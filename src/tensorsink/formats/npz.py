@@ -1,0 +1,126 @@
+"""NUMPY_NPZ: a stored (uncompressed) ZIP of .npy members, as np.savez writes and np.load reads.
+
+Written by hand so that each member is its .npy header plus the array's own buffer, with no copy of the
+payload; only the CRC-32 reads it. Every record carries ZIP64 fields, so one layout serves all sizes.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+
+import numpy as np
+
+from ..arrays import Array, byte_view, host_array, numpy_dtype
+from ..options import SaveFormat
+from .base import Buffer, BufferFormat, FileEntry
+from .npy import npy_header
+
+__all__ = ["NpzFormat"]
+
+_VERSION = 45  # ZIP64
+_UTF8_NAMES = 0x0800
+_DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01: fixed, so the same arrays give the same bytes
+_UNIX_FILE = 0o100644 << 16
+_MAX32 = 0xFFFFFFFF
+_MAX16 = 0xFFFF
+
+
+class NpzFormat(BufferFormat):
+    save_format = SaveFormat.NUMPY_NPZ
+
+    def dtype_tag(self, array: Array) -> np.dtype | None:
+        return numpy_dtype(array)
+
+    def encode(self, entry: FileEntry) -> list[Buffer]:
+        buffers: list[Buffer] = []
+        directory: list[bytes] = []
+        offset = 0
+        for name, array in zip(entry.names, entry.arrays, strict=True):
+            host = host_array(array)
+            header = npy_header(host.dtype, tuple(array.shape))
+            payload = byte_view(host)
+            size = len(header) + payload.nbytes
+            crc = zlib.crc32(payload, zlib.crc32(header))
+            member = (name + ".npy").encode("utf-8")
+            local = _local_header(member, crc, size)
+            buffers += [local, header, payload]
+            directory.append(_central_header(member, crc, size, offset))
+            offset += len(local) + size
+        central = b"".join(directory)
+        buffers += [central, _end_records(len(directory), len(central), offset)]
+        return buffers
+
+
+def _local_header(name: bytes, crc: int, size: int) -> bytes:
+    extra = struct.pack("<HHQQ", 0x0001, 16, size, size)
+    fixed = struct.pack(
+        "<IHHHHHIIIHH",
+        0x04034B50,
+        _VERSION,
+        _UTF8_NAMES,
+        0,
+        0,
+        _DOS_DATE,
+        crc,
+        _MAX32,
+        _MAX32,
+        len(name),
+        len(extra),
+    )
+    return fixed + name + extra
+
+
+def _central_header(name: bytes, crc: int, size: int, offset: int) -> bytes:
+    extra = struct.pack("<HHQQQ", 0x0001, 24, size, size, offset)
+    fixed = struct.pack(
+        "<IHHHHHHIIIHHHHHII",
+        0x02014B50,
+        (3 << 8) | _VERSION,
+        _VERSION,
+        _UTF8_NAMES,
+        0,
+        0,
+        _DOS_DATE,
+        crc,
+        _MAX32,
+        _MAX32,
+        len(name),
+        len(extra),
+        0,
+        0,
+        0,
+        _UNIX_FILE,
+        _MAX32,
+    )
+    return fixed + name + extra
+
+
+def _end_records(count: int, directory_size: int, directory_offset: int) -> bytes:
+    zip64_end_offset = directory_offset + directory_size
+    zip64_end = struct.pack(
+        "<IQHHIIQQQQ",
+        0x06064B50,
+        44,
+        (3 << 8) | _VERSION,
+        _VERSION,
+        0,
+        0,
+        count,
+        count,
+        directory_size,
+        directory_offset,
+    )
+    locator = struct.pack("<IIQI", 0x07064B50, 0, zip64_end_offset, 1)
+    end = struct.pack(
+        "<IHHHHIIH",
+        0x06054B50,
+        0,
+        0,
+        min(count, _MAX16),
+        min(count, _MAX16),
+        min(directory_size, _MAX32),
+        _MAX32,
+        0,
+    )
+    return zip64_end + locator + end

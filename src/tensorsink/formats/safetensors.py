@@ -1,0 +1,49 @@
+"""SAFETENSORS: an 8-byte header length, a JSON header, then the tensors' bytes back to back."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+from ..arrays import Array, byte_view, safetensors_dtype
+from ..options import SaveFormat
+from .base import Buffer, BufferFormat, FileEntry
+
+__all__ = ["SafetensorsFormat", "safetensors_header"]
+
+#: safetensors pads its header so the data starts on a multiple of this.
+SAFETENSORS_ALIGNMENT = 8
+
+
+def safetensors_header(
+    tensors: list[tuple[str, str, tuple[int, ...], int]], alignment: int = SAFETENSORS_ALIGNMENT
+) -> bytes:
+    """The length prefix and JSON header for (name, dtype tag, shape, nbytes) laid out in that order."""
+    layout: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    start = 0
+    for name, tag, shape, size in tensors:
+        layout[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [start, start + size]}
+        start += size
+    text = json.dumps(layout, separators=(",", ":")).encode("utf-8")
+    padded = -(-(8 + len(text)) // alignment) * alignment - 8
+    return struct.pack("<Q", padded) + text + b" " * (padded - len(text))
+
+
+class SafetensorsFormat(BufferFormat):
+    save_format = SaveFormat.SAFETENSORS
+
+    def dtype_tag(self, array: Array) -> str | None:
+        return safetensors_dtype(array)
+
+    def alternatives(self, array: Array) -> str:
+        return "SaveFormat.PYTORCH_PT"
+
+    def encode(self, entry: FileEntry) -> list[Buffer]:
+        payloads = [byte_view(array, native=True) for array in entry.arrays]
+        header = safetensors_header(
+            [
+                (name, str(safetensors_dtype(array)), tuple(array.shape), payload.nbytes)
+                for name, array, payload in zip(entry.names, entry.arrays, payloads, strict=True)
+            ]
+        )
+        return [header, *payloads]

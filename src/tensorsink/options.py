@@ -1,0 +1,101 @@
+"""The writer's settings: the enums users pass and the frozen options with every default in one place."""
+
+from __future__ import annotations
+
+import enum
+import queue
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["DictMode", "Durability", "SaveFormat", "WriterOptions"]
+
+
+class _Choice(str, enum.Enum):
+    """An enum whose members may also be given as their string values."""
+
+    @classmethod
+    def coerce(cls: type[_E], value: object, *, argument: str) -> _E:
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                return cls(value.lower())
+            except ValueError:
+                pass
+        allowed = ", ".join(f"{cls.__name__}.{m.name} ({m.value!r})" for m in cls)
+        raise ValueError(f"{argument}={value!r} is not valid; use one of {allowed}")
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+_E = TypeVar("_E", bound=_Choice)
+
+
+class SaveFormat(_Choice):
+    """The file format; the value is the extension that is appended to every key."""
+
+    PYTORCH_PT = "pt"
+    NUMPY_NPY = "npy"
+    NUMPY_NPZ = "npz"
+    SAFETENSORS = "safetensors"
+
+
+class DictMode(_Choice):
+    """How a mapping or sequence is stored: in one file (SINGLE) or one file per entry (SPLIT)."""
+
+    SINGLE = "single"
+    SPLIT = "split"
+
+
+class Durability(_Choice):
+    """What must reach stable storage before a write counts as committed.
+
+    NONE survives a killed process, not a power cut; FILE fsyncs the file before the rename;
+    FULL also fsyncs the directory after the rename, so the new name itself is durable.
+    """
+
+    NONE = "none"
+    FILE = "file"
+    FULL = "full"
+
+
+def _positive_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} is not valid; use an int >= {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class WriterOptions:
+    """Validated settings of an AsyncWriter; constructing one raises ValueError naming any bad value."""
+
+    out_root: Path
+    save_format: SaveFormat = SaveFormat.PYTORCH_PT
+    dict_mode: DictMode = DictMode.SINGLE
+    workers: int = 4
+    max_inflight: int = 256
+    small_sync_bytes: int = 64_000
+    upload_queue: queue.Queue[Path] | None = None
+    max_inflight_bytes: int = 1 << 30
+    durability: Durability = Durability.FILE
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "out_root", Path(self.out_root))
+        set_(self, "save_format", SaveFormat.coerce(self.save_format, argument="save_format"))
+        set_(self, "dict_mode", DictMode.coerce(self.dict_mode, argument="dict_mode"))
+        set_(self, "durability", Durability.coerce(self.durability, argument="durability"))
+        _positive_int("workers", self.workers, 1)
+        _positive_int("max_inflight", self.max_inflight, 1)
+        _positive_int("small_sync_bytes", self.small_sync_bytes, 0)
+        _positive_int("max_inflight_bytes", self.max_inflight_bytes, 1)
+        if self.upload_queue is not None and not callable(getattr(self.upload_queue, "put", None)):
+            raise TypeError(f"upload_queue={self.upload_queue!r} has no put(); pass a queue.Queue or None")
+
+    def replace(self, **changes: Any) -> WriterOptions:
+        """A copy with some settings changed, validated again."""
+        fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        fields.update(changes)
+        return WriterOptions(**fields)

@@ -1,0 +1,121 @@
+"""What one write() becomes: the files it makes and the arrays in each, checked before anything queues.
+
+Everything here runs on the caller's thread and touches no payload bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from .arrays import Array, is_array, nbytes
+from .errors import InvalidKeyError, InvalidLayoutError, UnsupportedValueError
+from .formats import Container, FileEntry, Format
+from .options import DictMode
+from .staging import stage
+
+__all__ = ["plan_files", "validate_key"]
+
+_ACCEPTED = "a torch.Tensor, a numpy.ndarray, a Mapping[str, tensor] or a list/tuple of tensors"
+
+
+def validate_key(key: object) -> str:
+    """The key as a normalised relative POSIX path; InvalidKeyError unless it names a file under the root."""
+    if isinstance(key, os.PathLike):
+        key = os.fspath(key)
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"key {key!r} must be a str or os.PathLike, not {type(key).__name__}")
+    if not key or key.endswith("/") or "\0" in key:
+        raise InvalidKeyError(
+            f"key {key!r} must name a file: a non-empty relative path such as 'preds/scene_42', "
+            "not ending in '/' and without NUL"
+        )
+    path = PurePosixPath(key)
+    if path.is_absolute() or ".." in path.parts:
+        raise InvalidKeyError(
+            f"key {key!r} must stay under the output root: relative, without '..' (e.g. 'preds/scene_42')"
+        )
+    if not path.parts:
+        raise InvalidKeyError(f"key {key!r} names no file; give a relative path such as 'preds/scene_42'")
+    return str(path)
+
+
+def plan_files(root: Path, key: object, value: object, fmt: Format, dict_mode: DictMode) -> list[FileEntry]:
+    """The files `write(key, value)` makes.
+
+    Raises InvalidKeyError, InvalidLayoutError or UnsupportedValueError, naming the bad value.
+    """
+    name = validate_key(key)
+    container, names, arrays = _flatten(value, fmt)
+    if container is Container.TENSOR:
+        return [FileEntry(root / (name + fmt.suffix), container, names, arrays, nbytes(arrays[0]))]
+    if dict_mode is DictMode.SPLIT:
+        if not arrays:
+            raise InvalidLayoutError(
+                f"{type(value).__name__} for key {name!r} is empty; with DictMode.SPLIT it would write "
+                "no file"
+            )
+        for entry_name in names:
+            _check_file_part(entry_name, name)
+        return [
+            FileEntry(
+                root / f"{name}_{entry_name}{fmt.suffix}",
+                Container.TENSOR,
+                ("arr_0",),
+                (array,),
+                nbytes(array),
+            )
+            for entry_name, array in zip(names, arrays, strict=True)
+        ]
+    if not fmt.holds_collections:
+        raise InvalidLayoutError(
+            f"{fmt.suffix} holds one array, but key {name!r} has a {container.value} of {len(arrays)}; "
+            "use dict_mode=DictMode.SPLIT (one file per entry) or SaveFormat.NUMPY_NPZ"
+        )
+    return [FileEntry(root / (name + fmt.suffix), container, names, arrays, sum(map(nbytes, arrays)))]
+
+
+def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tuple[Array, ...]]:
+    if is_array(value):
+        return Container.TENSOR, ("arr_0",), (_checked("value", value, fmt),)
+    if isinstance(value, Mapping):
+        names = tuple(value)
+        for entry_name in names:
+            if not isinstance(entry_name, str) or not entry_name:
+                raise UnsupportedValueError(f"mapping key {entry_name!r} must be a non-empty str")
+        arrays = tuple(_checked(f"value[{n!r}]", value[n], fmt) for n in names)
+        return Container.MAPPING, names, arrays
+    if isinstance(value, (list, tuple)):
+        arrays = tuple(_checked(f"value[{i}]", v, fmt) for i, v in enumerate(value))
+        return Container.SEQUENCE, tuple(f"arr_{i}" for i in range(len(arrays))), arrays
+    raise UnsupportedValueError(f"value of type {type(value).__name__} cannot be written; pass {_ACCEPTED}")
+
+
+def _checked(where: str, value: object, fmt: Format) -> Array:
+    if not is_array(value):
+        nested = " (nested collections are not supported)" if isinstance(value, (Mapping, Sequence)) else ""
+        raise UnsupportedValueError(
+            f"{where} is a {type(value).__name__}{nested}; each entry must be a torch.Tensor or numpy.ndarray"
+        )
+    if isinstance(value, torch.Tensor):
+        if value.layout is not torch.strided:
+            raise UnsupportedValueError(
+                f"{where} has layout {value.layout}; convert it with .to_dense() first"
+            )
+        if value.device.type == "meta":
+            raise UnsupportedValueError(f"{where} is on the meta device and has no data to write")
+    elif value.dtype.hasobject:
+        raise UnsupportedValueError(f"{where} has dtype object, which cannot be stored without pickle")
+    fmt.check(where, value)
+    return stage(value)
+
+
+def _check_file_part(entry_name: str, key: str) -> None:
+    if "/" in entry_name or "\0" in entry_name or entry_name in (".", ".."):
+        raise InvalidKeyError(
+            f"mapping key {entry_name!r} of {key!r} becomes part of a file name with DictMode.SPLIT; "
+            "it must not contain '/' or NUL"
+        )

@@ -1,0 +1,134 @@
+"""Moving writes through the worker threads under a budget, and keeping the first background error."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+
+from .errors import WriterClosedError
+from .future import WriteFuture
+
+__all__ = ["Budget", "Pipeline"]
+
+log = logging.getLogger("tensorsink")
+
+Job = Callable[[], list[Path]]
+
+
+class Budget:
+    """Backpressure: at most `max_count` writes and `max_bytes` payload bytes in flight.
+
+    A write larger than the whole byte budget is admitted alone, once nothing else is in flight.
+    """
+
+    def __init__(self, max_count: int, max_bytes: int) -> None:
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.count = 0
+        self.bytes = 0
+        self._cond = threading.Condition(threading.Lock())
+
+    def _fits(self, nbytes: int) -> bool:
+        return self.count < self.max_count and (self.count == 0 or self.bytes + nbytes <= self.max_bytes)
+
+    def acquire(self, nbytes: int) -> float:
+        """Take room for one write of `nbytes`; returns the seconds spent waiting for it."""
+        with self._cond:
+            if self._fits(nbytes):
+                waited = 0.0
+            else:
+                start = time.perf_counter()
+                while not self._fits(nbytes):
+                    self._cond.wait()
+                waited = time.perf_counter() - start
+            self.count += 1
+            self.bytes += nbytes
+            return waited
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.count -= 1
+            self.bytes -= nbytes
+            self._cond.notify_all()
+
+
+class Pipeline:
+    """Runs write jobs inline or on `workers` threads; remembers the first background failure."""
+
+    def __init__(self, workers: int, max_count: int, max_bytes: int) -> None:
+        self.budget = Budget(max_count, max_bytes)
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tensorsink")
+        self._in_flight: set[WriteFuture] = set()
+        self._in_flight_lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._error_lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def run_inline(self, job: Job) -> WriteFuture:
+        """Run `job` on the caller's thread; its failure is raised here, to the caller, not kept."""
+        future = WriteFuture()
+        try:
+            future.set_result(job())
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        return future
+
+    def submit(self, job: Job, nbytes: int) -> tuple[WriteFuture, float]:
+        """Queue `job` once the budget has room; returns its future and the seconds spent blocked."""
+        blocked = self.budget.acquire(nbytes)
+        future = WriteFuture()
+        with self._in_flight_lock:
+            self._in_flight.add(future)
+        try:
+            self.executor.submit(self._run, job, nbytes, future)
+        except RuntimeError as exc:  # the executor was shut down by a concurrent close()
+            self._forget(future)
+            self.budget.release(nbytes)
+            raise WriterClosedError("the writer was closed while this write() waited for room") from exc
+        return future, blocked
+
+    def _run(self, job: Job, nbytes: int, future: WriteFuture) -> None:
+        try:
+            result = job()
+        except BaseException as exc:
+            self._record(exc)
+            self.budget.release(nbytes)
+            future.set_exception(exc)
+        else:
+            self.budget.release(nbytes)
+            future.set_result(result)
+        finally:
+            self._forget(future)
+
+    def _forget(self, future: WriteFuture) -> None:
+        with self._in_flight_lock:
+            self._in_flight.discard(future)
+
+    def _record(self, exc: BaseException) -> None:
+        with self._error_lock:
+            if self._error is None:
+                self._error = exc
+                return
+        log.error("tensorsink: a further background write failed: %r", exc)
+
+    def raise_if_failed(self) -> None:
+        """Raise the first background failure, if any (every time: a failed writer stays failed)."""
+        if self._error is not None:
+            raise self._error
+
+    def drain(self) -> None:
+        """Wait for every write submitted before this call."""
+        with self._in_flight_lock:
+            pending = list(self._in_flight)
+        wait(pending)
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=True)

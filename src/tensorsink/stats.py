@@ -1,0 +1,77 @@
+"""Counters a writer keeps for progress logs and benchmarks."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+__all__ = ["StatsRecorder", "WriterStats"]
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    """A snapshot of a writer's progress; elapsed runs from the first write() to the latest commit."""
+
+    files: int
+    bytes: int
+    errors: int
+    in_flight: int
+    blocked_seconds: float
+    elapsed_seconds: float
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.bytes / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    @property
+    def files_per_second(self) -> float:
+        return self.files / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.files:,} files, {self.bytes / 2**20:,.1f} MiB in {self.elapsed_seconds:.2f} s "
+            f"({self.bytes_per_second / 2**20:,.1f} MiB/s, {self.files_per_second:,.0f} files/s), "
+            f"blocked {self.blocked_seconds:.2f} s, {self.in_flight} in flight, {self.errors} errors"
+        )
+
+
+class StatsRecorder:
+    """Thread-safe counters behind WriterStats."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._files = 0
+        self._bytes = 0
+        self._errors = 0
+        self._blocked = 0.0
+        self._first: float | None = None
+        self._last: float | None = None
+
+    def write_started(self) -> None:
+        if self._first is None:
+            with self._lock:
+                if self._first is None:
+                    self._first = time.perf_counter()
+
+    def file_committed(self, nbytes: int) -> None:
+        with self._lock:
+            self._files += 1
+            self._bytes += nbytes
+            self._last = time.perf_counter()
+
+    def write_failed(self) -> None:
+        with self._lock:
+            self._errors += 1
+
+    def blocked(self, seconds: float) -> None:
+        if seconds:
+            with self._lock:
+                self._blocked += seconds
+
+    def snapshot(self, in_flight: int) -> WriterStats:
+        with self._lock:
+            elapsed = 0.0
+            if self._first is not None and self._last is not None:
+                elapsed = self._last - self._first
+            return WriterStats(self._files, self._bytes, self._errors, in_flight, self._blocked, elapsed)

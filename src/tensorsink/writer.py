@@ -1,0 +1,196 @@
+"""AsyncWriter: the public face. It checks each write on the caller's thread, then hands it to the stages."""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+
+from .commit import Committer
+from .errors import WriterClosedError
+from .formats import FileEntry, Format, format_for
+from .future import WriteFuture
+from .options import DictMode, Durability, SaveFormat, WriterOptions
+from .plan import plan_files
+from .scheduling import Pipeline
+from .stats import StatsRecorder, WriterStats
+
+__all__ = ["AsyncWriter"]
+
+
+class AsyncWriter:
+    """Asynchronous, crash-safe writer of tensors, mappings and sequences of tensors under `out_root`.
+
+    `write(key, value)` checks the key and the value, waits while the budget (`max_inflight` writes,
+    `max_inflight_bytes` bytes) is full, and returns a WriteFuture; a worker writes the file into a
+    temporary sibling and renames it into place. Payloads under `small_sync_bytes` are written on the
+    caller's thread instead, where a queue hop would cost more than the write. A failure in the
+    background is raised by the next write(), by flush() and by close().
+
+    CPU tensors and numpy arrays are not copied: do not modify them in place until the write's future
+    is done (or flush() has returned).
+    """
+
+    def __init__(
+        self,
+        out_root: str | os.PathLike[str],
+        save_format: SaveFormat | str = SaveFormat.PYTORCH_PT,
+        dict_mode: DictMode | str = DictMode.SINGLE,
+        workers: int = 4,
+        max_inflight: int = 256,
+        small_sync_bytes: int = 64_000,
+        upload_queue: queue.Queue[Path] | None = None,
+        *,
+        max_inflight_bytes: int = 1 << 30,
+        durability: Durability | str = Durability.FILE,
+    ) -> None:
+        self.options = WriterOptions(
+            Path(out_root),
+            save_format,  # type: ignore[arg-type]  # coerced and checked by WriterOptions
+            dict_mode,  # type: ignore[arg-type]
+            workers,
+            max_inflight,
+            small_sync_bytes,
+            upload_queue,
+            max_inflight_bytes,
+            durability,  # type: ignore[arg-type]
+        )
+        self.options.out_root.mkdir(parents=True, exist_ok=True)
+        self._format: Format = format_for(self.options.save_format)
+        self._committer = Committer(self.options.durability)
+        self._stats = StatsRecorder()
+        self._pipeline = Pipeline(workers, max_inflight, max_inflight_bytes)
+        self._closed = False
+
+    # The original AsyncWriter's attributes.
+    @property
+    def root(self) -> Path:
+        return self.options.out_root
+
+    @property
+    def save_format(self) -> SaveFormat:
+        return self.options.save_format
+
+    @property
+    def dict_mode(self) -> DictMode:
+        return self.options.dict_mode
+
+    @property
+    def max_inflight(self) -> int:
+        return self.options.max_inflight
+
+    @property
+    def small_sync_bytes(self) -> int:
+        return self.options.small_sync_bytes
+
+    @property
+    def upload_queue(self) -> queue.Queue[Path] | None:
+        return self.options.upload_queue
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        return self._pipeline.executor
+
+    def write(self, relative_path_no_ext: str | os.PathLike[str], to_save: object) -> WriteFuture:
+        """Write `to_save` to `<out_root>/<relative_path_no_ext><suffix>` (several files with SPLIT).
+
+        Returns at once unless the budget is full. Raises InvalidKeyError or InvalidLayoutError
+        (ValueError), UnsupportedValueError (TypeError), WriterClosedError (RuntimeError), or the
+        first background failure, before anything is queued.
+        """
+        if self._closed:
+            raise WriterClosedError(
+                f"write({relative_path_no_ext!r}) after close(); create a new AsyncWriter"
+            )
+        self._pipeline.raise_if_failed()
+        entries = plan_files(
+            self.options.out_root, relative_path_no_ext, to_save, self._format, self.options.dict_mode
+        )
+        order = self._committer.order
+        numbers = [order.reserve(entry.path) for entry in entries]
+        nbytes = sum(entry.nbytes for entry in entries)
+        self._stats.write_started()
+
+        def job() -> list[Path]:
+            return self._write_entries(entries, numbers)
+
+        if nbytes < self.options.small_sync_bytes:
+            return self._pipeline.run_inline(job)
+        try:
+            future, blocked = self._pipeline.submit(job, nbytes)
+        except BaseException:
+            for entry in entries:
+                order.release(entry.path)
+            raise
+        self._stats.blocked(blocked)
+        return future
+
+    def _write_entries(self, entries: list[FileEntry], numbers: list[int]) -> list[Path]:
+        """Commit each file of one write in turn (the worker's or the caller's thread)."""
+        fmt = self._format
+        upload_queue = self.options.upload_queue
+        written: list[Path] = []
+        try:
+            for entry, number in zip(entries, numbers, strict=True):
+
+                def encode(file: io.FileIO, entry: FileEntry = entry) -> None:
+                    fmt.write(file, entry)
+
+                replaced = self._committer.commit(entry.path, number, encode)
+                self._stats.file_committed(entry.nbytes)
+                if replaced and upload_queue is not None:
+                    upload_queue.put(entry.path)
+                written.append(entry.path)
+        except BaseException:
+            self._stats.write_failed()
+            raise
+        finally:
+            for entry in entries:
+                self._committer.order.release(entry.path)
+        return written
+
+    def flush(self) -> None:
+        """Wait for every write made so far; raise the first background failure, if any."""
+        self._pipeline.drain()
+        self._pipeline.raise_if_failed()
+
+    def close(self) -> None:
+        """Flush, then stop the workers (also after a failure); raise the first background failure.
+
+        Calling it again does nothing more than raise that failure again.
+        """
+        if not self._closed:
+            self._closed = True
+            try:
+                self._pipeline.drain()
+            finally:
+                self._pipeline.shutdown()
+        self._pipeline.raise_if_failed()
+
+    def stats(self) -> WriterStats:
+        return self._stats.snapshot(self._pipeline.in_flight)
+
+    def __enter__(self) -> AsyncWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            self.close()
+        except BaseException as failure:
+            if failure is not exc:
+                raise
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (
+            f"AsyncWriter({str(o.out_root)!r}, save_format={o.save_format}, dict_mode={o.dict_mode}, "
+            f"workers={o.workers}, durability={o.durability}{', closed' if self._closed else ''})"
+        )
