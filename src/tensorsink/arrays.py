@@ -93,17 +93,16 @@ def numpy_dtype(array: Array) -> np.dtype | None:
 
 def safetensors_dtype(array: Array) -> str | None:
     """The safetensors dtype tag ("F32", "BF16" ...), or None if safetensors cannot store it."""
-    if isinstance(array, np.ndarray):
-        if array.dtype.hasobject or array.dtype not in _NUMPY_TO_TORCH:
-            return None
-        return _SAFETENSORS_NAMES.get(array.dtype.name)
-    return _SAFETENSORS_NAMES.get(dtype_name(array))
+    dtype = torch_dtype(array)
+    return None if dtype is None else _SAFETENSORS_NAMES.get(str(dtype).removeprefix("torch."))
 
 
 def torch_dtype(array: Array) -> torch.dtype | None:
     """The torch dtype that holds the array exactly, or None (numpy strings, objects, records ...)."""
     if isinstance(array, torch.Tensor):
         return array.dtype
+    if array.dtype.hasobject:
+        return None
     return _NUMPY_TO_TORCH.get(array.dtype.newbyteorder("="))
 
 
@@ -116,7 +115,7 @@ def host_array(array: Array, *, native: bool = False) -> np.ndarray:
         array = _resolved(array).contiguous().numpy()
     elif native and not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    return np.ascontiguousarray(array)
+    return np.asarray(array, order="C")
 
 
 def byte_view(array: Array, *, native: bool = False) -> memoryview:

@@ -58,17 +58,15 @@ def plan_files(root: Path, key: object, value: object, fmt: Format, dict_mode: D
                 f"{type(value).__name__} for key {name!r} is empty; with DictMode.SPLIT it would write "
                 "no file"
             )
-        for entry_name in names:
-            _check_file_part(entry_name, name)
+        if container is Container.MAPPING:
+            parts = names
+            for part in parts:
+                _check_file_part(part, name)
+        else:
+            parts = tuple(str(i) for i in range(len(arrays)))
         return [
-            FileEntry(
-                root / f"{name}_{entry_name}{fmt.suffix}",
-                Container.TENSOR,
-                ("arr_0",),
-                (array,),
-                nbytes(array),
-            )
-            for entry_name, array in zip(names, arrays, strict=True)
+            FileEntry(root / f"{name}_{part}{fmt.suffix}", Container.TENSOR, ("arr_0",), (array,), nbytes(array))
+            for part, array in zip(parts, arrays, strict=True)
         ]
     if not fmt.holds_collections:
         raise InvalidLayoutError(
@@ -84,8 +82,10 @@ def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tu
     if isinstance(value, Mapping):
         names = tuple(value)
         for entry_name in names:
-            if not isinstance(entry_name, str) or not entry_name:
-                raise UnsupportedValueError(f"mapping key {entry_name!r} must be a non-empty str")
+            if not isinstance(entry_name, str):
+                raise UnsupportedValueError(f"mapping key {entry_name!r} must be a str")
+            if not entry_name:
+                raise InvalidKeyError("mapping key '' must be a non-empty str")
         arrays = tuple(_checked(f"value[{n!r}]", value[n], fmt) for n in names)
         return Container.MAPPING, names, arrays
     if isinstance(value, (list, tuple)):
