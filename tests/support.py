@@ -45,7 +45,11 @@ def fingerprint(array: Any) -> tuple[str, tuple[int, ...], bytes]:
     """(dtype name, shape, C-order native bytes): equal fingerprints mean bit-identical arrays."""
     if isinstance(array, torch.Tensor):
         flat = array.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-        return str(array.dtype).removeprefix("torch."), tuple(array.shape), flat.view(torch.uint8).numpy().tobytes()
+        return (
+            str(array.dtype).removeprefix("torch."),
+            tuple(array.shape),
+            flat.view(torch.uint8).numpy().tobytes(),
+        )
     host = np.ascontiguousarray(array)
     if not host.dtype.isnative:
         host = host.astype(host.dtype.newbyteorder("="))

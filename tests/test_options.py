@@ -37,7 +37,7 @@ def test_bad_settings_name_the_value(tmp_path: Path, argument: str, value: objec
 
 
 def test_upload_queue_must_have_put(tmp_path: Path) -> None:
-    with pytest.raises(TypeError, match="upload_queue=.* has no put"):
+    with pytest.raises(TypeError, match=r"upload_queue=.* has no put"):
         AsyncWriter(tmp_path, upload_queue=[])  # type: ignore[arg-type]
 
 

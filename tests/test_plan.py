@@ -65,7 +65,10 @@ def test_dtypes_numpy_cannot_hold_name_the_dtype_and_the_alternatives(
 
 
 def test_complex128_is_refused_by_safetensors(tmp_path: Path) -> None:
-    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS) as writer, pytest.raises(TypeError, match="complex128"):
+    with (
+        AsyncWriter(tmp_path, SaveFormat.SAFETENSORS) as writer,
+        pytest.raises(TypeError, match="complex128"),
+    ):
         writer.write("x", torch.zeros(2, dtype=torch.complex128))
 
 
@@ -76,7 +79,7 @@ def test_numpy_dtype_torch_lacks_is_refused_by_pt(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("value", [{"a": torch.zeros(1)}, [torch.zeros(1)], (torch.zeros(1),)])
 def test_collections_as_npy_need_split(writer: AsyncWriter, value: object) -> None:
-    with pytest.raises(ValueError, match="DictMode.SPLIT.*NUMPY_NPZ") as info:
+    with pytest.raises(ValueError, match=r"DictMode\.SPLIT.*NUMPY_NPZ") as info:
         writer.write("x", value)
     assert isinstance(info.value, InvalidLayoutError)
 
@@ -95,7 +98,10 @@ def test_empty_collection_in_single_writes_an_empty_container(tmp_path: Path) ->
 
 @pytest.mark.parametrize("key", ["a/b", "..", ""])
 def test_split_mapping_keys_must_be_file_name_parts(tmp_path: Path, key: str) -> None:
-    with AsyncWriter(tmp_path, dict_mode=DictMode.SPLIT) as writer, pytest.raises(ValueError, match="mapping key"):
+    with (
+        AsyncWriter(tmp_path, dict_mode=DictMode.SPLIT) as writer,
+        pytest.raises(ValueError, match="mapping key"),
+    ):
         writer.write("x", {key: torch.zeros(1)})
 
 

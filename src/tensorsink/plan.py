@@ -65,7 +65,9 @@ def plan_files(root: Path, key: object, value: object, fmt: Format, dict_mode: D
         else:
             parts = tuple(str(i) for i in range(len(arrays)))
         return [
-            FileEntry(root / f"{name}_{part}{fmt.suffix}", Container.TENSOR, ("arr_0",), (array,), nbytes(array))
+            FileEntry(
+                root / f"{name}_{part}{fmt.suffix}", Container.TENSOR, ("arr_0",), (array,), nbytes(array)
+            )
             for part, array in zip(parts, arrays, strict=True)
         ]
     if not fmt.holds_collections:

@@ -17,7 +17,9 @@ SHAPES = [(), (0,), (7,), (3, 5), (2, 0, 4), (2, 3, 4, 5)]
 CONTAINER_FORMATS = [SaveFormat.PYTORCH_PT, SaveFormat.NUMPY_NPZ, SaveFormat.SAFETENSORS]
 
 
-def _write(root: Path, save_format: SaveFormat, value: object, dict_mode: DictMode = DictMode.SINGLE) -> list[Path]:
+def _write(
+    root: Path, save_format: SaveFormat, value: object, dict_mode: DictMode = DictMode.SINGLE
+) -> list[Path]:
     with AsyncWriter(root, save_format, dict_mode, small_sync_bytes=0) as writer:
         future = writer.write("out/sample.001", value)
     return future.result()
@@ -35,7 +37,9 @@ def _single(root: Path, save_format: SaveFormat, value: object) -> object:
 
 @pytest.mark.parametrize("save_format", list(SaveFormat))
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_every_supported_dtype_and_shape_round_trips(tmp_path: Path, save_format: SaveFormat, shape: tuple[int, ...]) -> None:
+def test_every_supported_dtype_and_shape_round_trips(
+    tmp_path: Path, save_format: SaveFormat, shape: tuple[int, ...]
+) -> None:
     for i, dtype in enumerate(SUPPORTED[save_format]):
         tensor = random_tensor(shape, dtype, seed=i)
         assert_same(_single(tmp_path / str(dtype), save_format, tensor), tensor)
@@ -173,7 +177,9 @@ def test_property_any_supported_value_round_trips(
     sync: bool,
 ) -> None:
     specs = [s for s in specs if s[0] in SUPPORTED[save_format]]
-    if not specs or (save_format is SaveFormat.NUMPY_NPY and dict_mode is DictMode.SINGLE and kind != "tensor"):
+    if not specs or (
+        save_format is SaveFormat.NUMPY_NPY and dict_mode is DictMode.SINGLE and kind != "tensor"
+    ):
         return
     tensors = [random_tensor(shape, dtype, seed) for dtype, shape, seed in specs]
     value: object = {
@@ -189,7 +195,9 @@ def test_property_any_supported_value_round_trips(
     stored: list[object] = []
     for path in paths:
         content = read_back(path, save_format)
-        if isinstance(content, dict) and (kind != "mapping" or dict_mode is DictMode.SPLIT or save_format is not SaveFormat.PYTORCH_PT):
+        if isinstance(content, dict) and (
+            kind != "mapping" or dict_mode is DictMode.SPLIT or save_format is not SaveFormat.PYTORCH_PT
+        ):
             keys = list(content) if kind == "mapping" and dict_mode is DictMode.SINGLE else sorted(content)
             stored += [content[k] for k in keys]
         elif isinstance(content, dict):

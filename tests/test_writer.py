@@ -1,0 +1,256 @@
+"""AsyncWriter's scheduling: backpressure, threads, errors, same-key ordering, the upload queue."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tensorsink import AsyncWriter, DictMode, SaveFormat, WriterClosedError
+from tensorsink.commit import is_temporary
+from tests.support import GatedFormat
+
+BIG = 100_000  # bytes per tensor below; above the default small_sync_bytes
+
+
+def _tensor(value: float, nbytes: int = BIG) -> torch.Tensor:
+    return torch.full((nbytes // 4,), value, dtype=torch.float32)
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[tuple[AsyncWriter, GatedFormat]]:
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, workers=2, max_inflight=2)
+    gate = GatedFormat(writer._format)
+    writer._format = gate
+    try:
+        yield writer, gate
+    finally:
+        gate.gate.set()
+        writer.close()
+
+
+def _in_thread(target, *args):  # type: ignore[no-untyped-def]
+    result: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            result["value"] = target(*args)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, result
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_write_blocks_at_max_inflight_and_resumes(gated: tuple[AsyncWriter, GatedFormat]) -> None:
+    writer, gate = gated
+    first = [writer.write(f"k{i}", _tensor(i)) for i in range(2)]
+    for _ in range(2):
+        assert gate.entered.acquire(timeout=10)
+    thread, result = _in_thread(writer.write, "k2", _tensor(2))
+    thread.join(timeout=0.3)
+    assert thread.is_alive(), "the third write() should wait while two are in flight"
+    assert writer.stats().in_flight == 2
+    gate.gate.set()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert "error" not in result
+    writer.flush()
+    assert all(f.done() for f in first)
+    assert writer.stats().blocked_seconds > 0
+    assert [p.name for p in _files(writer.root)] == ["k0.npy", "k1.npy", "k2.npy"]
+
+
+def test_byte_budget_blocks_and_admits_an_oversized_write_alone(tmp_path: Path) -> None:
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, workers=2, max_inflight_bytes=3 * BIG)
+    gate = GatedFormat(writer._format)
+    writer._format = gate
+    try:
+        writer.write("a", _tensor(0))
+        writer.write("b", _tensor(1))
+        assert gate.entered.acquire(timeout=10)
+        assert gate.entered.acquire(timeout=10)
+        thread, result = _in_thread(writer.write, "huge", _tensor(2, 10 * BIG))
+        thread.join(timeout=0.3)
+        assert thread.is_alive(), "a write over the byte budget waits until nothing else is in flight"
+        gate.gate.set()
+        thread.join(timeout=10)
+        assert "error" not in result
+        writer.flush()
+    finally:
+        gate.gate.set()
+        writer.close()
+    assert np.load(tmp_path / "huge.npy").nbytes == 10 * BIG
+
+
+def test_small_writes_run_on_the_callers_thread(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, small_sync_bytes=1000) as writer:
+        future = writer.write("small", torch.zeros(10))
+        assert future.done()  # already committed when write() returned
+        assert (tmp_path / "small.npy").exists()
+
+
+def test_many_threads_writing_at_once(tmp_path: Path) -> None:
+    uploads: queue.Queue[Path] = queue.Queue()
+    with AsyncWriter(
+        tmp_path, SaveFormat.SAFETENSORS, workers=3, max_inflight=4, upload_queue=uploads
+    ) as writer:
+
+        def produce(thread: int) -> None:
+            for i in range(40):
+                writer.write(f"t{thread}/s{i}", {"v": _tensor(thread * 1000 + i, 4 * (i % 3) * 10_000 + 4)})
+
+        threads = [threading.Thread(target=produce, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert writer.stats().files == 240
+    files = _files(tmp_path)
+    assert len(files) == 240
+    assert uploads.qsize() == 240
+    from safetensors.torch import load_file
+
+    for thread in range(6):
+        for i in range(40):
+            assert load_file(tmp_path / f"t{thread}/s{i}.safetensors")["v"][0].item() == thread * 1000 + i
+
+
+def _fail_in_background(writer: AsyncWriter) -> None:
+    (writer.root / "blocker").write_bytes(b"a file where a directory should be")
+    future = writer.write("blocker/x", _tensor(1))
+    with pytest.raises(OSError, match="blocker"):
+        future.result(timeout=10)
+
+
+def test_background_error_is_raised_by_next_write_flush_and_close(tmp_path: Path) -> None:
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY)
+    _fail_in_background(writer)
+    with pytest.raises(OSError, match="blocker") as first:
+        writer.write("unrelated", _tensor(2))
+    with pytest.raises(OSError, match="blocker") as flushed:
+        writer.flush()
+    with pytest.raises(OSError, match="blocker") as closed:
+        writer.close()
+    assert first.value is flushed.value is closed.value
+    assert writer.pool._shutdown  # the workers are stopped even though close() raised
+    assert writer.stats().errors == 1
+    assert not (tmp_path / "unrelated.npy").exists()
+    assert [p.name for p in _files(tmp_path)] == ["blocker"]  # no final file, no temporary
+
+
+def test_context_manager_raises_background_error_on_exit(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="blocker"), AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY) as writer:  # noqa: PT012
+        (tmp_path / "blocker").write_bytes(b"")
+        writer.write("blocker/x", _tensor(1))
+    assert writer.pool._shutdown
+
+
+def test_error_in_body_is_not_masked_by_close(tmp_path: Path) -> None:
+    with pytest.raises(KeyError), AsyncWriter(tmp_path) as writer:  # noqa: PT012
+        writer.write("a", _tensor(1))
+        raise KeyError("from the body")
+    assert (tmp_path / "a.pt").exists()
+
+
+def test_synchronous_failure_is_raised_by_that_write(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_bytes(b"")
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY) as writer:
+        with pytest.raises(OSError, match="blocker"):
+            writer.write("blocker/small", torch.zeros(4))
+        writer.write("fine", torch.zeros(4))  # the writer goes on; the caller already has the error
+    assert writer.stats().errors == 1
+
+
+def test_write_after_close_is_a_runtime_error(tmp_path: Path) -> None:
+    writer = AsyncWriter(tmp_path)
+    writer.close()
+    writer.close()  # idempotent
+    with pytest.raises(RuntimeError, match="after close") as info:
+        writer.write("x", torch.zeros(1))
+    assert isinstance(info.value, WriterClosedError)
+
+
+def test_later_write_to_a_key_wins_over_an_earlier_one_in_flight(
+    gated: tuple[AsyncWriter, GatedFormat],
+) -> None:
+    writer, gate = gated
+    uploads: queue.Queue[Path] = queue.Queue()
+    object.__setattr__(writer.options, "upload_queue", uploads)
+    early = writer.write("same", _tensor(1.0))  # async, held at the gate
+    assert gate.entered.acquire(timeout=10)
+    late = writer.write("same", torch.full((4,), 2.0))  # synchronous: commits at once
+    assert late.done()
+    gate.gate.set()
+    assert early.result(timeout=10) == late.result()
+    writer.flush()
+    np.testing.assert_array_equal(np.load(writer.root / "same.npy"), np.full(4, 2.0, np.float32))
+    assert list(uploads.queue) == [writer.root / "same.npy"]  # the superseded write is not uploaded
+    assert [p.name for p in _files(writer.root)] == ["same.npy"]
+
+
+def test_last_of_many_writes_to_one_key_wins(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, workers=4, small_sync_bytes=50_000) as writer:
+        for version in range(300):
+            size = int(rng.choice([10, 20_000, 200_000]))
+            writer.write(f"k{version % 3}", torch.full((size,), float(version)))
+    for k in range(3):
+        assert np.load(tmp_path / f"k{k}.npy")[0] == 297 + k
+    assert writer._committer.order._paths == {}  # nothing is remembered once idle
+
+
+def test_upload_queue_gets_each_committed_file_once_from_both_paths(tmp_path: Path) -> None:
+    uploads: queue.Queue[Path] = queue.Queue()
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, DictMode.SPLIT, upload_queue=uploads) as writer:
+        writer.write("small", {"a": torch.zeros(2), "b": torch.ones(2)})
+        writer.write("big", {"a": _tensor(1), "b": _tensor(2)})
+    queued = list(uploads.queue)
+    assert sorted(queued) == sorted(_files(tmp_path))
+    assert len(queued) == 4
+    assert all(p.exists() for p in queued)
+
+
+def test_flush_waits_for_everything_so_far(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, workers=2) as writer:
+        futures = [writer.write(f"f{i}", _tensor(i)) for i in range(20)]
+        writer.flush()
+        assert all(f.done() for f in futures)
+        assert writer.stats().in_flight == 0
+        assert len(_files(tmp_path)) == 20
+
+
+def test_stats_count_files_bytes_and_throughput(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY) as writer:
+        for i in range(10):
+            writer.write(f"s{i}", _tensor(i))
+    stats = writer.stats()
+    assert (stats.files, stats.bytes, stats.errors, stats.in_flight) == (10, 10 * BIG, 0, 0)
+    assert stats.elapsed_seconds > 0
+    assert stats.bytes_per_second == pytest.approx(10 * BIG / stats.elapsed_seconds)
+    assert "10 files" in str(stats)
+
+
+def test_futures_cannot_be_cancelled(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path) as writer:
+        future = writer.write("x", _tensor(1))
+        assert future.cancel() is False
+    assert future.result() == [tmp_path / "x.pt"]
+
+
+def test_no_temporaries_after_close(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPZ, workers=4) as writer:
+        for i in range(50):
+            writer.write(f"d{i % 5}/x{i}", {"a": _tensor(i)})
+    assert not [p for p in tmp_path.rglob("*") if is_temporary(p.name)]
+    assert len(_files(tmp_path)) == 50
