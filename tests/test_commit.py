@@ -18,13 +18,13 @@ from tensorsink.options import WriterOptions
 def test_temporaries_are_hidden_siblings_that_sweep_recognises(tmp_path: Path) -> None:
     committer = Committer(Durability.NONE)
     final = tmp_path / "d" / ("x" * 240 + ".npy")
-    temporary = committer.temporary_for(final)
+    temporary = Path(committer.temporary_for(str(final.parent), final.name))
     assert temporary.parent == final.parent
     assert temporary.name.startswith(".")
     assert temporary.name.endswith(".partial")
     assert len(temporary.name) < 255
     assert is_temporary(temporary.name)
-    assert committer.temporary_for(final) != temporary
+    assert committer.temporary_for(str(final.parent), final.name) != str(temporary)
     for name in [
         "x.npy",
         ".x.npy",
@@ -89,19 +89,19 @@ def test_full_durability_fsyncs_new_directories_in_their_parents(
 def test_directory_sync_groups_concurrent_requests(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     started = threading.Event()
     release = threading.Event()
-    calls: list[Path] = []
+    calls: list[str] = []
 
-    def slow_fsync(directory: Path) -> None:
+    def slow_fsync(directory: str) -> None:
         calls.append(directory)
         started.set()
         assert release.wait(10)
 
     monkeypatch.setattr(commit_module, "fsync_directory", slow_fsync)
     sync = DirectorySync()
-    first = threading.Thread(target=sync.sync, args=(tmp_path,))
+    first = threading.Thread(target=sync.sync, args=(str(tmp_path),))
     first.start()
     assert started.wait(10)
-    waiting = [threading.Thread(target=sync.sync, args=(tmp_path,)) for _ in range(8)]
+    waiting = [threading.Thread(target=sync.sync, args=(str(tmp_path),)) for _ in range(8)]
     for t in waiting:
         t.start()
     release.set()
@@ -114,20 +114,21 @@ def test_directory_sync_groups_concurrent_requests(tmp_path: Path, monkeypatch: 
 def test_directory_sync_failure_reaches_every_waiter(tmp_path: Path) -> None:
     sync = DirectorySync()
     with pytest.raises(FileNotFoundError):
-        sync.sync(tmp_path / "missing")
+        sync.sync(str(tmp_path / "missing"))
     assert sync._states == {}
 
 
 def test_failed_write_leaves_no_temporary_and_no_final(tmp_path: Path) -> None:
     committer = Committer(Durability.FILE)
-    number = committer.order.reserve(tmp_path / "x.npy")
+    final = str(tmp_path / "x.npy")
+    number = committer.order.reserve(final)
 
-    def explode(file: object) -> None:
-        os.write(file.fileno(), b"half a file")  # type: ignore[attr-defined]
+    def explode(fd: int) -> None:
+        os.write(fd, b"half a file")
         raise OSError(28, "No space left on device")
 
     with pytest.raises(OSError, match="No space"):
-        committer.commit(tmp_path / "x.npy", number, explode)
+        committer.commit(final, number, explode)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -136,18 +137,18 @@ def test_existing_final_file_survives_a_failed_overwrite(tmp_path: Path) -> None
     final.write_bytes(b"previous")
     committer = Committer(Durability.NONE)
 
-    def explode(file: object) -> None:
+    def explode(fd: int) -> None:
         raise RuntimeError("encoder failed")
 
     with pytest.raises(RuntimeError):
-        committer.commit(final, committer.order.reserve(final), explode)
+        committer.commit(str(final), committer.order.reserve(str(final)), explode)
     assert final.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [final]
 
 
 def test_key_order_forgets_idle_paths(tmp_path: Path) -> None:
     order = KeyOrder()
-    path = tmp_path / "k"
+    path = str(tmp_path / "k")
     first, second = order.reserve(path), order.reserve(path)
     with order.lock(path):
         assert order.should_replace(path, second)

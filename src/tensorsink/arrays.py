@@ -112,17 +112,16 @@ def host_array(array: Array, *, native: bool = False) -> np.ndarray:
     With native=True the byte order is the machine's (safetensors and torch know no other).
     """
     if isinstance(array, torch.Tensor):
-        array = _resolved(array).contiguous().numpy()
-    elif native and not array.dtype.isnative:
+        return _plain(array).numpy()
+    if native and not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
-    return np.asarray(array, order="C")
+    return array if array.flags.c_contiguous else np.asarray(array, order="C")
 
 
 def byte_view(array: Array, *, native: bool = False) -> memoryview:
     """The array's bytes in C order, as a flat memoryview (what os.writev takes without a copy)."""
     if isinstance(array, torch.Tensor) and array.dtype not in _TORCH_TO_NUMPY:
-        flat = _resolved(array).contiguous().reshape(-1)
-        return flat.view(torch.uint8).numpy().data
+        return _plain(array).reshape(-1).view(torch.uint8).numpy().data
     return host_array(array, native=native).reshape(-1).view(np.uint8).data
 
 
@@ -146,4 +145,14 @@ def compact_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def _resolved(tensor: torch.Tensor) -> torch.Tensor:
     """Detached, with lazy conjugate and negative bits applied (numpy and torch.save see plain values)."""
-    return tensor.detach().resolve_conj().resolve_neg()
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
+    return tensor
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """Resolved and C-contiguous: a tensor whose memory numpy can view as it is."""
+    tensor = _resolved(tensor)
+    return tensor if tensor.is_contiguous() else tensor.contiguous()

@@ -9,7 +9,7 @@ so no reader takes one for a result and `sweep` can remove exactly them.
 
 from __future__ import annotations
 
-import io
+import contextlib
 import itertools
 import os
 import re
@@ -24,6 +24,7 @@ __all__ = ["Committer", "DirectorySync", "KeyOrder", "is_temporary", "sweep"]
 
 _TEMP_PATTERN = re.compile(r"^\..+\.tsink-[0-9a-f]+\.partial$", re.DOTALL)
 _NAME_KEPT = 100  # of the final name, in its temporary's name, so a long final name still fits NAME_MAX
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def is_temporary(name: str) -> bool:
@@ -50,7 +51,7 @@ def sweep(root: str | os.PathLike[str]) -> list[Path]:
     return sorted(removed)
 
 
-def fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -77,9 +78,9 @@ class DirectorySync:
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
-        self._states: dict[Path, _DirectoryState] = {}
+        self._states: dict[str, _DirectoryState] = {}
 
-    def sync(self, directory: Path) -> None:
+    def sync(self, directory: str) -> None:
         with self._cond:
             state = self._states.setdefault(directory, _DirectoryState())
             state.users += 1
@@ -121,18 +122,18 @@ class KeyOrder:
         self._locks = [threading.Lock() for _ in range(self._STRIPES)]
         self._counter = itertools.count()
         # path -> [writes in flight, number of the latest committed write]
-        self._paths: dict[Path, list[int]] = {}
+        self._paths: dict[str, list[int]] = {}
 
-    def lock(self, path: Path) -> threading.Lock:
+    def lock(self, path: str) -> threading.Lock:
         return self._locks[hash(path) % self._STRIPES]
 
-    def reserve(self, path: Path) -> int:
+    def reserve(self, path: str) -> int:
         with self.lock(path):
             state = self._paths.setdefault(path, [0, -1])
             state[0] += 1
             return next(self._counter)
 
-    def should_replace(self, path: Path, number: int) -> bool:
+    def should_replace(self, path: str, number: int) -> bool:
         """Call holding lock(path); records the rename when it answers True."""
         state = self._paths[path]
         if state[1] > number:
@@ -140,7 +141,7 @@ class KeyOrder:
         state[1] = number
         return True
 
-    def release(self, path: Path) -> None:
+    def release(self, path: str) -> None:
         with self.lock(path):
             state = self._paths[path]
             state[0] -= 1
@@ -149,7 +150,7 @@ class KeyOrder:
 
 
 class Committer:
-    """Runs the commit protocol for one writer, at its durability."""
+    """Runs the commit protocol for one writer, at its durability. Paths are plain strings here."""
 
     def __init__(self, durability: Durability) -> None:
         self.durability = durability
@@ -157,59 +158,59 @@ class Committer:
         self._directory_sync = DirectorySync()
         self._token = secrets.token_hex(4)
         self._counter = itertools.count()
-        self._known_directories: set[Path] = set()
+        self._known_directories: set[str] = set()
 
-    def temporary_for(self, final: Path) -> Path:
-        return final.with_name(
-            f".{final.name[:_NAME_KEPT]}.tsink-{self._token}{next(self._counter):x}.partial"
-        )
+    def temporary_for(self, directory: str, name: str) -> str:
+        return f"{directory}/.{name[:_NAME_KEPT]}.tsink-{self._token}{next(self._counter):x}.partial"
 
-    def commit(self, final: Path, number: int, write: Callable[[io.FileIO], None]) -> bool:
+    def commit(self, final: str, number: int, write: Callable[[int], None]) -> bool:
         """Write `final` through a temporary; False if a later write to it had already been committed."""
-        temporary = self.temporary_for(final)
-        fd = self._create(temporary)
+        directory, _, name = final.rpartition("/")
+        temporary = self.temporary_for(directory, name)
+        fd = self._create(directory, temporary)
         try:
-            with io.FileIO(fd, "wb", closefd=True) as file:
-                write(file)
+            try:
+                write(fd)
                 if self.durability is not Durability.NONE:
                     os.fsync(fd)
+            finally:
+                os.close(fd)
             with self.order.lock(final):
                 replaced = self.order.should_replace(final, number)
                 if replaced:
                     os.replace(temporary, final)
             if not replaced:
-                temporary.unlink()
+                os.unlink(temporary)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
             raise
         if replaced and self.durability is Durability.FULL:
-            self._directory_sync.sync(final.parent)
+            self._directory_sync.sync(directory)
         return replaced
 
-    def _create(self, temporary: Path) -> int:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-        directory = temporary.parent
+    def _create(self, directory: str, temporary: str) -> int:
         if directory not in self._known_directories:
             self._make_directories(directory)
         try:
-            return os.open(temporary, flags, 0o666)
+            return os.open(temporary, _CREATE_FLAGS, 0o666)
         except FileNotFoundError:  # removed since we made it
             self._make_directories(directory)
-            return os.open(temporary, flags, 0o666)
+            return os.open(temporary, _CREATE_FLAGS, 0o666)
 
-    def _make_directories(self, directory: Path) -> None:
+    def _make_directories(self, directory: str) -> None:
         """mkdir -p; at Durability.FULL each new directory's entry is fsynced in its parent too."""
-        missing: list[Path] = []
+        missing: list[str] = []
         probe = directory
-        while not probe.is_dir():
+        while not os.path.isdir(probe):
             missing.append(probe)
-            probe = probe.parent
+            probe = os.path.dirname(probe)
         for path in reversed(missing):
             try:
-                path.mkdir()
+                os.mkdir(path)
             except FileExistsError:
-                if not path.is_dir():
+                if not os.path.isdir(path):
                     raise
             if self.durability is Durability.FULL:
-                fsync_directory(path.parent)
+                fsync_directory(os.path.dirname(path))
         self._known_directories.add(directory)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
 
 import torch
 
@@ -24,26 +23,31 @@ _ACCEPTED = "a torch.Tensor, a numpy.ndarray, a Mapping[str, tensor] or a list/t
 
 def validate_key(key: object) -> str:
     """The key as a normalised relative POSIX path; InvalidKeyError unless it names a file under the root."""
-    if isinstance(key, os.PathLike):
-        key = os.fspath(key)
     if not isinstance(key, str):
-        raise InvalidKeyError(f"key {key!r} must be a str or os.PathLike, not {type(key).__name__}")
-    if not key or key.endswith("/") or "\0" in key:
+        if not isinstance(key, os.PathLike):
+            raise InvalidKeyError(f"key {key!r} must be a str or os.PathLike, not {type(key).__name__}")
+        key = os.fspath(key)
+        if not isinstance(key, str):
+            raise InvalidKeyError(f"key {key!r} must be a str path, not bytes")
+    if not key or key[-1] == "/" or "\0" in key:
         raise InvalidKeyError(
             f"key {key!r} must name a file: a non-empty relative path such as 'preds/scene_42', "
             "not ending in '/' and without NUL"
         )
-    path = PurePosixPath(key)
-    if path.is_absolute() or ".." in path.parts:
+    parts = key.split("/")
+    if key[0] == "/" or ".." in parts:
         raise InvalidKeyError(
             f"key {key!r} must stay under the output root: relative, without '..' (e.g. 'preds/scene_42')"
         )
-    if not path.parts:
-        raise InvalidKeyError(f"key {key!r} names no file; give a relative path such as 'preds/scene_42'")
-    return str(path)
+    if "" in parts or "." in parts:
+        parts = [part for part in parts if part not in ("", ".")]
+        if not parts:
+            raise InvalidKeyError(f"key {key!r} names no file; give a relative path such as 'preds/scene_42'")
+        key = "/".join(parts)
+    return key
 
 
-def plan_files(root: Path, key: object, value: object, fmt: Format, dict_mode: DictMode) -> list[FileEntry]:
+def plan_files(root: str, key: object, value: object, fmt: Format, dict_mode: DictMode) -> list[FileEntry]:
     """The files `write(key, value)` makes.
 
     Raises InvalidKeyError, InvalidLayoutError or UnsupportedValueError, naming the bad value.
@@ -51,7 +55,7 @@ def plan_files(root: Path, key: object, value: object, fmt: Format, dict_mode: D
     name = validate_key(key)
     container, names, arrays = _flatten(value, fmt)
     if container is Container.TENSOR:
-        return [FileEntry(root / (name + fmt.suffix), container, names, arrays, nbytes(arrays[0]))]
+        return [FileEntry(f"{root}/{name}{fmt.suffix}", container, names, arrays, nbytes(arrays[0]))]
     if dict_mode is DictMode.SPLIT:
         if not arrays:
             raise InvalidLayoutError(
@@ -66,7 +70,7 @@ def plan_files(root: Path, key: object, value: object, fmt: Format, dict_mode: D
             parts = tuple(str(i) for i in range(len(arrays)))
         return [
             FileEntry(
-                root / f"{name}_{part}{fmt.suffix}", Container.TENSOR, ("arr_0",), (array,), nbytes(array)
+                f"{root}/{name}_{part}{fmt.suffix}", Container.TENSOR, ("arr_0",), (array,), nbytes(array)
             )
             for part, array in zip(parts, arrays, strict=True)
         ]
@@ -75,7 +79,7 @@ def plan_files(root: Path, key: object, value: object, fmt: Format, dict_mode: D
             f"{fmt.suffix} holds one array, but key {name!r} has a {container.value} of {len(arrays)}; "
             "use dict_mode=DictMode.SPLIT (one file per entry) or SaveFormat.NUMPY_NPZ"
         )
-    return [FileEntry(root / (name + fmt.suffix), container, names, arrays, sum(map(nbytes, arrays)))]
+    return [FileEntry(f"{root}/{name}{fmt.suffix}", container, names, arrays, sum(map(nbytes, arrays)))]
 
 
 def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tuple[Array, ...]]:

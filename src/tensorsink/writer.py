@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import io
 import os
 import queue
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 
@@ -59,6 +59,7 @@ class AsyncWriter:
             durability,  # type: ignore[arg-type]
         )
         self.options.out_root.mkdir(parents=True, exist_ok=True)
+        self._root = os.fspath(self.options.out_root)
         self._format: Format = format_for(self.options.save_format)
         self._committer = Committer(self.options.durability)
         self._stats = StatsRecorder()
@@ -106,9 +107,7 @@ class AsyncWriter:
                 f"write({relative_path_no_ext!r}) after close(); create a new AsyncWriter"
             )
         self._pipeline.raise_if_failed()
-        entries = plan_files(
-            self.options.out_root, relative_path_no_ext, to_save, self._format, self.options.dict_mode
-        )
+        entries = plan_files(self._root, relative_path_no_ext, to_save, self._format, self.options.dict_mode)
         order = self._committer.order
         numbers = [order.reserve(entry.path) for entry in entries]
         nbytes = sum(entry.nbytes for entry in entries)
@@ -135,15 +134,12 @@ class AsyncWriter:
         written: list[Path] = []
         try:
             for entry, number in zip(entries, numbers, strict=True):
-
-                def encode(file: io.FileIO, entry: FileEntry = entry) -> None:
-                    fmt.write(file, entry)
-
-                replaced = self._committer.commit(entry.path, number, encode)
+                replaced = self._committer.commit(entry.path, number, partial(fmt.write, entry=entry))
                 self._stats.file_committed(entry.nbytes)
+                path = Path(entry.path)
                 if replaced and upload_queue is not None:
-                    upload_queue.put(entry.path)
-                written.append(entry.path)
+                    upload_queue.put(path)
+                written.append(path)
         except BaseException:
             self._stats.write_failed()
             raise

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import enum
-import io
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import ClassVar, TypeAlias
 
 from ..arrays import Array, dtype_name
@@ -33,7 +31,7 @@ class Container(enum.Enum):
 class FileEntry:
     """One file a write() makes: its final path, and the named arrays that go into it."""
 
-    path: Path
+    path: str
     container: Container
     names: tuple[str, ...]
     arrays: tuple[Array, ...]
@@ -67,8 +65,8 @@ class Format(ABC):
         return "SaveFormat.SAFETENSORS or SaveFormat.PYTORCH_PT"
 
     @abstractmethod
-    def write(self, file: io.FileIO, entry: FileEntry) -> None:
-        """Write the whole file for `entry` into `file` (positioned at 0)."""
+    def write(self, fd: int, entry: FileEntry) -> None:
+        """Write the whole file for `entry` into the empty file open at `fd`."""
 
 
 class BufferFormat(Format):
@@ -78,8 +76,8 @@ class BufferFormat(Format):
     def encode(self, entry: FileEntry) -> list[Buffer]:
         """The file's contents as a list of buffers; payloads are views, never copies."""
 
-    def write(self, file: io.FileIO, entry: FileEntry) -> None:
-        write_buffers(file.fileno(), self.encode(entry))
+    def write(self, fd: int, entry: FileEntry) -> None:
+        write_buffers(fd, self.encode(entry))
 
 
 def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 import numpy as np
 
@@ -17,6 +18,7 @@ NPY_ALIGNMENT = 64
 _MAGIC = b"\x93NUMPY"
 
 
+@lru_cache(maxsize=256)  # outputs of a stream mostly share dtype and shape
 def npy_header(dtype: np.dtype, shape: tuple[int, ...], alignment: int = NPY_ALIGNMENT) -> bytes:
     """The .npy header for a C-ordered array, padded with spaces so the data starts at `alignment`."""
     text = "{'descr': %r, 'fortran_order': False, 'shape': %r, }" % (  # noqa: UP031 (numpy's own form)

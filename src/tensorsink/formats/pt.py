@@ -22,7 +22,7 @@ class PtFormat(Format):
     def alternatives(self, array: Array) -> str:
         return f"SaveFormat.NUMPY_NPY or SaveFormat.NUMPY_NPZ for numpy dtype {dtype_name(array)}"
 
-    def write(self, file: io.FileIO, entry: FileEntry) -> None:
+    def write(self, fd: int, entry: FileEntry) -> None:
         tensors = [compact_tensor(torch_tensor(array)) for array in entry.arrays]
         obj: object
         if entry.container is Container.TENSOR:
@@ -31,4 +31,5 @@ class PtFormat(Format):
             obj = dict(zip(entry.names, tensors, strict=True))
         else:
             obj = tensors
-        torch.save(obj, file)
+        with io.FileIO(fd, "wb", closefd=False) as file:
+            torch.save(obj, file)
