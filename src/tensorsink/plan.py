@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from .arrays import Array, is_array, nbytes
@@ -101,22 +102,25 @@ def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tu
 
 
 def _checked(where: str, value: object, fmt: Format) -> Array:
+    """The entry, ready for the workers; UnsupportedValueError naming `where` if it cannot be stored."""
     if not is_array(value):
         nested = " (nested collections are not supported)" if isinstance(value, (Mapping, Sequence)) else ""
         raise UnsupportedValueError(
             f"{where} is a {type(value).__name__}{nested}; each entry must be a torch.Tensor or numpy.ndarray"
         )
+    if isinstance(value, np.ndarray) and value.dtype.hasobject:
+        raise UnsupportedValueError(f"{where} has dtype object, which cannot be stored without pickle")
+    fmt.check(where, value)
     if isinstance(value, torch.Tensor):
         if value.layout is not torch.strided:
             raise UnsupportedValueError(
                 f"{where} has layout {value.layout}; convert it with .to_dense() first"
             )
-        if value.device.type == "meta":
-            raise UnsupportedValueError(f"{where} is on the meta device and has no data to write")
-    elif value.dtype.hasobject:
-        raise UnsupportedValueError(f"{where} has dtype object, which cannot be stored without pickle")
-    fmt.check(where, value)
-    return stage(value)
+        if value.device.type != "cpu":
+            if value.device.type == "meta":
+                raise UnsupportedValueError(f"{where} is on the meta device and has no data to write")
+            return stage(value)
+    return value
 
 
 def _check_file_part(entry_name: str, key: str) -> None:

@@ -6,8 +6,7 @@ import enum
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import ClassVar, TypeAlias
+from typing import ClassVar, NamedTuple, TypeAlias
 
 from ..arrays import Array, dtype_name
 from ..errors import UnsupportedValueError
@@ -27,8 +26,7 @@ class Container(enum.Enum):
     SEQUENCE = "sequence"
 
 
-@dataclass(frozen=True)
-class FileEntry:
+class FileEntry(NamedTuple):
     """One file a write() makes: its final path, and the named arrays that go into it."""
 
     path: str
