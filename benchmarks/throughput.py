@@ -48,7 +48,8 @@ def bare_loop(root: Path, tensors: list[torch.Tensor], indices: range | None = N
 def bare_loop_per_core(root: Path, tensors: list[torch.Tensor]) -> None:
     cores = os.cpu_count() or 1
     threads = [
-        threading.Thread(target=bare_loop, args=(root, tensors, range(c, len(tensors), cores))) for c in range(cores)
+        threading.Thread(target=bare_loop, args=(root, tensors, range(c, len(tensors), cores)))
+        for c in range(cores)
     ]
     for t in threads:
         t.start()
@@ -99,7 +100,9 @@ def write_call_latency(root: Path, count: int = 64, nbytes: int = 4 << 20) -> fl
     """Median seconds one write() call takes for a CPU tensor when no backpressure applies."""
     tensors = [torch.rand(nbytes // 4) for _ in range(count)]
     times = []
-    with AsyncWriter(root, SaveFormat.NUMPY_NPY, durability=Durability.NONE, max_inflight_bytes=1 << 40) as writer:
+    with AsyncWriter(
+        root, SaveFormat.NUMPY_NPY, durability=Durability.NONE, max_inflight_bytes=1 << 40
+    ) as writer:
         for i, tensor in enumerate(tensors):
             start = time.perf_counter()
             writer.write(str(i), tensor)
@@ -125,7 +128,9 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--targets", nargs="+", default=["/tmp", "/dev/shm"])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -170,13 +175,17 @@ def main() -> None:
                 print(f"{name:<34} {mib_s:>9,.0f} {len(tensors) / median:>9,.0f} {ceiling / median:>10.2f}")
                 runs.append({"target": str(target), "workload": workload, "contender": name,
                              "seconds": samples, "median_s": median, "x_ceiling": ceiling / median})  # fmt: skip
-    latency_root = Path(tempfile.mkdtemp(prefix="tsbench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    latency_root = Path(
+        tempfile.mkdtemp(prefix="tsbench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
+    )
     try:
         latencies = [write_call_latency(latency_root / str(r)) for r in range(3)]
     finally:
         shutil.rmtree(latency_root)
     results["write_call_median_us_4MiB"] = statistics.median(latencies) * 1e6
-    print(f"\nmedian write() call, 4 MiB CPU tensor, no backpressure: {statistics.median(latencies) * 1e6:.1f} us")
+    print(
+        f"\nmedian write() call, 4 MiB CPU tensor, no backpressure: {statistics.median(latencies) * 1e6:.1f} us"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
