@@ -67,7 +67,7 @@ def tensorsink(durability: Durability, save_format: SaveFormat = SaveFormat.NUMP
 
 
 def thread_pool_peer(root: Path, tensors: list[torch.Tensor]) -> None:
-    """ThreadPoolExecutor(4) + np.save to a temporary + os.replace; at most 256 futures, small items inline."""
+    """ThreadPoolExecutor(4) + np.save to a temporary + os.replace; <= 256 futures, small items inline."""
 
     def save(i: int, array: np.ndarray) -> None:
         temporary = root / f".{i}.tmp.npy"
@@ -153,7 +153,7 @@ def main() -> None:
         "tensorsink npy, FULL": tensorsink(Durability.FULL),
     }
     results: dict[str, object] = {
-        "machine": f"{platform.node()} {os.cpu_count()} cores, {platform.python_version()}, torch {torch.__version__}",
+        "machine": f"{os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
         "rounds": args.rounds,
         "runs": [],
@@ -174,7 +174,7 @@ def main() -> None:
                 mib_s = total / 2**20 / median
                 print(f"{name:<34} {mib_s:>9,.0f} {len(tensors) / median:>9,.0f} {ceiling / median:>10.2f}")
                 runs.append({"target": str(target), "workload": workload, "contender": name,
-                             "seconds": samples, "median_s": median, "x_ceiling": ceiling / median})  # fmt: skip
+                             "seconds": samples, "x_ceiling": ceiling / median})  # fmt: skip
     latency_root = Path(
         tempfile.mkdtemp(prefix="tsbench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None)
     )
@@ -182,10 +182,9 @@ def main() -> None:
         latencies = [write_call_latency(latency_root / str(r)) for r in range(3)]
     finally:
         shutil.rmtree(latency_root)
-    results["write_call_median_us_4MiB"] = statistics.median(latencies) * 1e6
-    print(
-        f"\nmedian write() call, 4 MiB CPU tensor, no backpressure: {statistics.median(latencies) * 1e6:.1f} us"
-    )
+    latency_us = statistics.median(latencies) * 1e6
+    results["write_call_median_us_4MiB"] = latency_us
+    print(f"\nmedian write() call, 4 MiB CPU tensor, no backpressure: {latency_us:.1f} us")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
