@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def _in_thread(target, *args):  # type: ignore[no-untyped-def]
     return thread, result
 
 
+def _wait_until_blocked(writer: AsyncWriter) -> None:
+    """Until a write() waits on the budget (polls the condition's waiters; no fixed sleep)."""
+    waiters = writer._pipeline.budget._cond._waiters  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while not waiters:
+        assert time.monotonic() < deadline, "no write() ever waited for the budget"
+        time.sleep(0.001)
+
+
 def _files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file())
 
@@ -58,7 +68,7 @@ def test_write_blocks_at_max_inflight_and_resumes(gated: tuple[AsyncWriter, Gate
     for _ in range(2):
         assert gate.entered.acquire(timeout=10)
     thread, result = _in_thread(writer.write, "k2", _tensor(2))
-    thread.join(timeout=0.3)
+    _wait_until_blocked(writer)
     assert thread.is_alive(), "the third write() should wait while two are in flight"
     assert writer.stats().in_flight == 2
     gate.gate.set()
@@ -81,7 +91,7 @@ def test_byte_budget_blocks_and_admits_an_oversized_write_alone(tmp_path: Path) 
         assert gate.entered.acquire(timeout=10)
         assert gate.entered.acquire(timeout=10)
         thread, result = _in_thread(writer.write, "huge", _tensor(2, 10 * BIG))
-        thread.join(timeout=0.3)
+        _wait_until_blocked(writer)
         assert thread.is_alive(), "a write over the byte budget waits until nothing else is in flight"
         gate.gate.set()
         thread.join(timeout=10)

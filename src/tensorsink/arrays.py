@@ -21,6 +21,7 @@ __all__ = [
     "nbytes",
     "numpy_dtype",
     "safetensors_dtype",
+    "torch_dtype",
     "torch_tensor",
 ]
 

@@ -191,14 +191,14 @@ class Committer:
 
     def _create(self, directory: str, temporary: str) -> int:
         if directory not in self._known_directories:
-            self._make_directories(directory)
+            self.make_directories(directory)
         try:
             return os.open(temporary, _CREATE_FLAGS, 0o666)
         except FileNotFoundError:  # removed since we made it
-            self._make_directories(directory)
+            self.make_directories(directory)
             return os.open(temporary, _CREATE_FLAGS, 0o666)
 
-    def _make_directories(self, directory: str) -> None:
+    def make_directories(self, directory: str) -> None:
         """mkdir -p; at Durability.FULL each new directory's entry is fsynced in its parent too."""
         missing: list[str] = []
         probe = directory

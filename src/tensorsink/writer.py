@@ -58,10 +58,10 @@ class AsyncWriter:
             max_inflight_bytes,
             durability,  # type: ignore[arg-type]
         )
-        self.options.out_root.mkdir(parents=True, exist_ok=True)
-        self._root = os.fspath(self.options.out_root)
+        self._root = os.path.abspath(self.options.out_root)
         self._format: Format = format_for(self.options.save_format)
         self._committer = Committer(self.options.durability)
+        self._committer.make_directories(self._root)
         self._stats = StatsRecorder()
         self._pipeline = Pipeline(workers, max_inflight, max_inflight_bytes)
         self._closed = False

@@ -192,20 +192,22 @@ def test_property_any_supported_value_round_trips(
     with AsyncWriter(root, save_format, dict_mode, small_sync_bytes=1 << 40 if sync else 0) as writer:
         paths = writer.write("p/x", value).result()
 
-    stored: list[object] = []
-    for path in paths:
-        content = read_back(path, save_format)
-        if isinstance(content, dict) and (
-            kind != "mapping" or dict_mode is DictMode.SPLIT or save_format is not SaveFormat.PYTORCH_PT
-        ):
-            keys = list(content) if kind == "mapping" and dict_mode is DictMode.SINGLE else sorted(content)
-            stored += [content[k] for k in keys]
-        elif isinstance(content, dict):
-            stored += list(content.values())
-        elif isinstance(content, list):
-            stored += content
-        else:
-            stored.append(content)
+    stored = _stored_in_order(paths, save_format, kind, dict_mode, len(expected))
     assert len(stored) == len(expected)
     for actual, tensor in zip(stored, expected, strict=True):
         assert_same(actual, tensor)
+
+
+def _stored_in_order(
+    paths: list[Path], save_format: SaveFormat, kind: str, dict_mode: DictMode, count: int
+) -> list[object]:
+    """The arrays read back, in the order they were given (by key, never by the reader's order)."""
+    contents = [read_back(path, save_format) for path in paths]
+    if dict_mode is DictMode.SPLIT or kind == "tensor":
+        return [c["arr_0"] if isinstance(c, dict) else c for c in contents]
+    (content,) = contents
+    if isinstance(content, list):
+        return content
+    names = [f"k{i}" if kind == "mapping" else f"arr_{i}" for i in range(count)]
+    assert sorted(content) == sorted(names)
+    return [content[name] for name in names]
