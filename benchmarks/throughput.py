@@ -5,6 +5,7 @@ and ratios. Durability is NONE for all but the rows named FILE and FULL.
 
     python benchmarks/throughput.py                      # /tmp (disk) and /dev/shm (memory)
     python benchmarks/throughput.py --rounds 7 --json out.json
+    python benchmarks/throughput.py --targets /dev/shm --workloads small
 """
 
 from __future__ import annotations
@@ -133,13 +134,15 @@ def main() -> None:
     )
     parser.add_argument("--targets", nargs="+", default=["/tmp", "/dev/shm"])
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--workloads", nargs="+", choices=["large", "small"], default=["large", "small"])
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
-    workloads = {
-        "12 x 64 MiB": [torch.rand(16 << 20) for _ in range(12)],
-        "6000 x 16 KiB": [torch.rand(4 << 10) for _ in range(6000)],
-    }
+    workloads: dict[str, list[torch.Tensor]] = {}
+    if "large" in args.workloads:
+        workloads["12 x 64 MiB"] = [torch.rand(16 << 20) for _ in range(12)]
+    if "small" in args.workloads:
+        workloads["6000 x 16 KiB"] = [torch.rand(4 << 10) for _ in range(6000)]
     contenders: dict[str, Contender] = {
         "ceiling: bare loop, 1 thread": bare_loop,
         f"ceiling: bare loop, {os.cpu_count()} threads": bare_loop_per_core,

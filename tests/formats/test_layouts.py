@@ -103,7 +103,14 @@ def test_write_buffers_resumes_after_short_writes(tmp_path: Path, monkeypatch: p
     with open(path, "wb", buffering=0) as file:
         assert write_buffers(file.fileno(), parts) == 15
     assert path.read_bytes() == b"header" + bytes(range(5)) + b"tail"
-    assert calls == [3, 3, 2, 2, 1, 1]  # 6 + 5 + 4 bytes, 3 at a time, empty buffer skipped
+    assert calls == [
+        4,
+        3,
+        2,
+        2,
+        1,
+        1,
+    ]  # 6 + 5 + 4 bytes, 3 at a time; the empty buffer dropped after the first
 
 
 def test_write_buffers_splits_more_buffers_than_iov_max(tmp_path: Path) -> None:

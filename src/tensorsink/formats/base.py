@@ -79,16 +79,21 @@ class BufferFormat(Format):
 
 
 def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:
-    """Write all of `buffers` to `fd` with os.writev, resuming after short writes; returns the bytes."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    views = [v for v in views if v.nbytes]
-    total = 0
+    """Write all of `buffers` (bytes-like, one byte per item) to `fd` with os.writev; returns the bytes.
+
+    One call usually writes everything; after a short write (or past IOV_MAX buffers) it resumes
+    where that call stopped, slicing views, never copying.
+    """
+    total = sum(len(b) for b in buffers)
+    if len(buffers) <= _IOV_MAX:
+        written = os.writev(fd, buffers)
+        if written == total:
+            return total
+    else:
+        written = 0
+    views = [memoryview(b) for b in buffers if len(b)]
     first = 0
-    while first < len(views):
-        written = os.writev(fd, views[first : first + _IOV_MAX])
-        if written <= 0:
-            raise OSError(f"os.writev wrote {written} bytes to fd {fd}")
-        total += written
+    while True:
         while written:
             head = views[first]
             if written >= head.nbytes:
@@ -97,4 +102,8 @@ def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:
             else:
                 views[first] = head[written:]
                 written = 0
-    return total
+        if first == len(views):
+            return total
+        written = os.writev(fd, views[first : first + _IOV_MAX])
+        if written <= 0:
+            raise OSError(f"os.writev wrote {written} bytes to fd {fd}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+from functools import lru_cache
 
 from ..arrays import Array, byte_view, safetensors_dtype
 from ..options import SaveFormat
@@ -15,8 +16,9 @@ __all__ = ["SafetensorsFormat", "safetensors_header"]
 SAFETENSORS_ALIGNMENT = 8
 
 
+@lru_cache(maxsize=256)  # outputs of a stream mostly share names, dtypes and shapes
 def safetensors_header(
-    tensors: list[tuple[str, str, tuple[int, ...], int]], alignment: int = SAFETENSORS_ALIGNMENT
+    tensors: tuple[tuple[str, str, tuple[int, ...], int], ...], alignment: int = SAFETENSORS_ALIGNMENT
 ) -> bytes:
     """The length prefix and JSON header for (name, dtype tag, shape, nbytes) laid out in that order."""
     layout: dict[str, object] = {"__metadata__": {"format": "pt"}}
@@ -41,9 +43,9 @@ class SafetensorsFormat(BufferFormat):
     def encode(self, entry: FileEntry) -> list[Buffer]:
         payloads = [byte_view(array, native=True) for array in entry.arrays]
         header = safetensors_header(
-            [
+            tuple(
                 (name, str(safetensors_dtype(array)), tuple(array.shape), payload.nbytes)
                 for name, array, payload in zip(entry.names, entry.arrays, payloads, strict=True)
-            ]
+            )
         )
         return [header, *payloads]
