@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,15 @@ def read_back(path: Path, save_format: SaveFormat) -> Any:
 
 def assert_same(actual: Any, expected: Any) -> None:
     assert fingerprint(actual) == fingerprint(expected)
+
+
+def wait_for_waiter(condition: threading.Condition) -> None:
+    """Until some thread waits on `condition` (polls its waiters; no fixed sleep)."""
+    waiters = condition._waiters  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 10
+    while not waiters:
+        assert time.monotonic() < deadline, "nothing ever waited"
+        time.sleep(0.001)
 
 
 class GatedFormat(Format):

@@ -30,7 +30,11 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
     assert [(p.name, p.default) for p in parameters[:7]] == original
     assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters[:7])
     keyword_only = {p.name: p.default for p in parameters[7:]}
-    assert keyword_only == {"max_inflight_bytes": 1 << 30, "durability": Durability.FILE}
+    assert keyword_only == {
+        "max_inflight_bytes": 1 << 30,
+        "durability": Durability.FILE,
+        "pinned_pool_bytes": None,
+    }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import torch
 
 from tensorsink import AsyncWriter, DictMode, SaveFormat, WriterClosedError
 from tensorsink.commit import is_temporary
-from tests.support import GatedFormat
+from tests.support import GatedFormat, wait_for_waiter
 
 BIG = 100_000  # bytes per tensor below; above the default small_sync_bytes
 
@@ -50,12 +49,7 @@ def _in_thread(target, *args):  # type: ignore[no-untyped-def]
 
 
 def _wait_until_blocked(writer: AsyncWriter) -> None:
-    """Until a write() waits on the budget (polls the condition's waiters; no fixed sleep)."""
-    waiters = writer._pipeline.budget._cond._waiters  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 10
-    while not waiters:
-        assert time.monotonic() < deadline, "no write() ever waited for the budget"
-        time.sleep(0.001)
+    wait_for_waiter(writer._pipeline.budget._cond)
 
 
 def _files(root: Path) -> list[Path]:

@@ -10,9 +10,11 @@ from typing import TypeAlias, TypeGuard
 
 import numpy as np
 import torch
+import torch.utils.dlpack
 
 __all__ = [
     "Array",
+    "as_array",
     "byte_view",
     "compact_tensor",
     "dtype_name",
@@ -69,6 +71,27 @@ _SAFETENSORS_NAMES: dict[str, str] = {
 
 def is_array(value: object) -> TypeGuard[torch.Tensor | np.ndarray]:
     return isinstance(value, (torch.Tensor, np.ndarray))
+
+
+def as_array(value: object) -> Array | None:
+    """`value` as a tensor or array, viewing DLPack and CUDA-array-interface objects without a copy.
+
+    DLPack exporters (CuPy, JAX, ...) order the view after their stream themselves (torch passes its
+    current stream to __dlpack__); for __cuda_array_interface__ the stream it names is waited for on
+    torch's current stream, as version 3 of that interface asks. None if `value` is no array.
+    """
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return value
+    if hasattr(value, "__dlpack__") and hasattr(value, "__dlpack_device__"):
+        return torch.utils.dlpack.from_dlpack(value)
+    interface = getattr(value, "__cuda_array_interface__", None)
+    if isinstance(interface, dict):
+        stream = interface.get("stream")
+        if stream:
+            producer = torch.cuda.ExternalStream(stream)  # type: ignore[no-untyped-call]
+            torch.cuda.current_stream().wait_stream(producer)
+        return torch.as_tensor(value, device="cuda")
+    return None
 
 
 def dtype_name(array: Array) -> str:

@@ -80,6 +80,9 @@ class WriterOptions:
     upload_queue: queue.Queue[Path] | None = None
     max_inflight_bytes: int = 1 << 30
     durability: Durability = Durability.FILE
+    #: Page-locked host memory for staging device tensors, allocated on the first one; None: 1 GiB,
+    #: or an eighth of the host's memory where that is less.
+    pinned_pool_bytes: int | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -91,6 +94,8 @@ class WriterOptions:
         _positive_int("max_inflight", self.max_inflight, 1)
         _positive_int("small_sync_bytes", self.small_sync_bytes, 0)
         _positive_int("max_inflight_bytes", self.max_inflight_bytes, 1)
+        if self.pinned_pool_bytes is not None:
+            _positive_int("pinned_pool_bytes", self.pinned_pool_bytes, 4096)
         if self.upload_queue is not None and not callable(getattr(self.upload_queue, "put", None)):
             raise TypeError(f"upload_queue={self.upload_queue!r} has no put(); pass a queue.Queue or None")
 

@@ -1,6 +1,7 @@
 """What one write() becomes: the files it makes and the arrays in each, checked before anything queues.
 
-Everything here runs on the caller's thread and touches no payload bytes.
+Everything here runs on the caller's thread and touches no payload bytes; device tensors stay
+where they are (staging moves them).
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .arrays import Array, is_array, nbytes
+from .arrays import Array, as_array, nbytes
 from .errors import InvalidKeyError, InvalidLayoutError, UnsupportedValueError
 from .formats import Container, FileEntry, Format
 from .options import DictMode
-from .staging import stage
 
 __all__ = ["plan_files", "validate_key"]
 
-_ACCEPTED = "a torch.Tensor, a numpy.ndarray, a Mapping[str, tensor] or a list/tuple of tensors"
+_ACCEPTED = (
+    "a torch.Tensor, a numpy.ndarray, a DLPack or CUDA-array-interface array (CuPy ...), "
+    "a Mapping[str, tensor] or a list/tuple of tensors"
+)
 
 
 def validate_key(key: object) -> str:
@@ -84,8 +87,9 @@ def plan_files(root: str, key: object, value: object, fmt: Format, dict_mode: Di
 
 
 def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tuple[Array, ...]]:
-    if is_array(value):
-        return Container.TENSOR, ("arr_0",), (_checked("value", value, fmt),)
+    array = as_array(value)
+    if array is not None:
+        return Container.TENSOR, ("arr_0",), (_checked("value", array, fmt),)
     if isinstance(value, Mapping):
         names = tuple(value)
         for entry_name in names:
@@ -101,12 +105,13 @@ def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tu
     raise UnsupportedValueError(f"value of type {type(value).__name__} cannot be written; pass {_ACCEPTED}")
 
 
-def _checked(where: str, value: object, fmt: Format) -> Array:
-    """The entry, ready for the workers; UnsupportedValueError naming `where` if it cannot be stored."""
-    if not is_array(value):
-        nested = " (nested collections are not supported)" if isinstance(value, (Mapping, Sequence)) else ""
+def _checked(where: str, given: object, fmt: Format) -> Array:
+    """The entry as an array; UnsupportedValueError naming `where` if it cannot be stored."""
+    value = as_array(given)
+    if value is None:
+        nested = " (nested collections are not supported)" if isinstance(given, (Mapping, Sequence)) else ""
         raise UnsupportedValueError(
-            f"{where} is a {type(value).__name__}{nested}; each entry must be a torch.Tensor or numpy.ndarray"
+            f"{where} is a {type(given).__name__}{nested}; each entry must be a torch.Tensor or numpy.ndarray"
         )
     if isinstance(value, np.ndarray) and value.dtype.hasobject:
         raise UnsupportedValueError(f"{where} has dtype object, which cannot be stored without pickle")
@@ -116,10 +121,8 @@ def _checked(where: str, value: object, fmt: Format) -> Array:
             raise UnsupportedValueError(
                 f"{where} has layout {value.layout}; convert it with .to_dense() first"
             )
-        if value.device.type != "cpu":
-            if value.device.type == "meta":
-                raise UnsupportedValueError(f"{where} is on the meta device and has no data to write")
-            return stage(value)
+        if value.is_meta:
+            raise UnsupportedValueError(f"{where} is on the meta device and has no data to write")
     return value
 
 

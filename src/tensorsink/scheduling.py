@@ -16,7 +16,8 @@ __all__ = ["Budget", "Pipeline"]
 
 log = logging.getLogger("tensorsink")
 
-Job = Callable[[], list[Path]]
+#: A write's work; it may mark its future staged before it is done.
+Job = Callable[[WriteFuture], list[Path]]
 
 
 class Budget:
@@ -71,20 +72,18 @@ class Pipeline:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def run_inline(self, job: Job) -> WriteFuture:
+    def run_inline(self, job: Job, future: WriteFuture) -> WriteFuture:
         """Run `job` on the caller's thread; its failure is raised here, to the caller, not kept."""
-        future = WriteFuture()
         try:
-            future.set_result(job())
+            future.set_result(job(future))
         except BaseException as exc:
             future.set_exception(exc)
             raise
         return future
 
-    def submit(self, job: Job, nbytes: int) -> tuple[WriteFuture, float]:
-        """Queue `job` once the budget has room; returns its future and the seconds spent blocked."""
+    def submit(self, job: Job, nbytes: int, future: WriteFuture) -> float:
+        """Queue `job` once the budget has room; returns the seconds spent blocked for it."""
         blocked = self.budget.acquire(nbytes)
-        future = WriteFuture()
         with self._in_flight_lock:
             self._in_flight.add(future)
         try:
@@ -93,11 +92,11 @@ class Pipeline:
             self._forget(future)
             self.budget.release(nbytes)
             raise WriterClosedError("the writer was closed while this write() waited for room") from exc
-        return future, blocked
+        return blocked
 
     def _run(self, job: Job, nbytes: int, future: WriteFuture) -> None:
         try:
-            result = job()
+            result = job(future)
         except BaseException as exc:
             self._record(exc)
             self.budget.release(nbytes)

@@ -19,6 +19,9 @@ class WriterStats:
     in_flight: int
     blocked_seconds: float
     elapsed_seconds: float
+    #: Size of the pinned staging pool (0 until a device tensor was written) and the most of it in use.
+    pinned_pool_bytes: int = 0
+    pinned_peak_bytes: int = 0
 
     @property
     def bytes_per_second(self) -> float:
@@ -33,7 +36,12 @@ class WriterStats:
             f"{self.files:,} files, {self.bytes / 2**20:,.1f} MiB in {self.elapsed_seconds:.2f} s "
             f"({self.bytes_per_second / 2**20:,.1f} MiB/s, {self.files_per_second:,.0f} files/s), "
             f"blocked {self.blocked_seconds:.2f} s, {self.in_flight} in flight, {self.errors} errors"
+            + (self._pool_text() if self.pinned_pool_bytes else "")
         )
+
+    def _pool_text(self) -> str:
+        peak, size = self.pinned_peak_bytes / 2**20, self.pinned_pool_bytes / 2**20
+        return f", pinned pool peak {peak:,.0f} of {size:,.0f} MiB"
 
 
 class StatsRecorder:
@@ -69,9 +77,18 @@ class StatsRecorder:
             with self._lock:
                 self._blocked += seconds
 
-    def snapshot(self, in_flight: int) -> WriterStats:
+    def snapshot(self, in_flight: int, pinned_pool_bytes: int = 0, pinned_peak_bytes: int = 0) -> WriterStats:
         with self._lock:
             elapsed = 0.0
             if self._first is not None and self._last is not None:
                 elapsed = self._last - self._first
-            return WriterStats(self._files, self._bytes, self._errors, in_flight, self._blocked, elapsed)
+            return WriterStats(
+                self._files,
+                self._bytes,
+                self._errors,
+                in_flight,
+                self._blocked,
+                elapsed,
+                pinned_pool_bytes,
+                pinned_peak_bytes,
+            )

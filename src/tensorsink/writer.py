@@ -16,6 +16,7 @@ from .future import WriteFuture
 from .options import DictMode, Durability, SaveFormat, WriterOptions
 from .plan import plan_files
 from .scheduling import Pipeline
+from .staging import Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
 
 __all__ = ["AsyncWriter"]
@@ -31,7 +32,9 @@ class AsyncWriter:
     background is raised by the next write(), by flush() and by close().
 
     CPU tensors and numpy arrays are not copied: do not modify them in place until the write's future
-    is done (or flush() has returned).
+    is done (or flush() has returned). CUDA tensors (and CuPy or other DLPack arrays) go through a pool
+    of `pinned_pool_bytes` page-locked memory on a copy stream, ordered after the caller's stream by
+    events: the caller never synchronizes the device, and may reuse them once the future is staged.
     """
 
     def __init__(
@@ -46,6 +49,7 @@ class AsyncWriter:
         *,
         max_inflight_bytes: int = 1 << 30,
         durability: Durability | str = Durability.FILE,
+        pinned_pool_bytes: int | None = None,
     ) -> None:
         self.options = WriterOptions(
             Path(out_root),
@@ -57,12 +61,14 @@ class AsyncWriter:
             upload_queue,
             max_inflight_bytes,
             durability,  # type: ignore[arg-type]
+            pinned_pool_bytes,
         )
         self._root = os.path.abspath(self.options.out_root)
         self._format: Format = format_for(self.options.save_format)
         self._committer = Committer(self.options.durability)
         self._committer.make_directories(self._root)
         self._stats = StatsRecorder()
+        self._stager = Stager(pinned_pool_bytes or default_pool_bytes())
         self._pipeline = Pipeline(workers, max_inflight, max_inflight_bytes)
         self._closed = False
 
@@ -95,12 +101,17 @@ class AsyncWriter:
     def pool(self) -> ThreadPoolExecutor:
         return self._pipeline.executor
 
-    def write(self, relative_path_no_ext: str | os.PathLike[str], to_save: object) -> WriteFuture:
+    def write(
+        self, relative_path_no_ext: str | os.PathLike[str], to_save: object, *, copy: bool = False
+    ) -> WriteFuture:
         """Write `to_save` to `<out_root>/<relative_path_no_ext><suffix>` (several files with SPLIT).
 
-        Returns at once unless the budget is full. Raises InvalidKeyError or InvalidLayoutError
-        (ValueError), UnsupportedValueError (TypeError), WriterClosedError (RuntimeError), or the
-        first background failure, before anything is queued.
+        Returns at once unless the budget is full. Device tensors are copied to pinned host memory on
+        a copy stream ordered after the caller's current stream. With copy=True every array is first
+        snapshotted (on the device, in stream order; host arrays by a copy), so the caller may
+        overwrite it (static CUDA-graph outputs) as soon as this returns. Raises InvalidKeyError or
+        InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
+        (RuntimeError), or the first background failure, before anything is queued.
         """
         if self._closed:
             raise WriterClosedError(
@@ -108,21 +119,41 @@ class AsyncWriter:
             )
         self._pipeline.raise_if_failed()
         entries = plan_files(self._root, relative_path_no_ext, to_save, self._format, self.options.dict_mode)
+        entries, staged = self._stager.stage(entries, copy=copy)
         order = self._committer.order
         numbers = [order.reserve(entry.path) for entry in entries]
         nbytes = sum(entry.nbytes for entry in entries)
         self._stats.write_started()
 
-        def job() -> list[Path]:
-            return self._write_entries(entries, numbers)
+        if staged is None:
 
-        if nbytes < self.options.small_sync_bytes:
-            return self._pipeline.run_inline(job)
+            def job(future: WriteFuture) -> list[Path]:
+                return self._write_entries(entries, numbers)
+
+            if nbytes < self.options.small_sync_bytes:
+                return self._pipeline.run_inline(job, WriteFuture())
+        else:
+            self._stats.blocked(staged.blocked_seconds)
+            nbytes -= staged.pooled_bytes  # the pool is their budget
+
+            def job(future: WriteFuture) -> list[Path]:
+                try:
+                    host_entries = staged.wait()
+                    future.set_staged()
+                    return self._write_entries(host_entries, numbers)
+                finally:
+                    staged.release()
+
+        future = WriteFuture(staged_apart=staged is not None or copy)
+        if copy:
+            future.set_staged()
         try:
-            future, blocked = self._pipeline.submit(job, nbytes)
+            blocked = self._pipeline.submit(job, nbytes, future)
         except BaseException:
             for entry in entries:
                 order.release(entry.path)
+            if staged is not None:
+                staged.release()
             raise
         self._stats.blocked(blocked)
         return future
@@ -167,7 +198,10 @@ class AsyncWriter:
         self._pipeline.raise_if_failed()
 
     def stats(self) -> WriterStats:
-        return self._stats.snapshot(self._pipeline.in_flight)
+        if not self._stager.pool_started:
+            return self._stats.snapshot(self._pipeline.in_flight)
+        pool = self._stager.pool
+        return self._stats.snapshot(self._pipeline.in_flight, pool.capacity, pool.peak)
 
     def __enter__(self) -> AsyncWriter:
         return self

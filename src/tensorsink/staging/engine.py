@@ -1,0 +1,96 @@
+"""Device-to-host copies ordered by events: the only place that touches CUDA streams.
+
+The caller's thread records a `ready` event on the producer's current stream and queues the copies on
+a dedicated copy stream that waits for it, so the producer never waits; a worker waits for the
+`Completion` before it reads the host memory. Nothing here touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import torch
+
+__all__ = ["Completion", "CopyEngine", "CudaEngine"]
+
+
+class Completion(Protocol):
+    """Copies queued together; wait() returns once the host memory holds their results."""
+
+    def wait(self) -> None: ...
+
+
+class CopyEngine(Protocol):
+    """What the stager needs from a device."""
+
+    def owns(self, array: object) -> bool:
+        """Whether `array` lives on this engine's device (and so must be copied to the host)."""
+        ...
+
+    def ready(self, source: torch.Tensor) -> object:
+        """A marker on the producer's stream: work queued there so far has finished writing `source`."""
+        ...
+
+    def snapshot(self, source: torch.Tensor) -> torch.Tensor:
+        """A device-side copy of `source`, ordered on the producer's stream (its buffer may be reused)."""
+        ...
+
+    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: object) -> Completion:
+        """Queue host_destination.copy_(device_source) for each pair, after the `after` marker."""
+        ...
+
+
+class _EventCompletion:
+    __slots__ = ("_event", "_sources")
+
+    def __init__(self, event: torch.cuda.Event, sources: list[torch.Tensor]) -> None:
+        self._event = event
+        self._sources = sources  # alive until the copy is done, whatever the caller does
+
+    def wait(self) -> None:
+        self._event.synchronize()
+        self._sources = []
+
+
+class CudaEngine:
+    """Copies on one dedicated stream per device, ordered after the producer by CUDA events."""
+
+    def __init__(self) -> None:
+        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._lock = threading.Lock()
+
+    def owns(self, array: object) -> bool:
+        return isinstance(array, torch.Tensor) and array.is_cuda
+
+    def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        stream = self._streams.get(index)
+        if stream is None:
+            with self._lock:
+                stream = self._streams.setdefault(index, torch.cuda.Stream(device=index))  # type: ignore[no-untyped-call]
+        return stream
+
+    def ready(self, source: torch.Tensor) -> torch.cuda.Event:
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(torch.cuda.current_stream(source.device))
+        return event
+
+    def snapshot(self, source: torch.Tensor) -> torch.Tensor:
+        with torch.cuda.device(source.device):
+            return source.clone()
+
+    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: object) -> _EventCompletion:
+        assert isinstance(after, torch.cuda.Event)
+        stream = self._copy_stream(pairs[0][1].device)
+        stream.wait_event(after)
+        sources = []
+        with torch.cuda.stream(stream):
+            for destination, source in pairs:
+                destination.copy_(source, non_blocking=True)
+                source.record_stream(stream)  # the allocator must not reuse it before the copy ran
+                sources.append(source)
+            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done.record(stream)
+        return _EventCompletion(done, sources)

@@ -1,0 +1,196 @@
+"""Staging: making a write's device tensors readable from host memory, without stalling the producer.
+
+On the caller's thread (`Stager.stage`): per write and per device, one `ready` marker on the producer's
+stream, one pool block holding all of that write's tensors from the device, and one batch of copies
+into it: small outputs share a block, a marker and a completion. A group larger than the whole pool is
+left to the worker, which stages it in chunks through the pool (`Staged.wait`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..arrays import Array, nbytes
+from ..formats import FileEntry
+from .engine import Completion, CopyEngine, CudaEngine
+from .pool import ALIGNMENT, Block, PinnedPool
+
+__all__ = ["Staged", "Stager", "on_device"]
+
+#: Offsets of tensors inside a shared block: enough for any dtype's alignment.
+_TENSOR_ALIGNMENT = 64
+
+
+def _padded(size: int) -> int:
+    return -(-size // _TENSOR_ALIGNMENT) * _TENSOR_ALIGNMENT
+
+
+def on_device(array: Array) -> bool:
+    return isinstance(array, torch.Tensor) and not array.is_cpu
+
+
+def snapshot_host_arrays(entries: list[FileEntry]) -> list[FileEntry]:
+    """The entries with private copies of their host arrays (write(..., copy=True)); device tensors
+    are snapshotted by the stager, on their own streams."""
+    return [
+        entry._replace(arrays=tuple(a if on_device(a) else _host_copy(a) for a in entry.arrays))
+        for entry in entries
+    ]
+
+
+def _host_copy(array: Array) -> Array:
+    return array.clone() if isinstance(array, torch.Tensor) else array.copy()
+
+
+class Staged:
+    """One write's staging: what the worker waits for, and the pool blocks it gives back."""
+
+    def __init__(self, stager: Stager, entries: list[FileEntry]) -> None:
+        self._stager = stager
+        self._entries = entries
+        self.arrays = [list(entry.arrays) for entry in entries]
+        self.blocks: list[Block] = []
+        self.completions: list[Completion] = []
+        self.chunked: list[tuple[int, int, torch.Tensor, Any]] = []
+        self.blocked_seconds = 0.0
+        #: Payload bytes held in pool blocks (the pool, not the writer's byte budget, bounds them).
+        self.pooled_bytes = 0
+
+    def wait(self) -> list[FileEntry]:
+        """Block until every staged tensor is in host memory; the entries with host arrays in place."""
+        for completion in self.completions:
+            completion.wait()
+        for i, j, source, ready in self.chunked:
+            self.arrays[i][j] = self._stager.copy_in_chunks(source, ready)
+        self.completions, self.chunked = [], []
+        return self.entries
+
+    @property
+    def entries(self) -> list[FileEntry]:
+        return [
+            entry._replace(arrays=tuple(arrays))
+            for entry, arrays in zip(self._entries, self.arrays, strict=True)
+        ]
+
+    def release(self) -> None:
+        """Give the pool blocks back (after the files are written, or on failure)."""
+        blocks, self.blocks = self.blocks, []
+        for block in blocks:
+            self._stager.pool.free(block)
+
+
+class Stager:
+    """Stages device tensors through one pinned pool; the pool and the engine are made on first use."""
+
+    def __init__(self, pool_bytes: int, engine: CopyEngine | None = None, *, pin: bool = True) -> None:
+        self.pool_bytes = pool_bytes
+        self._engine = engine
+        self._pin = pin
+        self._pool: PinnedPool | None = None
+
+    @property
+    def engine(self) -> CopyEngine:
+        if self._engine is None:
+            self._engine = CudaEngine()
+        return self._engine
+
+    @property
+    def pool(self) -> PinnedPool:
+        if self._pool is None:
+            self._pool = PinnedPool(self.pool_bytes, pin=self._pin)
+        return self._pool
+
+    @property
+    def pool_started(self) -> bool:
+        return self._pool is not None
+
+    def stage(self, entries: list[FileEntry], *, copy: bool = False) -> tuple[list[FileEntry], Staged | None]:
+        """Queue the copies of the entries' device tensors; the entries and their staging (None when
+        every array is in host memory).
+
+        Blocks while the pool has no room. With copy=True each device tensor is first snapshotted on
+        its producer's stream and each host array copied, so the caller may overwrite them as soon as
+        this returns.
+        """
+        if copy:
+            entries = [
+                entry._replace(
+                    arrays=tuple(a if self._needs_copy(a) else _host_copy(a) for a in entry.arrays)
+                )
+                for entry in entries
+            ]
+        found: dict[torch.device, list[tuple[int, int, torch.Tensor]]] = {}
+        staged: Staged | None = None
+        for i, entry in enumerate(entries):
+            for j, array in enumerate(entry.arrays):
+                if not self._needs_copy(array):
+                    continue
+                assert isinstance(array, torch.Tensor)
+                if staged is None:
+                    staged = Staged(self, entries)
+                if self.engine.owns(array):
+                    found.setdefault(array.device, []).append((i, j, array))
+                else:  # a device no engine serves: a plain blocking copy
+                    staged.arrays[i][j] = array.detach().to("cpu")
+        if staged is None:
+            return entries, None
+        try:
+            for group in found.values():
+                self._stage_group(staged, group, copy)
+        except BaseException:
+            staged.release()
+            raise
+        return staged.entries, staged
+
+    def _needs_copy(self, array: Array) -> bool:
+        """On a device; an engine given at construction is asked about every array."""
+        return on_device(array) or (self._engine is not None and self._engine.owns(array))
+
+    def _stage_group(self, staged: Staged, group: list[tuple[int, int, torch.Tensor]], copy: bool) -> None:
+        engine = self.engine
+        if copy:
+            group = [(i, j, engine.snapshot(source)) for i, j, source in group]
+        sizes = [_padded(nbytes(source)) for _, _, source in group]
+        if PinnedPool.rounded(sum(sizes)) > self.pool_bytes // ALIGNMENT * ALIGNMENT:
+            group = [(i, j, s if s.is_contiguous() else s.contiguous()) for i, j, s in group]
+            ready = engine.ready(group[0][2])
+            staged.chunked += [(i, j, source, ready) for i, j, source in group]
+            return
+        ready = engine.ready(group[0][2])
+        block, waited = self.pool.allocate(sum(sizes))
+        staged.blocks.append(block)
+        staged.blocked_seconds += waited
+        staged.pooled_bytes += sum(nbytes(source) for _, _, source in group)
+        memory = self.pool.view(block)
+        pairs = []
+        offset = 0
+        for (i, j, source), size in zip(group, sizes, strict=True):
+            host = memory[offset : offset + nbytes(source)].view(source.dtype).view(source.shape)
+            pairs.append((host, source))
+            staged.arrays[i][j] = host
+            offset += size
+        staged.completions.append(engine.copy(pairs, ready))
+
+    def copy_in_chunks(self, source: torch.Tensor, ready: object) -> torch.Tensor:
+        """`source` (contiguous, larger than the pool) copied into ordinary host memory, pool-sized piece
+        by piece; a piece for which the pool has no room now goes straight to the host memory instead."""
+        host = torch.empty(source.shape, dtype=source.dtype)
+        source_bytes = source.reshape(-1).view(torch.uint8)
+        host_bytes = host.reshape(-1).view(torch.uint8)
+        step = max(ALIGNMENT, self.pool.capacity // 2 // ALIGNMENT * ALIGNMENT)
+        for start in range(0, source_bytes.numel(), step):
+            piece = source_bytes[start : start + step]
+            target = host_bytes[start : start + step]
+            block = self.pool.try_allocate(piece.numel())
+            if block is None:
+                self.engine.copy([(target, piece)], ready).wait()
+                continue
+            try:
+                bounce = self.pool.view(block)[: piece.numel()]
+                self.engine.copy([(bounce, piece)], ready).wait()
+                target.copy_(bounce)
+            finally:
+                self.pool.free(block)
+        return host

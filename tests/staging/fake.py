@@ -1,0 +1,60 @@
+"""A stand-in device for the staging bookkeeping: chosen tensors count as 'on the device', and their
+copies land late, from another thread, so code that reads staged memory too early sees poison."""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections.abc import Sequence
+
+import torch
+
+POISON = 0xAB
+
+
+class _LateCompletion:
+    def __init__(self, thread: threading.Thread) -> None:
+        self.thread = thread
+
+    def wait(self) -> None:
+        self.thread.join()
+
+
+class FakeEngine:
+    def __init__(self, delay: float = 0.05) -> None:
+        self.delay = delay
+        self._device: dict[int, weakref.ref[torch.Tensor]] = {}
+        self.copies: list[int] = []  # tensors per copy() call
+        self.readies = 0
+        self.snapshots = 0
+
+    def put(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Mark `tensor` as living on the fake device."""
+        self._device[id(tensor)] = weakref.ref(tensor)
+        return tensor
+
+    def owns(self, array: object) -> bool:
+        ref = self._device.get(id(array))
+        return ref is not None and ref() is array
+
+    def ready(self, source: torch.Tensor) -> object:
+        self.readies += 1
+        return object()
+
+    def snapshot(self, source: torch.Tensor) -> torch.Tensor:
+        self.snapshots += 1
+        return self.put(source.clone())
+
+    def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: object) -> _LateCompletion:
+        self.copies.append(len(pairs))
+        values = [(destination, source.clone()) for destination, source in pairs]  # as queued now
+        done = threading.Event()
+
+        def land() -> None:
+            done.wait(self.delay)
+            for destination, value in values:
+                destination.copy_(value)
+
+        thread = threading.Thread(target=land)
+        thread.start()
+        return _LateCompletion(thread)
