@@ -1,9 +1,9 @@
 """Staging: making a write's device tensors readable from host memory, without stalling the producer.
 
-On the caller's thread (`Stager.stage`): per write and per device, one `ready` marker on the producer's
-stream, one pool block holding all of that write's tensors from the device, and one batch of copies
-into it: small outputs share a block, a marker and a completion. A group larger than the whole pool is
-left to the worker, which stages it in chunks through the pool (`Staged.wait`).
+On the caller's thread (`Stager.stage`): one pool block holding all of the write's device tensors, and
+per device one `ready` marker on the producer's stream and one batch of copies into the block: small
+outputs share a block, a marker and a completion. A write larger than the whole pool is left to the
+worker, which stages it in chunks through the pool (`Staged.wait`).
 """
 
 from __future__ import annotations
@@ -137,8 +137,7 @@ class Stager:
         if staged is None:
             return entries, None
         try:
-            for group in found.values():
-                self._stage_group(staged, group, copy)
+            self._stage_groups(staged, list(found.values()), copy)
         except BaseException:
             staged.release()
             raise
@@ -148,30 +147,38 @@ class Stager:
         """On a device; an engine given at construction is asked about every array."""
         return on_device(array) or (self._engine is not None and self._engine.owns(array))
 
-    def _stage_group(self, staged: Staged, group: list[tuple[int, int, torch.Tensor]], copy: bool) -> None:
+    def _stage_groups(
+        self, staged: Staged, groups: list[list[tuple[int, int, torch.Tensor]]], copy: bool
+    ) -> None:
+        """One pool block for the whole write (so no write holds a block while it waits for another),
+        then per device one ready marker and one batch of copies into its part of the block."""
+        if not groups:
+            return
         engine = self.engine
         if copy:
-            group = [(i, j, engine.snapshot(source)) for i, j, source in group]
-        sizes = [_padded(nbytes(source)) for _, _, source in group]
-        if PinnedPool.rounded(sum(sizes)) > self.pool_bytes // ALIGNMENT * ALIGNMENT:
-            group = [(i, j, s if s.is_contiguous() else s.contiguous()) for i, j, s in group]
-            ready = engine.ready(group[0][2])
-            staged.chunked += [(i, j, source, ready) for i, j, source in group]
+            groups = [[(i, j, engine.snapshot(source)) for i, j, source in group] for group in groups]
+        sizes = [[_padded(nbytes(source)) for _, _, source in group] for group in groups]
+        total = sum(map(sum, sizes))
+        if PinnedPool.rounded(total) > self.pool_bytes // ALIGNMENT * ALIGNMENT:
+            for group in groups:
+                contiguous = [(i, j, s if s.is_contiguous() else s.contiguous()) for i, j, s in group]
+                ready = engine.ready(contiguous[0][2])  # after the contiguous copies, on the same stream
+                staged.chunked += [(i, j, source, ready) for i, j, source in contiguous]
             return
-        ready = engine.ready(group[0][2])
-        block, waited = self.pool.allocate(sum(sizes))
+        block, waited = self.pool.allocate(total)
         staged.blocks.append(block)
         staged.blocked_seconds += waited
-        staged.pooled_bytes += sum(nbytes(source) for _, _, source in group)
         memory = self.pool.view(block)
-        pairs = []
         offset = 0
-        for (i, j, source), size in zip(group, sizes, strict=True):
-            host = memory[offset : offset + nbytes(source)].view(source.dtype).view(source.shape)
-            pairs.append((host, source))
-            staged.arrays[i][j] = host
-            offset += size
-        staged.completions.append(engine.copy(pairs, ready))
+        for group, group_sizes in zip(groups, sizes, strict=True):
+            pairs = []
+            for (i, j, source), size in zip(group, group_sizes, strict=True):
+                host = memory[offset : offset + nbytes(source)].view(source.dtype).view(source.shape)
+                pairs.append((host, source))
+                staged.arrays[i][j] = host
+                staged.pooled_bytes += nbytes(source)
+                offset += size
+            staged.completions.append(engine.copy(pairs, engine.ready(group[0][2])))
 
     def copy_in_chunks(self, source: torch.Tensor, ready: object) -> torch.Tensor:
         """`source` (contiguous, larger than the pool) copied into ordinary host memory, pool-sized piece
