@@ -33,6 +33,7 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
     assert keyword_only == {
         "max_inflight_bytes": 1 << 30,
         "durability": Durability.FILE,
+        "align": None,
         "pinned_pool_bytes": None,
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])

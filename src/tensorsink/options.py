@@ -67,6 +67,24 @@ def _positive_int(name: str, value: object, minimum: int) -> int:
     return value
 
 
+#: np.load refuses .npy headers longer than 10,000 bytes unless pickles are allowed.
+NPY_MAX_ALIGN = 8192
+
+
+def _check_align(align: object, save_format: SaveFormat) -> None:
+    if isinstance(align, bool) or not isinstance(align, int) or align < 64 or align & (align - 1):
+        raise ValueError(f"align={align!r} is not valid; use a power of two >= 64, e.g. 4096, or None")
+    if save_format not in (SaveFormat.NUMPY_NPY, SaveFormat.SAFETENSORS):
+        raise ValueError(
+            f"align={align} applies to SaveFormat.NUMPY_NPY and SaveFormat.SAFETENSORS, "
+            f"not {save_format.name}; leave it None"
+        )
+    if save_format is SaveFormat.NUMPY_NPY and align > NPY_MAX_ALIGN:
+        raise ValueError(
+            f"align={align} makes .npy headers np.load refuses; use at most {NPY_MAX_ALIGN} with NUMPY_NPY"
+        )
+
+
 @dataclass(frozen=True)
 class WriterOptions:
     """Validated settings of an AsyncWriter; constructing one raises ValueError naming any bad value."""
@@ -80,6 +98,9 @@ class WriterOptions:
     upload_queue: queue.Queue[Path] | None = None
     max_inflight_bytes: int = 1 << 30
     durability: Durability = Durability.FILE
+    #: Pad NPY and safetensors headers so the payload starts at a multiple of this (e.g. 4096, for
+    #: O_DIRECT and GPUDirect Storage readers); None keeps each format's own (64 and 8 bytes).
+    align: int | None = None
     #: Page-locked host memory for staging device tensors, allocated on the first one; None: 1 GiB,
     #: or an eighth of the host's memory where that is less.
     pinned_pool_bytes: int | None = None
@@ -94,6 +115,8 @@ class WriterOptions:
         _positive_int("max_inflight", self.max_inflight, 1)
         _positive_int("small_sync_bytes", self.small_sync_bytes, 0)
         _positive_int("max_inflight_bytes", self.max_inflight_bytes, 1)
+        if self.align is not None:
+            _check_align(self.align, self.save_format)
         if self.pinned_pool_bytes is not None:
             _positive_int("pinned_pool_bytes", self.pinned_pool_bytes, 4096)
         if self.upload_queue is not None and not callable(getattr(self.upload_queue, "put", None)):

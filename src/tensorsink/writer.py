@@ -49,6 +49,7 @@ class AsyncWriter:
         *,
         max_inflight_bytes: int = 1 << 30,
         durability: Durability | str = Durability.FILE,
+        align: int | None = None,
         pinned_pool_bytes: int | None = None,
     ) -> None:
         self.options = WriterOptions(
@@ -61,10 +62,11 @@ class AsyncWriter:
             upload_queue,
             max_inflight_bytes,
             durability,  # type: ignore[arg-type]
+            align,
             pinned_pool_bytes,
         )
         self._root = os.path.abspath(self.options.out_root)
-        self._format: Format = format_for(self.options.save_format)
+        self._format: Format = format_for(self.options.save_format, self.options.align)
         self._committer = Committer(self.options.durability)
         self._committer.make_directories(self._root)
         self._stats = StatsRecorder()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, Container, FileEntry, Format, write_buffers
-from .npy import NpyFormat
+from .npy import NPY_ALIGNMENT, NpyFormat
 from .npz import NpzFormat
 from .pt import PtFormat
-from .safetensors import SafetensorsFormat
+from .safetensors import SAFETENSORS_ALIGNMENT, SafetensorsFormat
 
 __all__ = [
     "Buffer",
@@ -19,10 +19,13 @@ __all__ = [
     "write_buffers",
 ]
 
-_FORMATS: dict[SaveFormat, Format] = {
-    f.save_format: f for f in (PtFormat(), NpyFormat(), NpzFormat(), SafetensorsFormat())
-}
 
-
-def format_for(save_format: SaveFormat) -> Format:
-    return _FORMATS[save_format]
+def format_for(save_format: SaveFormat, align: int | None = None) -> Format:
+    """The format a SaveFormat names; `align` (NPY and safetensors only) pads headers to a multiple of it."""
+    if save_format is SaveFormat.NUMPY_NPY:
+        return NpyFormat(align or NPY_ALIGNMENT)
+    if save_format is SaveFormat.SAFETENSORS:
+        return SafetensorsFormat(align or SAFETENSORS_ALIGNMENT)
+    if align is not None:
+        raise ValueError(f"align={align} does not apply to {save_format.name}")
+    return PtFormat() if save_format is SaveFormat.PYTORCH_PT else NpzFormat()

@@ -11,7 +11,7 @@ from ..arrays import Array, byte_view, host_array, numpy_dtype
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, FileEntry
 
-__all__ = ["NpyFormat", "npy_header"]
+__all__ = ["NPY_ALIGNMENT", "NpyFormat", "npy_header"]
 
 #: numpy pads its headers so the data starts on a multiple of this.
 NPY_ALIGNMENT = 64
@@ -43,10 +43,13 @@ class NpyFormat(BufferFormat):
     save_format = SaveFormat.NUMPY_NPY
     holds_collections = False
 
+    def __init__(self, alignment: int = NPY_ALIGNMENT) -> None:
+        self.alignment = alignment
+
     def dtype_tag(self, array: Array) -> np.dtype | None:
         return numpy_dtype(array)
 
     def encode(self, entry: FileEntry) -> list[Buffer]:
         (array,) = entry.arrays
         host = host_array(array)
-        return [npy_header(host.dtype, tuple(array.shape)), byte_view(host)]
+        return [npy_header(host.dtype, tuple(array.shape), self.alignment), byte_view(host)]

@@ -10,7 +10,7 @@ from ..arrays import Array, byte_view, safetensors_dtype
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, FileEntry
 
-__all__ = ["SafetensorsFormat", "safetensors_header"]
+__all__ = ["SAFETENSORS_ALIGNMENT", "SafetensorsFormat", "safetensors_header"]
 
 #: safetensors pads its header so the data starts on a multiple of this.
 SAFETENSORS_ALIGNMENT = 8
@@ -34,6 +34,9 @@ def safetensors_header(
 class SafetensorsFormat(BufferFormat):
     save_format = SaveFormat.SAFETENSORS
 
+    def __init__(self, alignment: int = SAFETENSORS_ALIGNMENT) -> None:
+        self.alignment = alignment
+
     def dtype_tag(self, array: Array) -> str | None:
         return safetensors_dtype(array)
 
@@ -46,6 +49,7 @@ class SafetensorsFormat(BufferFormat):
             tuple(
                 (name, str(safetensors_dtype(array)), tuple(array.shape), payload.nbytes)
                 for name, array, payload in zip(entry.names, entry.arrays, payloads, strict=True)
-            )
+            ),
+            self.alignment,
         )
         return [header, *payloads]
