@@ -128,7 +128,7 @@ def test_failed_write_leaves_no_temporary_and_no_final(tmp_path: Path) -> None:
     final = str(tmp_path / "x.npy")
     number = committer.order.reserve(final)
 
-    def explode(fd: int) -> None:
+    def explode(fd: int, path: str) -> None:
         os.write(fd, b"half a file")
         raise OSError(28, "No space left on device")
 
@@ -142,7 +142,7 @@ def test_existing_final_file_survives_a_failed_overwrite(tmp_path: Path) -> None
     final.write_bytes(b"previous")
     committer = Committer(Durability.NONE)
 
-    def explode(fd: int) -> None:
+    def explode(fd: int, path: str) -> None:
         raise RuntimeError("encoder failed")
 
     with pytest.raises(RuntimeError):

@@ -29,15 +29,28 @@ def _stored(path: Path, save_format: SaveFormat) -> object:
     return stored["arr_0"] if isinstance(stored, dict) else stored
 
 
+def _busy(stream: torch.cuda.Stream, cycles: int = 1_000_000_000) -> None:
+    """Keep `stream` busy for a while (about half a second on an H100) before what is queued next."""
+    with torch.cuda.stream(stream):
+        torch.cuda._sleep(cycles)
+
+
+def _produce(x: torch.Tensor) -> torch.Tensor:
+    for _ in range(4):
+        x = torch.tanh(x @ x)
+    return x[:2048].float() * 3
+
+
 def test_producer_still_computing_gives_final_values_and_write_does_not_wait(tmp_path: Path) -> None:
     producer = torch.cuda.Stream()
+    x = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    _produce(x)  # load the kernels and cuBLAS, and fill the allocator's cache, before timing matters
+    torch.cuda.synchronize()
     with _writer(tmp_path, pinned_pool_bytes=256 << 20) as writer:
         with torch.cuda.stream(producer):
-            a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
-            torch.cuda._sleep(200_000_000)  # keep the producer busy well past write()
-            for _ in range(20):
-                a = torch.tanh(a @ a)
-            output = a[:2048].float() * 3
+            _busy(producer)
+            output = _produce(x)
+            assert not producer.query(), "the producer finished before write(): the test proves nothing"
             future = writer.write("final", output)
             assert not producer.query(), "write() waited for the producer stream"
         (path,) = future.result()
@@ -52,10 +65,15 @@ def test_producer_still_computing_gives_final_values_and_write_does_not_wait(tmp
 def test_random_data_every_format(tmp_path: Path, save_format: SaveFormat, dtype: torch.dtype) -> None:
     if dtype is torch.bfloat16 and save_format in (SaveFormat.NUMPY_NPY, SaveFormat.NUMPY_NPZ):
         pytest.skip("numpy has no bfloat16")
-    source = random_tensor((257, 33), dtype, seed=3).cuda()
-    with _writer(tmp_path, save_format) as writer:
-        (path,) = writer.write("r", source[:, 1:]).result()
-    assert_same(_stored(path, save_format), source[:, 1:].cpu())
+    host = random_tensor((257, 33), dtype, seed=3)
+    prepared = host.cuda()
+    torch.cuda.synchronize()
+    producer = torch.cuda.Stream()
+    with _writer(tmp_path, save_format) as writer, torch.cuda.stream(producer):
+        _busy(producer, 200_000_000)
+        source = prepared.clone()[:, 1:]  # written by the producer stream, after its busy wait
+        (path,) = writer.write("r", source).result()
+    assert_same(_stored(path, save_format), host[:, 1:])
 
 
 def test_mapping_mixes_device_and_host_tensors(tmp_path: Path) -> None:
@@ -119,18 +137,20 @@ def test_several_writer_threads_each_on_its_own_stream(tmp_path: Path) -> None:
 
 def test_cuda_array_interface_object_is_ordered_after_its_stream(tmp_path: Path) -> None:
     producer = torch.cuda.Stream()
-    with torch.cuda.stream(producer):
-        torch.cuda._sleep(100_000_000)
-        source = torch.arange(1 << 20, device="cuda", dtype=torch.float32) * 2
-
-    class InterfaceOnly:
-        @property
-        def __cuda_array_interface__(self) -> dict[str, object]:
-            interface = dict(source.__cuda_array_interface__)
-            interface["stream"] = producer.cuda_stream
-            return interface
-
+    (torch.arange(16, device="cuda", dtype=torch.float32) * 2).sum().item()  # load the kernels
     with _writer(tmp_path) as writer:
+        with torch.cuda.stream(producer):
+            _busy(producer)
+            source = torch.arange(1 << 20, device="cuda", dtype=torch.float32) * 2
+
+        class InterfaceOnly:
+            @property
+            def __cuda_array_interface__(self) -> dict[str, object]:
+                interface = dict(source.__cuda_array_interface__)
+                interface["stream"] = producer.cuda_stream
+                return interface
+
+        assert not producer.query(), "the producer finished before write(): the test proves nothing"
         (path,) = writer.write("cai", InterfaceOnly()).result()
     torch.cuda.synchronize()
     assert_same(_stored(path, SaveFormat.SAFETENSORS), source.cpu())
@@ -138,8 +158,14 @@ def test_cuda_array_interface_object_is_ordered_after_its_stream(tmp_path: Path)
 
 def test_cupy_array_on_its_current_stream(tmp_path: Path) -> None:
     cupy = pytest.importorskip("cupy")
-    with cupy.cuda.Stream(non_blocking=True):
-        array = cupy.arange(1 << 20, dtype=cupy.float32) * 3
-        with _writer(tmp_path) as writer:
+    (cupy.arange(16, dtype=cupy.float32) * 3).sum().item()  # load the kernels
+    with _writer(tmp_path) as writer:
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream:
+            busy = torch.cuda.ExternalStream(stream.ptr)  # the busy wait runs on cupy's stream
+            _busy(busy)
+            array = cupy.arange(1 << 20, dtype=cupy.float32) * 3
+            assert not busy.query(), "the producer finished before write(): the test proves nothing"
             (path,) = writer.write("cupy", array).result()
+        stream.synchronize()
     assert_same(_stored(path, SaveFormat.SAFETENSORS), torch.from_numpy(cupy.asnumpy(array)))

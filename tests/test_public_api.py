@@ -6,7 +6,7 @@ import inspect
 from pathlib import Path
 
 import tensorsink
-from tensorsink import AsyncWriter, DictMode, Durability, SaveFormat
+from tensorsink import AsyncWriter, Backend, DictMode, Durability, SaveFormat
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -35,6 +35,10 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
         "durability": Durability.FILE,
         "align": None,
         "pinned_pool_bytes": None,
+        "backend": Backend.AUTO,
+        "kvikio_threads": 4,
+        "kvikio_task_size": 4 << 20,
+        "kvikio_direct_io": True,
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .commit import sweep
 from .errors import (
+    BackendUnavailableError,
     InvalidKeyError,
     InvalidLayoutError,
     TensorsinkError,
@@ -11,7 +12,7 @@ from .errors import (
     WriterClosedError,
 )
 from .future import WriteFuture
-from .options import DictMode, Durability, SaveFormat, WriterOptions
+from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .stats import WriterStats
 from .writer import AsyncWriter
 
@@ -19,6 +20,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AsyncWriter",
+    "Backend",
+    "BackendUnavailableError",
     "DictMode",
     "Durability",
     "InvalidKeyError",

@@ -86,11 +86,12 @@ def as_array(value: object) -> Array | None:
         return torch.utils.dlpack.from_dlpack(value)
     interface = getattr(value, "__cuda_array_interface__", None)
     if isinstance(interface, dict):
+        tensor = torch.as_tensor(value)  # on the device that holds it
         stream = interface.get("stream")
         if stream:
-            producer = torch.cuda.ExternalStream(stream)  # type: ignore[no-untyped-call]
-            torch.cuda.current_stream().wait_stream(producer)
-        return torch.as_tensor(value, device="cuda")
+            producer = torch.cuda.ExternalStream(stream, device=tensor.device)  # type: ignore[no-untyped-call]
+            torch.cuda.current_stream(tensor.device).wait_stream(producer)
+        return tensor
     return None
 
 

@@ -163,14 +163,15 @@ class Committer:
     def temporary_for(self, directory: str, name: str) -> str:
         return f"{directory}/.{name[:_NAME_KEPT]}.tsink-{self._token}{next(self._counter):x}.partial"
 
-    def commit(self, final: str, number: int, write: Callable[[int], None]) -> bool:
-        """Write `final` through a temporary; False if a later write to it had already been committed."""
+    def commit(self, final: str, number: int, write: Callable[[int, str], None]) -> bool:
+        """Write `final` through a temporary, by `write(fd, temporary_path)`; False if a later write to
+        it had already been committed."""
         directory, _, name = final.rpartition("/")
         temporary = self.temporary_for(directory, name)
         fd = self._create(directory, temporary)
         try:
             try:
-                write(fd)
+                write(fd, temporary)
                 if self.durability is not Durability.NONE:
                     os.fsync(fd)
             finally:

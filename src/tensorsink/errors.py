@@ -3,6 +3,7 @@
 Each one is also an instance of the builtin it refines, so code that catches the builtin keeps working::
 
     TensorsinkError
+    ├── BackendUnavailableError (RuntimeError) backend="kvikio" where kvikio cannot write
     ├── InvalidKeyError        (ValueError)   a key that is absolute, empty or climbs out with ".."
     ├── InvalidLayoutError     (ValueError)   a collection the format and dict mode cannot store
     ├── UnsupportedValueError  (TypeError)    a value, or a dtype, the chosen format cannot store
@@ -15,6 +16,7 @@ exception, by the next write(), by flush() and by close().
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailableError",
     "InvalidKeyError",
     "InvalidLayoutError",
     "TensorsinkError",
@@ -25,6 +27,10 @@ __all__ = [
 
 class TensorsinkError(Exception):
     """Base of every exception tensorsink raises itself."""
+
+
+class BackendUnavailableError(TensorsinkError, RuntimeError):
+    """An explicitly requested backend cannot work here; the message says why."""
 
 
 class InvalidKeyError(TensorsinkError, ValueError):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["DictMode", "Durability", "SaveFormat", "WriterOptions"]
+__all__ = ["Backend", "DictMode", "Durability", "SaveFormat", "WriterOptions"]
 
 
 class _Choice(str, enum.Enum):
@@ -61,6 +61,20 @@ class Durability(_Choice):
     FULL = "full"
 
 
+class Backend(_Choice):
+    """How the bytes reach the file.
+
+    POSIX: from host memory with os.writev in the writer's threads (CUDA tensors staged through the
+    pinned pool). KVIKIO: kvikio's CuFile writes CUDA tensors from device memory (NPY and SAFETENSORS;
+    PYTORCH_PT and NPZ still go through the pool). AUTO: KVIKIO where a probe finds that GPUDirect
+    Storage really carries the bytes into the output directory, else POSIX.
+    """
+
+    AUTO = "auto"
+    POSIX = "posix"
+    KVIKIO = "kvikio"
+
+
 def _positive_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name}={value!r} is not valid; use an int >= {minimum}")
@@ -101,6 +115,11 @@ class WriterOptions:
     #: Pad NPY and safetensors headers so the payload starts at a multiple of this (e.g. 4096, for
     #: O_DIRECT and GPUDirect Storage readers); None keeps each format's own (64 and 8 bytes).
     align: int | None = None
+    backend: Backend = Backend.AUTO
+    #: kvikio's threads per write, the size of each of their pieces, and whether it may use O_DIRECT.
+    kvikio_threads: int = 4
+    kvikio_task_size: int = 4 << 20
+    kvikio_direct_io: bool = True
     #: Page-locked host memory for staging device tensors, allocated on the first one; None: 1 GiB,
     #: or an eighth of the host's memory where that is less.
     pinned_pool_bytes: int | None = None
@@ -111,6 +130,9 @@ class WriterOptions:
         set_(self, "save_format", SaveFormat.coerce(self.save_format, argument="save_format"))
         set_(self, "dict_mode", DictMode.coerce(self.dict_mode, argument="dict_mode"))
         set_(self, "durability", Durability.coerce(self.durability, argument="durability"))
+        set_(self, "backend", Backend.coerce(self.backend, argument="backend"))
+        _positive_int("kvikio_threads", self.kvikio_threads, 1)
+        _positive_int("kvikio_task_size", self.kvikio_task_size, 4096)
         _positive_int("workers", self.workers, 1)
         _positive_int("max_inflight", self.max_inflight, 1)
         _positive_int("small_sync_bytes", self.small_sync_bytes, 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["StatsRecorder", "WriterStats"]
 
@@ -22,6 +22,8 @@ class WriterStats:
     #: Size of the pinned staging pool (0 until a device tensor was written) and the most of it in use.
     pinned_pool_bytes: int = 0
     pinned_peak_bytes: int = 0
+    #: Payload bytes committed per backend ("posix", "kvikio").
+    bytes_by_backend: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_per_second(self) -> float:
@@ -53,6 +55,7 @@ class StatsRecorder:
         self._bytes = 0
         self._errors = 0
         self._blocked = 0.0
+        self._by_backend: dict[str, int] = {}
         self._first: float | None = None
         self._last: float | None = None
 
@@ -62,10 +65,11 @@ class StatsRecorder:
                 if self._first is None:
                     self._first = time.perf_counter()
 
-    def file_committed(self, nbytes: int) -> None:
+    def file_committed(self, nbytes: int, backend: str = "posix") -> None:
         with self._lock:
             self._files += 1
             self._bytes += nbytes
+            self._by_backend[backend] = self._by_backend.get(backend, 0) + nbytes
             self._last = time.perf_counter()
 
     def write_failed(self) -> None:
@@ -91,4 +95,5 @@ class StatsRecorder:
                 elapsed,
                 pinned_pool_bytes,
                 pinned_peak_bytes,
+                dict(self._by_backend),
             )

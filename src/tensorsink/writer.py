@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 import queue
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from types import TracebackType
 
+from .backends import Route
 from .commit import Committer
 from .errors import WriterClosedError
-from .formats import FileEntry, Format, format_for
+from .formats import FileEntry, Format, HeaderFormat, format_for
 from .future import WriteFuture
-from .options import DictMode, Durability, SaveFormat, WriterOptions
+from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .plan import plan_files
 from .scheduling import Pipeline
-from .staging import Stager, default_pool_bytes
+from .staging import Stager, default_pool_bytes, on_device
 from .stats import StatsRecorder, WriterStats
 
 __all__ = ["AsyncWriter"]
@@ -51,22 +53,31 @@ class AsyncWriter:
         durability: Durability | str = Durability.FILE,
         align: int | None = None,
         pinned_pool_bytes: int | None = None,
+        backend: Backend | str = Backend.AUTO,
+        kvikio_threads: int = 4,
+        kvikio_task_size: int = 4 << 20,
+        kvikio_direct_io: bool = True,
     ) -> None:
         self.options = WriterOptions(
-            Path(out_root),
-            save_format,  # type: ignore[arg-type]  # coerced and checked by WriterOptions
-            dict_mode,  # type: ignore[arg-type]
-            workers,
-            max_inflight,
-            small_sync_bytes,
-            upload_queue,
-            max_inflight_bytes,
-            durability,  # type: ignore[arg-type]
-            align,
-            pinned_pool_bytes,
+            out_root=Path(out_root),
+            save_format=save_format,  # type: ignore[arg-type]  # coerced and checked there
+            dict_mode=dict_mode,  # type: ignore[arg-type]
+            workers=workers,
+            max_inflight=max_inflight,
+            small_sync_bytes=small_sync_bytes,
+            upload_queue=upload_queue,
+            max_inflight_bytes=max_inflight_bytes,
+            durability=durability,  # type: ignore[arg-type]
+            align=align,
+            pinned_pool_bytes=pinned_pool_bytes,
+            backend=backend,  # type: ignore[arg-type]
+            kvikio_threads=kvikio_threads,
+            kvikio_task_size=kvikio_task_size,
+            kvikio_direct_io=kvikio_direct_io,
         )
         self._root = os.path.abspath(self.options.out_root)
         self._format: Format = format_for(self.options.save_format, self.options.align)
+        self._route = Route(self.options, self._root, self._format)
         self._committer = Committer(self.options.durability)
         self._committer.make_directories(self._root)
         self._stats = StatsRecorder()
@@ -121,7 +132,7 @@ class AsyncWriter:
             )
         self._pipeline.raise_if_failed()
         entries = plan_files(self._root, relative_path_no_ext, to_save, self._format, self.options.dict_mode)
-        entries, staged = self._stager.stage(entries, copy=copy)
+        entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
         order = self._committer.order
         numbers = [order.reserve(entry.path) for entry in entries]
         nbytes = sum(entry.nbytes for entry in entries)
@@ -140,9 +151,10 @@ class AsyncWriter:
 
             def job(future: WriteFuture) -> list[Path]:
                 try:
-                    host_entries = staged.wait()
-                    future.set_staged()
-                    return self._write_entries(host_entries, numbers)
+                    ready_entries = staged.wait()
+                    if not staged.on_device:
+                        future.set_staged()
+                    return self._write_entries(ready_entries, numbers)
                 finally:
                     staged.release()
 
@@ -162,13 +174,13 @@ class AsyncWriter:
 
     def _write_entries(self, entries: list[FileEntry], numbers: list[int]) -> list[Path]:
         """Commit each file of one write in turn (the worker's or the caller's thread)."""
-        fmt = self._format
         upload_queue = self.options.upload_queue
         written: list[Path] = []
         try:
             for entry, number in zip(entries, numbers, strict=True):
-                replaced = self._committer.commit(entry.path, number, partial(fmt.write, entry=entry))
-                self._stats.file_committed(entry.nbytes)
+                write, backend = self._file_writer(entry)
+                replaced = self._committer.commit(entry.path, number, write)
+                self._stats.file_committed(entry.nbytes, backend)
                 path = Path(entry.path)
                 if replaced and upload_queue is not None:
                     upload_queue.put(path)
@@ -180,6 +192,14 @@ class AsyncWriter:
             for entry in entries:
                 self._committer.order.release(entry.path)
         return written
+
+    def _file_writer(self, entry: FileEntry) -> tuple[Callable[[int, str], None], str]:
+        """How one file's bytes get written, and by which backend."""
+        fmt = self._format
+        kvikio = self._route.kvikio
+        if kvikio is not None and isinstance(fmt, HeaderFormat) and any(map(on_device, entry.arrays)):
+            return partial(kvikio.write, fmt=fmt, entry=entry), "kvikio"
+        return lambda fd, path: fmt.write(fd, entry), "posix"
 
     def flush(self) -> None:
         """Wait for every write made so far; raise the first background failure, if any."""

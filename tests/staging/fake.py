@@ -58,3 +58,11 @@ class FakeEngine:
         thread = threading.Thread(target=land)
         thread.start()
         return _LateCompletion(thread)
+
+    def fence(self, after: object, sources: Sequence[torch.Tensor]) -> _LateCompletion:
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        return _LateCompletion(thread)
+
+    def aligned_like(self, source: torch.Tensor, alignment: int) -> torch.Tensor:
+        return torch.empty_like(source, memory_format=torch.contiguous_format)

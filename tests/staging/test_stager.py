@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,45 @@ def test_cpu_writes_never_start_the_pool(tmp_path: Path) -> None:
     assert not writer._stager.pool_started
     assert writer.stats().pinned_pool_bytes == 0
     assert not torch.cuda.is_initialized()
+
+
+def test_conjugate_and_negative_views_are_resolved_before_the_copy(writer: AsyncWriter) -> None:
+    engine = _engine(writer)
+    complex_values = torch.complex(torch.arange(4.0), torch.arange(4.0) + 10)
+    conjugated = engine.put(complex_values.conj())
+    negative_view = engine.put(complex_values.conj().imag)  # a float view with the negative bit
+    assert conjugated.is_conj()
+    assert negative_view.is_neg()
+    (path,) = writer.write("views", {"conj": conjugated, "neg": negative_view}).result()
+    stored = read_back(path, SaveFormat.SAFETENSORS)
+    assert_same(stored["conj"], conjugated)
+    assert_same(stored["neg"], negative_view)
+
+
+def test_two_first_writes_at_once_make_one_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorsink.staging.stager as stager_module
+
+    made = []
+    real_pool = stager_module.PinnedPool
+    both_waiting = threading.Barrier(2)
+
+    class SlowPool(real_pool):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            made.append(self)
+            time.sleep(0.2)  # pinning a large pool takes this long and more
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(stager_module, "PinnedPool", SlowPool)
+    stager = Stager(16 * ALIGNMENT, FakeEngine(), pin=False)
+
+    def first_use() -> None:
+        both_waiting.wait()
+        stager.pool.allocate(ALIGNMENT)
+
+    threads = [threading.Thread(target=first_use) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1
+    assert stager.pool.in_use == 2 * ALIGNMENT

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..options import SaveFormat
-from .base import Buffer, BufferFormat, Container, FileEntry, Format, write_buffers
+from .base import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, write_buffers
 from .npy import NPY_ALIGNMENT, NpyFormat
 from .npz import NpzFormat
 from .pt import PtFormat
@@ -15,6 +15,7 @@ __all__ = [
     "Container",
     "FileEntry",
     "Format",
+    "HeaderFormat",
     "format_for",
     "write_buffers",
 ]

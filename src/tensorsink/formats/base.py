@@ -8,11 +8,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple, TypeAlias
 
-from ..arrays import Array, dtype_name
+from ..arrays import Array, byte_view, dtype_name
 from ..errors import UnsupportedValueError
 from ..options import SaveFormat
 
-__all__ = ["Buffer", "BufferFormat", "Container", "FileEntry", "Format", "write_buffers"]
+__all__ = ["Buffer", "BufferFormat", "Container", "FileEntry", "Format", "HeaderFormat", "write_buffers"]
 
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -76,6 +76,20 @@ class BufferFormat(Format):
 
     def write(self, fd: int, entry: FileEntry) -> None:
         write_buffers(fd, self.encode(entry))
+
+
+class HeaderFormat(BufferFormat):
+    """A header, then each array's bytes in order: what a device-direct writer can lay down itself."""
+
+    #: Whether payloads must be in the machine's byte order (else each array keeps its own).
+    native_payload: ClassVar[bool] = False
+
+    @abstractmethod
+    def header(self, entry: FileEntry) -> bytes:
+        """The header; it needs only the arrays' dtypes and shapes, never their data."""
+
+    def encode(self, entry: FileEntry) -> list[Buffer]:
+        return [self.header(entry), *(byte_view(array, native=self.native_payload) for array in entry.arrays)]
 
 
 def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:

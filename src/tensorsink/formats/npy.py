@@ -7,9 +7,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..arrays import Array, byte_view, host_array, numpy_dtype
+from ..arrays import Array, numpy_dtype
 from ..options import SaveFormat
-from .base import Buffer, BufferFormat, FileEntry
+from .base import FileEntry, HeaderFormat
 
 __all__ = ["NPY_ALIGNMENT", "NpyFormat", "npy_header"]
 
@@ -39,7 +39,7 @@ def _padded(size: int, alignment: int) -> int:
     return -(-size // alignment) * alignment
 
 
-class NpyFormat(BufferFormat):
+class NpyFormat(HeaderFormat):
     save_format = SaveFormat.NUMPY_NPY
     holds_collections = False
 
@@ -49,7 +49,8 @@ class NpyFormat(BufferFormat):
     def dtype_tag(self, array: Array) -> np.dtype | None:
         return numpy_dtype(array)
 
-    def encode(self, entry: FileEntry) -> list[Buffer]:
+    def header(self, entry: FileEntry) -> bytes:
         (array,) = entry.arrays
-        host = host_array(array)
-        return [npy_header(host.dtype, tuple(array.shape), self.alignment), byte_view(host)]
+        dtype = numpy_dtype(array)
+        assert dtype is not None  # checked at write()
+        return npy_header(dtype, tuple(array.shape), self.alignment)

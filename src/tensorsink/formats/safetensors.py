@@ -6,9 +6,9 @@ import json
 import struct
 from functools import lru_cache
 
-from ..arrays import Array, byte_view, safetensors_dtype
+from ..arrays import Array, nbytes, safetensors_dtype
 from ..options import SaveFormat
-from .base import Buffer, BufferFormat, FileEntry
+from .base import FileEntry, HeaderFormat
 
 __all__ = ["SAFETENSORS_ALIGNMENT", "SafetensorsFormat", "safetensors_header"]
 
@@ -31,8 +31,9 @@ def safetensors_header(
     return struct.pack("<Q", padded) + text + b" " * (padded - len(text))
 
 
-class SafetensorsFormat(BufferFormat):
+class SafetensorsFormat(HeaderFormat):
     save_format = SaveFormat.SAFETENSORS
+    native_payload = True  # its dtype tags are little-endian
 
     def __init__(self, alignment: int = SAFETENSORS_ALIGNMENT) -> None:
         self.alignment = alignment
@@ -43,13 +44,11 @@ class SafetensorsFormat(BufferFormat):
     def alternatives(self, array: Array) -> str:
         return "SaveFormat.PYTORCH_PT"
 
-    def encode(self, entry: FileEntry) -> list[Buffer]:
-        payloads = [byte_view(array, native=True) for array in entry.arrays]
-        header = safetensors_header(
+    def header(self, entry: FileEntry) -> bytes:
+        return safetensors_header(
             tuple(
-                (name, str(safetensors_dtype(array)), tuple(array.shape), payload.nbytes)
-                for name, array, payload in zip(entry.names, entry.arrays, payloads, strict=True)
+                (name, str(safetensors_dtype(array)), tuple(array.shape), nbytes(array))
+                for name, array in zip(entry.names, entry.arrays, strict=True)
             ),
             self.alignment,
         )
-        return [header, *payloads]

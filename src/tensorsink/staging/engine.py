@@ -2,7 +2,7 @@
 
 The caller's thread records a `ready` event on the producer's current stream and queues the copies on
 a dedicated copy stream that waits for it, so the producer never waits; a worker waits for the
-`Completion` before it reads the host memory. Nothing here touches CUDA at import.
+`Completion` before it reads the destination. Nothing here touches CUDA at import.
 """
 
 from __future__ import annotations
@@ -38,7 +38,15 @@ class CopyEngine(Protocol):
         ...
 
     def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: object) -> Completion:
-        """Queue host_destination.copy_(device_source) for each pair, after the `after` marker."""
+        """Queue destination.copy_(device_source) for each pair, after the `after` marker."""
+        ...
+
+    def fence(self, after: object, sources: Sequence[torch.Tensor]) -> Completion:
+        """A completion for the `after` marker itself, keeping `sources` alive until it is waited for."""
+        ...
+
+    def aligned_like(self, source: torch.Tensor, alignment: int) -> torch.Tensor:
+        """An empty contiguous device tensor like `source` whose address is a multiple of `alignment`."""
         ...
 
 
@@ -69,7 +77,11 @@ class CudaEngine:
         stream = self._streams.get(index)
         if stream is None:
             with self._lock:
-                stream = self._streams.setdefault(index, torch.cuda.Stream(device=index))  # type: ignore[no-untyped-call]
+                stream = self._streams.get(index)
+                if stream is None:
+                    # from torch's high-priority pool, which producers' streams rarely come from
+                    stream = torch.cuda.Stream(device=index, priority=-1)  # type: ignore[no-untyped-call]
+                    self._streams[index] = stream
         return stream
 
     def ready(self, source: torch.Tensor) -> torch.cuda.Event:
@@ -81,6 +93,16 @@ class CudaEngine:
         with torch.cuda.device(source.device):
             return source.clone()
 
+    def fence(self, after: object, sources: Sequence[torch.Tensor]) -> _EventCompletion:
+        assert isinstance(after, torch.cuda.Event)
+        return _EventCompletion(after, list(sources))
+
+    def aligned_like(self, source: torch.Tensor, alignment: int) -> torch.Tensor:
+        size = source.numel() * source.element_size()
+        raw = torch.empty(size + alignment, dtype=torch.uint8, device=source.device)
+        start = -raw.data_ptr() % alignment
+        return raw[start : start + size].view(source.dtype).view(source.shape)
+
     def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: object) -> _EventCompletion:
         assert isinstance(after, torch.cuda.Event)
         stream = self._copy_stream(pairs[0][1].device)
@@ -91,6 +113,6 @@ class CudaEngine:
                 destination.copy_(source, non_blocking=True)
                 source.record_stream(stream)  # the allocator must not reuse it before the copy ran
                 sources.append(source)
-            done = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            done = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]  # waiters sleep
             done.record(stream)
         return _EventCompletion(done, sources)

@@ -8,6 +8,9 @@ worker, which stages it in chunks through the pool (`Staged.wait`).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +43,16 @@ def snapshot_host_arrays(entries: list[FileEntry]) -> list[FileEntry]:
     ]
 
 
+def _plain_source(tensor: torch.Tensor) -> torch.Tensor:
+    """Detached (no autograd record of the staging copy), with lazy conjugate and negative bits
+    applied on the producer's stream: a copy into host memory would otherwise apply them to the
+    destination before the data arrives."""
+    tensor = tensor.detach()
+    if tensor.is_conj() or tensor.is_neg():
+        tensor = tensor.resolve_conj().resolve_neg()
+    return tensor
+
+
 def _host_copy(array: Array) -> Array:
     return array.clone() if isinstance(array, torch.Tensor) else array.copy()
 
@@ -49,6 +62,7 @@ class Staged:
 
     def __init__(self, stager: Stager, entries: list[FileEntry]) -> None:
         self._stager = stager
+        self._pool: PinnedPool | None = None  # the pool its blocks came from
         self._entries = entries
         self.arrays = [list(entry.arrays) for entry in entries]
         self.blocks: list[Block] = []
@@ -57,6 +71,9 @@ class Staged:
         self.blocked_seconds = 0.0
         #: Payload bytes held in pool blocks (the pool, not the writer's byte budget, bounds them).
         self.pooled_bytes = 0
+        #: Device tensors were left on the device for a device-direct writer, which reads the
+        #: caller's memory until the file is written: the write is staged only when it is done.
+        self.on_device = False
 
     def wait(self) -> list[FileEntry]:
         """Block until every staged tensor is in host memory; the entries with host arrays in place."""
@@ -75,10 +92,16 @@ class Staged:
         ]
 
     def release(self) -> None:
-        """Give the pool blocks back (after the files are written, or on failure)."""
+        """Give the pool blocks back, after the files are written or on failure; copies still queued
+        into them (a failure part-way) are waited for first, so none can land in a reused block."""
+        for completion in self.completions:
+            with contextlib.suppress(Exception):
+                completion.wait()
+        self.completions = []
         blocks, self.blocks = self.blocks, []
         for block in blocks:
-            self._stager.pool.free(block)
+            assert self._pool is not None
+            self._pool.free(block)
 
 
 class Stager:
@@ -89,30 +112,43 @@ class Stager:
         self._engine = engine
         self._pin = pin
         self._pool: PinnedPool | None = None
+        self._lock = threading.Lock()
 
     @property
     def engine(self) -> CopyEngine:
         if self._engine is None:
-            self._engine = CudaEngine()
+            with self._lock:
+                if self._engine is None:
+                    self._engine = CudaEngine()
         return self._engine
 
     @property
     def pool(self) -> PinnedPool:
         if self._pool is None:
-            self._pool = PinnedPool(self.pool_bytes, pin=self._pin)
+            with self._lock:  # two threads' first CUDA writes must not make two pools
+                if self._pool is None:
+                    self._pool = PinnedPool(self.pool_bytes, pin=self._pin)
         return self._pool
 
     @property
     def pool_started(self) -> bool:
         return self._pool is not None
 
-    def stage(self, entries: list[FileEntry], *, copy: bool = False) -> tuple[list[FileEntry], Staged | None]:
+    def stage(
+        self,
+        entries: list[FileEntry],
+        *,
+        copy: bool = False,
+        direct: Callable[[], bool] | None = None,
+    ) -> tuple[list[FileEntry], Staged | None]:
         """Queue the copies of the entries' device tensors; the entries and their staging (None when
         every array is in host memory).
 
         Blocks while the pool has no room. With copy=True each device tensor is first snapshotted on
         its producer's stream and each host array copied, so the caller may overwrite them as soon as
-        this returns.
+        this returns. When `direct()` says so (asked once a device tensor is found), device tensors
+        stay on the device for a device-direct writer: ordered by the same events, copied only into
+        ALIGNMENT-aligned device buffers where their address or layout is not fit for direct I/O.
         """
         if copy:
             entries = [
@@ -131,13 +167,16 @@ class Stager:
                 if staged is None:
                     staged = Staged(self, entries)
                 if self.engine.owns(array):
-                    found.setdefault(array.device, []).append((i, j, array))
+                    found.setdefault(array.device, []).append((i, j, _plain_source(array)))
                 else:  # a device no engine serves: a plain blocking copy
                     staged.arrays[i][j] = array.detach().to("cpu")
         if staged is None:
             return entries, None
         try:
-            self._stage_groups(staged, list(found.values()), copy)
+            if found and direct is not None and direct():
+                self._keep_on_device(staged, list(found.values()), copy)
+            else:
+                self._stage_groups(staged, list(found.values()), copy)
         except BaseException:
             staged.release()
             raise
@@ -165,10 +204,12 @@ class Stager:
                 ready = engine.ready(contiguous[0][2])  # after the contiguous copies, on the same stream
                 staged.chunked += [(i, j, source, ready) for i, j, source in contiguous]
             return
-        block, waited = self.pool.allocate(total)
+        pool = self.pool
+        block, waited = pool.allocate(total)
+        staged._pool = pool
         staged.blocks.append(block)
         staged.blocked_seconds += waited
-        memory = self.pool.view(block)
+        memory = pool.view(block)
         offset = 0
         for group, group_sizes in zip(groups, sizes, strict=True):
             pairs = []
@@ -179,6 +220,29 @@ class Stager:
                 staged.pooled_bytes += nbytes(source)
                 offset += size
             staged.completions.append(engine.copy(pairs, engine.ready(group[0][2])))
+
+    def _keep_on_device(
+        self, staged: Staged, groups: list[list[tuple[int, int, torch.Tensor]]], copy: bool
+    ) -> None:
+        engine = self.engine
+        staged.on_device = True
+        for group in groups:
+            members = [(i, j, engine.snapshot(source)) for i, j, source in group] if copy else group
+            fit: list[torch.Tensor] = []
+            pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+            for i, j, source in members:
+                if source.is_contiguous() and source.data_ptr() % ALIGNMENT == 0:
+                    fit.append(source)
+                    staged.arrays[i][j] = source  # a snapshot, with copy=True
+                else:  # allocated before the marker, so its earlier users are ordered before the copy
+                    aligned = engine.aligned_like(source, ALIGNMENT)
+                    pairs.append((aligned, source))
+                    staged.arrays[i][j] = aligned
+            ready = engine.ready(members[0][2])
+            if pairs:
+                staged.completions.append(engine.copy(pairs, ready))
+            if fit:
+                staged.completions.append(engine.fence(ready, fit))
 
     def copy_in_chunks(self, source: torch.Tensor, ready: object) -> torch.Tensor:
         """`source` (contiguous, larger than the pool) copied into ordinary host memory, pool-sized piece
