@@ -19,6 +19,8 @@ install: $(VENV)/.installed
 lint: install
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/hadolint docker/Dockerfile.gpu docker/Dockerfile.cpu
+	$(BIN)/python -m json.tool docker/cufile.json > /dev/null
 
 typecheck: install
 	$(BIN)/mypy
