@@ -6,19 +6,18 @@ import os
 import queue
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 from types import TracebackType
 
 from .backends import Route
 from .commit import Committer
 from .errors import WriterClosedError
-from .formats import FileEntry, Format, HeaderFormat, format_for
+from .formats import FileEntry, Format, format_for
 from .future import WriteFuture
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .plan import plan_files
 from .scheduling import Pipeline
-from .staging import Stager, default_pool_bytes, on_device
+from .staging import Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
 
 __all__ = ["AsyncWriter"]
@@ -81,8 +80,9 @@ class AsyncWriter:
         self._committer = Committer(self.options.durability)
         self._committer.make_directories(self._root)
         self._stats = StatsRecorder()
-        self._stager = Stager(pinned_pool_bytes or default_pool_bytes())
-        self._pipeline = Pipeline(workers, max_inflight, max_inflight_bytes)
+        o = self.options
+        self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
+        self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._closed = False
 
     # The original AsyncWriter's attributes.
@@ -195,10 +195,10 @@ class AsyncWriter:
 
     def _file_writer(self, entry: FileEntry) -> tuple[Callable[[int, str], None], str]:
         """How one file's bytes get written, and by which backend."""
+        direct = self._route.writer_for(entry)
+        if direct is not None:
+            return direct, "kvikio"
         fmt = self._format
-        kvikio = self._route.kvikio
-        if kvikio is not None and isinstance(fmt, HeaderFormat) and any(map(on_device, entry.arrays)):
-            return partial(kvikio.write, fmt=fmt, entry=entry), "kvikio"
         return lambda fd, path: fmt.write(fd, entry), "posix"
 
     def flush(self) -> None:

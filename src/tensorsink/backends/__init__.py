@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from functools import partial
 
 from ..errors import BackendUnavailableError
-from ..formats import Format, HeaderFormat
+from ..formats import FileEntry, Format, HeaderFormat
 from ..options import Backend, WriterOptions
+from ..staging import on_device
 from . import probe
 from .kvikio_writer import KvikioWriter
 from .probe import Verdict, probe_kvikio
@@ -42,7 +45,10 @@ class Route:
                     f"backend='kvikio' cannot write into {root}: {verdict.reason}; "
                     "use backend='auto' (falls back by itself) or 'posix'"
                 )
-            self._decide(self._kvikio_writer(), verdict.reason)
+            if isinstance(fmt, HeaderFormat):
+                self._decide(self._kvikio_writer(), verdict.reason)
+            else:
+                self._decide(None, self._staged_format_reason())
 
     @property
     def name(self) -> str:
@@ -54,13 +60,21 @@ class Route:
             with self._lock:
                 if self.reason is None:
                     self._resolve_auto()
-        return self.kvikio is not None and isinstance(self._format, HeaderFormat)
+        return self.kvikio is not None
+
+    def writer_for(self, entry: FileEntry) -> Callable[[int, str], None] | None:
+        """kvikio's writer for a file whose device tensors were left on the device, else None."""
+        if self.kvikio is None or not any(map(on_device, entry.arrays)):
+            return None
+        assert isinstance(self._format, HeaderFormat)  # kvikio is chosen only for these
+        return partial(self.kvikio.write, fmt=self._format, entry=entry)
+
+    def _staged_format_reason(self) -> str:
+        return f"{self._format.save_format.name} is written from host memory (pinned staging)"
 
     def _resolve_auto(self) -> None:
         if not isinstance(self._format, HeaderFormat):
-            self._decide(
-                None, f"{self._format.save_format.name} is written from host memory (pinned staging)"
-            )
+            self._decide(None, self._staged_format_reason())
             return
         verdict = probe.verdict_for(self._root)
         self._decide(self._kvikio_writer() if verdict.gds else None, verdict.reason)

@@ -9,6 +9,7 @@ statistics saying which backend carried the bytes. The verdict is cached per fil
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.util
 import json
 import logging
@@ -71,18 +72,11 @@ class Verdict:
 
 _lock = threading.Lock()
 _by_filesystem: dict[int, Verdict] = {}
-_driver: list[str | None] = []
 
 
+@functools.cache
 def driver_problem() -> str | None:
     """Why the CUDA driver cannot be used here, or None; asked once per process."""
-    with _lock:
-        if not _driver:
-            _driver.append(_ask_driver())
-        return _driver[0]
-
-
-def _ask_driver() -> str | None:
     try:
         cuda = ctypes.CDLL("libcuda.so.1")
     except OSError as exc:

@@ -198,7 +198,7 @@ class Stager:
             groups = [[(i, j, engine.snapshot(source)) for i, j, source in group] for group in groups]
         sizes = [[_padded(nbytes(source)) for _, _, source in group] for group in groups]
         total = sum(map(sum, sizes))
-        if PinnedPool.rounded(total) > self.pool_bytes // ALIGNMENT * ALIGNMENT:
+        if PinnedPool.rounded(total) > self.pool.capacity:
             for group in groups:
                 contiguous = [(i, j, s if s.is_contiguous() else s.contiguous()) for i, j, s in group]
                 ready = engine.ready(contiguous[0][2])  # after the contiguous copies, on the same stream
