@@ -29,7 +29,8 @@ test: lint typecheck
 	$(BIN)/python -m pytest
 
 bench: install
-	$(BIN)/python benchmarks/inference_stream.py --out $(BENCH_OUT)
+	mkdir -p $(BENCH_OUT)
+	$(BIN)/tensorsink bench --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
 
 clean:
 	rm -rf $(VENV) $(BENCH_OUT)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tensorsink import AsyncWriter, DictMode, SaveFormat, WriterClosedError
+from tensorsink import AsyncWriter, DictMode, Durability, SaveFormat, WriterClosedError
 from tensorsink.commit import is_temporary
 from tests.support import GatedFormat, wait_for_waiter
 
@@ -24,7 +24,7 @@ def _tensor(value: float, nbytes: int = BIG) -> torch.Tensor:
 
 @pytest.fixture
 def gated(tmp_path: Path) -> Iterator[tuple[AsyncWriter, GatedFormat]]:
-    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, workers=2, max_inflight=2)
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, workers=2, max_inflight=2, durability="none")
     gate = GatedFormat(writer._format)
     writer._format = gate
     try:
@@ -98,10 +98,21 @@ def test_byte_budget_blocks_and_admits_an_oversized_write_alone(tmp_path: Path) 
 
 
 def test_small_writes_run_on_the_callers_thread(tmp_path: Path) -> None:
-    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, small_sync_bytes=1000) as writer:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, small_sync_bytes=1000, durability="none") as writer:
         future = writer.write("small", torch.zeros(10))
         assert future.done()  # already committed when write() returned
         assert (tmp_path / "small.npy").exists()
+
+
+@pytest.mark.parametrize("durability", [Durability.FILE, Durability.FULL])
+def test_small_writes_that_fsync_go_to_the_workers(tmp_path: Path, durability: Durability) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, small_sync_bytes=1000, durability=durability) as writer:
+        gated = GatedFormat(writer._format)
+        writer._format = gated
+        future = writer.write("small", torch.zeros(10))  # held at the gate only on a worker
+        assert not future.done()
+        gated.gate.set()
+        assert future.result(timeout=30) == [tmp_path / "small.npy"]
 
 
 def test_many_threads_writing_at_once(tmp_path: Path) -> None:
@@ -169,7 +180,7 @@ def test_error_in_body_is_not_masked_by_close(tmp_path: Path) -> None:
 
 def test_synchronous_failure_is_raised_by_that_write(tmp_path: Path) -> None:
     (tmp_path / "blocker").write_bytes(b"")
-    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY) as writer:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability="none") as writer:
         with pytest.raises(OSError, match="blocker"):
             writer.write("blocker/small", torch.zeros(4))
         writer.write("fine", torch.zeros(4))  # the writer goes on; the caller already has the error

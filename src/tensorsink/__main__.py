@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from . import bench
 from .commit import sweep
 
 
@@ -17,8 +18,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sweep_parser.add_argument("root", help="the output root to clean")
     sweep_parser.add_argument("-q", "--quiet", action="store_true", help="print only the count")
+    bench_parser = commands.add_parser(
+        "bench", help="measure throughput against the machine's ceiling and the usual ways of saving"
+    )
+    bench.add_arguments(bench_parser)
     args = parser.parse_args(argv)
 
+    if args.command == "bench":
+        return bench.run(args)
     if args.command == "sweep":
         removed = sweep(args.root)
         if not args.quiet:

@@ -28,9 +28,9 @@ class AsyncWriter:
 
     `write(key, value)` checks the key and the value, waits while the budget (`max_inflight` writes,
     `max_inflight_bytes` bytes) is full, and returns a WriteFuture; a worker writes the file into a
-    temporary sibling and renames it into place. Payloads under `small_sync_bytes` are written on the
-    caller's thread instead, where a queue hop would cost more than the write. A failure in the
-    background is raised by the next write(), by flush() and by close().
+    temporary sibling and renames it into place. With durability NONE, payloads under `small_sync_bytes`
+    are written on the caller's thread instead, where a queue hop would cost more than the write. A
+    failure in the background is raised by the next write(), by flush() and by close().
 
     CPU tensors and numpy arrays are not copied: do not modify them in place until the write's future
     is done (or flush() has returned). CUDA tensors (and CuPy or other DLPack arrays) go through a pool
@@ -84,6 +84,9 @@ class AsyncWriter:
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._closed = False
+        # A small write is cheaper on the caller than a queue hop, unless it waits for an fsync (~1 ms):
+        # then the caller would stall on the disk, and workers can fsync several files at once.
+        self._inline_ok = o.durability is Durability.NONE
 
     # The original AsyncWriter's attributes.
     @property
@@ -143,7 +146,7 @@ class AsyncWriter:
             def job(future: WriteFuture) -> list[Path]:
                 return self._write_entries(entries, numbers)
 
-            if nbytes < self.options.small_sync_bytes:
+            if nbytes < self.options.small_sync_bytes and self._inline_ok:
                 return self._pipeline.run_inline(job, WriteFuture())
         else:
             self._stats.blocked(staged.blocked_seconds)

@@ -1,0 +1,90 @@
+"""Workloads shaped like inference outputs, and the size notation the command line takes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["PRESETS", "Item", "Workload", "format_size", "item_bytes", "parse_size"]
+
+#: One output: a tensor, or a mapping of names to tensors (several outputs of one sample).
+Item = torch.Tensor | dict[str, torch.Tensor]
+
+_UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size written like "64MiB", "4 KiB", "1.5GB" or "4096"; a ValueError names bad ones."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"size {text!r} is not understood: write it like 64MiB, 512KiB, 1GB or 4096")
+    nbytes = int(float(match.group(1)) * _UNITS[unit])
+    if nbytes <= 0:
+        raise ValueError(f"size {text!r} must be more than 0 bytes")
+    return nbytes
+
+
+def format_size(nbytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes} B"
+
+
+def item_bytes(item: Item) -> int:
+    tensors = item.values() if isinstance(item, dict) else [item]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """`count` outputs of `item_size` bytes each, either one float32 tensor or a mapping of four."""
+
+    name: str
+    item_size: int
+    count: int
+    mapping: bool = False
+
+    def describe(self) -> str:
+        shape = "mappings of 4 tensors" if self.mapping else "tensors"
+        return f"{self.name}: {self.count:,} {shape} of {format_size(self.item_size)}"
+
+    def items(self, device: torch.device, seed: int = 0) -> list[Item]:
+        """The outputs, made once before timing starts; identical for every contender."""
+        generator = torch.Generator().manual_seed(seed)
+        made = [self._item(generator) for _ in range(self.count)]
+        if device.type == "cpu":
+            return made
+        return [_to(item, device) for item in made]
+
+    def _item(self, generator: torch.Generator) -> Item:
+        if not self.mapping:
+            return torch.rand(max(1, self.item_size // 4), generator=generator)
+        # A surrogate/segmentation-like sample: float32 fields, float16 logits and a uint8 mask,
+        # in shares of 1/2, 1/8, 1/4 and 1/8 of the item's bytes.
+        eighth = max(1, self.item_size // 8)
+        return {
+            "velocity": torch.rand(eighth, generator=generator),
+            "pressure": torch.rand(max(1, eighth // 4), generator=generator),
+            "logits": torch.rand(eighth, generator=generator).to(torch.float16),
+            "mask": (torch.rand(eighth, generator=generator) * 4).to(torch.uint8),
+        }
+
+
+def _to(item: Item, device: torch.device) -> Item:
+    if isinstance(item, dict):
+        return {name: tensor.to(device) for name, tensor in item.items()}
+    return item.to(device)
+
+
+#: The workloads `--workload` names; `--size` and `--count` override their item size and count.
+PRESETS: dict[str, Workload] = {
+    "large": Workload("large", 256 << 20, 4),
+    "mid": Workload("mid", 2 << 20, 64),
+    "small": Workload("small", 16 << 10, 1000),
+    "mapping": Workload("mapping", 1 << 20, 64, mapping=True),
+}
