@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The runs behind the tables in benchmarks/README.md: every workload, every durability, on disk and in
 # memory, with JSON and a chart per target. Takes about 15 minutes on 2 cores.
-#   benchmarks/suite.sh [results-folder]
+#   PYTHON=.venv/bin/python benchmarks/suite.sh [results-folder]
 set -euo pipefail
 results=${1:-bench-results}
 mkdir -p "$results"
-bench=(python -m tensorsink bench --workload all --rounds 5)
+bench=("${PYTHON:-python3}" -m tensorsink bench --workload all --rounds 5)
 "${bench[@]}" --out /tmp/tensorsink-suite --json "$results/disk.json" --plot "$results/disk.png" \
     | tee "$results/disk.txt"
 rm -rf /tmp/tensorsink-suite

@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import os
 import queue
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
+from .arrays import nbytes
 from .backends import Route
+from .batches import split_batch, tensors_of
 from .commit import Committer
-from .errors import WriterClosedError
-from .formats import FileEntry, Format, format_for
+from .errors import InvalidKeyError, WriterClosedError
+from .formats import Container, FileEntry, Format, format_for
 from .future import WriteFuture
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
-from .plan import plan_files
+from .plan import plan_files, validate_key
 from .scheduling import Pipeline
 from .staging import Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
@@ -129,10 +132,7 @@ class AsyncWriter:
         InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
         (RuntimeError), or the first background failure, before anything is queued.
         """
-        if self._closed:
-            raise WriterClosedError(
-                f"write({relative_path_no_ext!r}) after close(); create a new AsyncWriter"
-            )
+        self._check_open(relative_path_no_ext)
         self._pipeline.raise_if_failed()
         entries = plan_files(self._root, relative_path_no_ext, to_save, self._format, self.options.dict_mode)
         entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
@@ -175,13 +175,107 @@ class AsyncWriter:
         self._stats.blocked(blocked)
         return future
 
-    def _write_entries(self, entries: list[FileEntry], numbers: list[int]) -> list[Path]:
+    def write_batch(
+        self,
+        keys: Sequence[str | os.PathLike[str]],
+        batch: object,
+        *,
+        save: Callable[[Path, Any], None] | None = None,
+        suffix: str = "",
+    ) -> WriteFuture:
+        """Write sample i of `batch` under keys[i]: one staging copy for the batch, one file per sample.
+
+        `batch` is a tensor or a mapping of tensors whose first dimension indexes the samples (device
+        tensors are copied to host memory whole, once, and each file gets only its sample's rows), or
+        a list or tuple with one value per key. With `save`, each sample is written by
+        `save(temporary_path, sample)` to `<key><suffix>` instead of in the writer's format, with the
+        same atomic commit: the temporary's name does not end in `suffix`, so name the format
+        explicitly inside `save`. One future for the whole batch; its result lists every file.
+        """
+        self._check_open(keys)
+        self._pipeline.raise_if_failed()
+        names = [validate_key(key) for key in keys]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise InvalidKeyError(
+                f"keys {twice} appear more than once in one batch; each sample needs its own"
+            )
+        if save is not None and (suffix and (not suffix.startswith(".") or "/" in suffix or "\0" in suffix)):
+            raise InvalidKeyError(f"suffix {suffix!r} must be empty or start with '.', without '/' or NUL")
+        layout = split_batch(batch, len(names))
+        samples = layout.samples()
+        planned = [
+            self._plan_sample(name, sample, save, suffix) for name, sample in zip(names, samples, strict=True)
+        ]
+        if layout.container is Container.SEQUENCE:
+            to_stage = [entry for entries in planned for entry in entries]
+        else:
+            to_stage = [FileEntry("", layout.container, layout.names, layout.arrays, layout.nbytes)]
+        _, staged = self._stager.stage(to_stage)
+        order = self._committer.order
+        flat = [entry for entries in planned for entry in entries]
+        numbers = [order.reserve(entry.path) for entry in flat]
+        nbytes = sum(entry.nbytes for entry in flat) - (staged.pooled_bytes if staged is not None else 0)
+        self._stats.write_started()
+        if staged is not None:
+            self._stats.blocked(staged.blocked_seconds)
+
+        def job(future: WriteFuture) -> list[Path]:
+            try:
+                host = planned
+                if staged is not None:
+                    ready = staged.wait()
+                    future.set_staged()
+                    if layout.container is Container.SEQUENCE:
+                        host = _regroup(ready, planned)
+                    else:
+                        host_samples = layout.samples(ready[0].arrays)
+                        host = [
+                            self._plan_sample(name, sample, save, suffix)
+                            for name, sample in zip(names, host_samples, strict=True)
+                        ]
+                entries = [entry for group in host for entry in group]
+                writers = None
+                if save is not None:
+                    writers = [_saving(save, value) for value in _sample_values(host, samples)]
+                return self._write_entries(entries, numbers, writers)
+            finally:
+                if staged is not None:
+                    staged.release()
+
+        future = WriteFuture(staged_apart=staged is not None)
+        try:
+            blocked = self._pipeline.submit(job, max(nbytes, 0), future)
+        except BaseException:
+            for entry in flat:
+                order.release(entry.path)
+            if staged is not None:
+                staged.release()
+            raise
+        self._stats.blocked(blocked)
+        return future
+
+    def _plan_sample(
+        self, name: str, sample: object, save: Callable[[Path, Any], None] | None, suffix: str
+    ) -> list[FileEntry]:
+        if save is None:
+            return plan_files(self._root, name, sample, self._format, self.options.dict_mode)
+        found = tensors_of(sample)
+        container, names, arrays = found if found is not None else (Container.SEQUENCE, (), ())
+        return [FileEntry(f"{self._root}/{name}{suffix}", container, names, arrays, sum(map(nbytes, arrays)))]
+
+    def _write_entries(
+        self,
+        entries: list[FileEntry],
+        numbers: list[int],
+        writers: list[Callable[[int, str], None]] | None = None,
+    ) -> list[Path]:
         """Commit each file of one write in turn (the worker's or the caller's thread)."""
         upload_queue = self.options.upload_queue
         written: list[Path] = []
         try:
-            for entry, number in zip(entries, numbers, strict=True):
-                write, backend = self._file_writer(entry)
+            for k, (entry, number) in enumerate(zip(entries, numbers, strict=True)):
+                write, backend = (writers[k], "posix") if writers is not None else self._file_writer(entry)
                 replaced = self._committer.commit(entry.path, number, write)
                 self._stats.file_committed(entry.nbytes, backend)
                 path = Path(entry.path)
@@ -203,6 +297,10 @@ class AsyncWriter:
             return direct, "kvikio"
         fmt = self._format
         return lambda fd, path: fmt.write(fd, entry), "posix"
+
+    def _check_open(self, key: object) -> None:
+        if self._closed:
+            raise WriterClosedError(f"write({key!r}) after close(); create a new AsyncWriter")
 
     def flush(self) -> None:
         """Wait for every write made so far; raise the first background failure, if any."""
@@ -249,3 +347,30 @@ class AsyncWriter:
             f"AsyncWriter({str(o.out_root)!r}, save_format={o.save_format}, dict_mode={o.dict_mode}, "
             f"workers={o.workers}, durability={o.durability}{', closed' if self._closed else ''})"
         )
+
+
+def _regroup(ready: list[FileEntry], planned: list[list[FileEntry]]) -> list[list[FileEntry]]:
+    """Staged entries (flat, in order) grouped back by sample."""
+    groups, start = [], 0
+    for entries in planned:
+        groups.append(ready[start : start + len(entries)])
+        start += len(entries)
+    return groups
+
+
+def _sample_values(host: list[list[FileEntry]], samples: list[Any]) -> list[Any]:
+    """What a custom writer receives for each entry: the sample with its arrays in host memory."""
+    values: list[Any] = []
+    for group, sample in zip(host, samples, strict=True):
+        for entry in group:
+            if entry.container is Container.TENSOR:
+                values.append(entry.arrays[0])
+            elif entry.container is Container.MAPPING:
+                values.append(dict(zip(entry.names, entry.arrays, strict=True)))
+            else:
+                values.append(sample)  # not an array: text, numbers, whatever the writer takes
+    return values
+
+
+def _saving(save: Callable[[Path, Any], None], value: Any) -> Callable[[int, str], None]:
+    return lambda fd, temporary: save(Path(temporary), value)

@@ -1,0 +1,124 @@
+"""write_batch: one staging copy per batch, one file per sample holding only its own rows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tensorsink import AsyncWriter, DictMode, InvalidKeyError, InvalidLayoutError, SaveFormat
+from tensorsink.commit import is_temporary
+from tensorsink.staging import Stager
+from tests.staging.fake import POISON, FakeEngine
+from tests.support import assert_same, random_tensor, read_back
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("save_format", list(SaveFormat))
+def test_each_sample_gets_its_own_rows(tmp_path: Path, save_format: SaveFormat) -> None:
+    batch = random_tensor((5, 3, 7), torch.float32)
+    keys = [f"scans/s{i}" for i in range(5)]
+    with AsyncWriter(tmp_path, save_format) as writer:
+        future = writer.write_batch(keys, batch)
+    suffix = {SaveFormat.PYTORCH_PT: ".pt"}.get(save_format, f".{save_format.value}")
+    assert future.result() == [tmp_path / f"{key}{suffix}" for key in keys]
+    for i, path in enumerate(future.result()):
+        stored = read_back(path, save_format)
+        assert_same(stored["arr_0"] if isinstance(stored, dict) else stored, batch[i])
+    if save_format is SaveFormat.PYTORCH_PT:  # a per-sample view must not drag the batch's storage along
+        assert future.result()[0].stat().st_size < batch[0].nbytes + 2000
+
+
+def test_mapping_batch_split_into_files_per_entry(tmp_path: Path) -> None:
+    batch = {"mask": torch.arange(8, dtype=torch.uint8).reshape(2, 4), "logits": torch.rand(2, 3)}
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, DictMode.SPLIT) as writer:
+        writer.write_batch(["a", "b"], batch)
+    assert _files(tmp_path) == ["a_logits.npy", "a_mask.npy", "b_logits.npy", "b_mask.npy"]
+    np.testing.assert_array_equal(np.load(tmp_path / "b_mask.npy"), batch["mask"][1].numpy())
+    np.testing.assert_array_equal(np.load(tmp_path / "a_logits.npy"), batch["logits"][0].numpy())
+
+
+def test_custom_save_gets_a_temporary_and_an_atomic_commit(tmp_path: Path) -> None:
+    seen: list[Path] = []
+
+    def save(path: Path, value: Any) -> None:
+        seen.append(path)
+        assert is_temporary(path.name)
+        path.write_text(f"{value.tolist()}", encoding="utf-8")
+
+    with AsyncWriter(tmp_path) as writer:
+        writer.write_batch(["x/0", "x/1"], torch.tensor([[1, 2], [3, 4]]), save=save, suffix=".txt")
+    assert _files(tmp_path) == ["x/0.txt", "x/1.txt"]
+    assert (tmp_path / "x/1.txt").read_text() == "[3, 4]"
+    assert len(seen) == 2
+
+
+def test_a_list_holds_one_value_per_key(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path) as writer:
+        writer.write_batch(["a", "b"], ["first", "second"], save=lambda p, v: p.write_text(v), suffix=".txt")
+        writer.write_batch(["c", "d"], [torch.zeros(2), {"v": torch.ones(3)}])
+    assert (tmp_path / "b.txt").read_text() == "second"
+    assert torch.load(tmp_path / "d.pt", weights_only=True)["v"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_failing_custom_writer_leaves_nothing_and_surfaces(tmp_path: Path) -> None:
+    def save(path: Path, value: Any) -> None:
+        path.write_bytes(b"half")
+        raise RuntimeError("encoder broke")
+
+    writer = AsyncWriter(tmp_path)
+    writer.write_batch(["a", "b"], torch.zeros(2, 2), save=save, suffix=".bin")
+    with pytest.raises(RuntimeError, match="encoder broke"):
+        writer.close()
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("keys", "batch", "error", "message"),
+    [(["a", "b"], torch.zeros(3, 2), InvalidLayoutError, r"shape \(3, 2\), but 2 keys"),
+     (["a", "b"], {"m": torch.zeros(2), "n": torch.zeros(1)}, InvalidLayoutError, r"batch\['n'\]"),
+     (["a", "b"], torch.tensor(1.0), InvalidLayoutError, r"shape \(\)"),
+     (["a", "b"], ["only one"], InvalidLayoutError, "1 values for 2 keys"),
+     (["a", "./a"], torch.zeros(2), InvalidKeyError, "more than once"),
+     (["a", "../b"], torch.zeros(2), InvalidKeyError, "under the output root")],
+)  # fmt: skip
+def test_bad_batches_fail_at_the_call(
+    tmp_path: Path, keys: list[str], batch: object, error: type[Exception], message: str
+) -> None:
+    with AsyncWriter(tmp_path) as writer, pytest.raises(error, match=message):
+        writer.write_batch(keys, batch)
+    assert _files(tmp_path) == []
+
+
+def test_bad_suffix_is_refused(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path) as writer, pytest.raises(InvalidKeyError, match="suffix 'png'"):
+        writer.write_batch(["a"], torch.zeros(1), save=lambda p, v: None, suffix="png")
+
+
+@pytest.mark.parametrize("custom", [False, True])
+def test_device_batch_is_copied_once_for_all_samples(tmp_path: Path, custom: bool) -> None:
+    engine = FakeEngine(delay=0.05)
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, DictMode.SPLIT) as writer:
+        writer._stager = Stager(1 << 20, engine, pin=False)
+        writer._stager.pool.buffer.fill_(POISON)
+        batch = {"a": engine.put(torch.rand(6, 10)), "b": engine.put(torch.arange(12).reshape(6, 2))}
+        expected = {name: t.clone() for name, t in batch.items()}
+
+        def save_a(path: Path, value: dict[str, torch.Tensor]) -> None:
+            with open(path, "wb") as file:  # np.save would append .npy to a path without it
+                np.save(file, value["a"].numpy())
+
+        save = save_a if custom else None
+        writer.write_batch([f"s{i}" for i in range(6)], batch, save=save, suffix=".npy" if custom else "")
+    assert engine.copies == [2], "one copy batch for the whole batch, not one per sample"
+    for i in range(6):
+        if custom:
+            np.testing.assert_array_equal(np.load(tmp_path / f"s{i}.npy"), expected["a"][i].numpy())
+        else:
+            np.testing.assert_array_equal(np.load(tmp_path / f"s{i}_b.npy"), expected["b"][i].numpy())
