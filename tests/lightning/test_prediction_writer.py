@@ -1,0 +1,163 @@
+"""PredictionWriter with a real Trainer on the CPU: every sample's file, its content, its name."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from PIL import Image
+
+from tensorsink.lightning import PredictionWriter
+from tests.lightning.models import Doubler, expected, loader
+
+# Lightning's own warnings about this setup (few workers, tiny batches, its use of torch's pytree).
+LIGHTNING_WARNINGS = [
+    pytest.mark.filterwarnings("ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"),
+    pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+]
+pytestmark = LIGHTNING_WARNINGS
+
+
+def _trainer(*callbacks: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=list(callbacks), enable_checkpointing=False,
+    )  # fmt: skip
+
+
+def test_every_sample_by_dataset_index(tmp_path: Path) -> None:
+    callback = PredictionWriter(tmp_path, value_key="y", writer="tensor")
+    _trainer(callback).predict(Doubler(), loader(10, batch_size=4), return_predictions=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.pt" for i in range(10))
+    for i in range(10):
+        stored = torch.load(tmp_path / f"{i}.pt", weights_only=True)
+        assert torch.equal(stored, expected(i))
+        assert stored.untyped_storage().nbytes() == expected(i).nbytes, "the file holds only its sample"
+    stats = callback.stats()
+    assert stats is not None
+    assert stats.files == 10
+
+
+def test_names_from_the_batch_keep_their_dots(tmp_path: Path) -> None:
+    callback = PredictionWriter(tmp_path, value_key="y", writer="npy", name_key="id")
+    _trainer(callback).predict(Doubler(), loader(5, batch_size=2), return_predictions=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"case.{i:03d}.npy" for i in range(5)]
+    np.testing.assert_array_equal(np.load(tmp_path / "case.003.npy"), expected(3).numpy())
+
+
+def test_whole_dict_prediction_split_per_entry(tmp_path: Path) -> None:
+    callback = PredictionWriter(tmp_path, writer="safetensors", name_key="id")
+    model = Doubler()
+    original = model.predict_step
+    model.predict_step = lambda batch, *a: {k: v for k, v in original(batch, *a).items() if k != "id"}  # type: ignore[method-assign]
+    _trainer(callback).predict(model, loader(3), return_predictions=False)
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "case.002.safetensors")
+    assert set(stored) == {"y", "mask"}
+    assert torch.equal(stored["y"], expected(2))
+
+
+def test_several_dataloaders_get_a_folder_each(tmp_path: Path) -> None:
+    callback = PredictionWriter(tmp_path, value_key="y")
+    _trainer(callback).predict(Doubler(), [loader(3), loader(2)], return_predictions=False)
+    found = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.pt"))
+    assert found == ["dataloader_0/0.pt", "dataloader_0/1.pt", "dataloader_0/2.pt",
+                     "dataloader_1/0.pt", "dataloader_1/1.pt"]  # fmt: skip
+
+
+def test_image_and_text_writers(tmp_path: Path) -> None:
+    images, texts = tmp_path / "png", tmp_path / "txt"
+    _trainer(
+        PredictionWriter(images, value_key="mask", writer="image_2d"),
+        PredictionWriter(texts, value_key="id", writer="text"),
+    ).predict(Doubler(), loader(4), return_predictions=False)
+    with Image.open(images / "1.png") as image:
+        assert image.format == "PNG"
+        pixels = np.asarray(image)
+    np.testing.assert_array_equal(pixels, (expected(1) > 3).numpy().astype(np.uint8) * 255)
+    assert (texts / "3.txt").read_text(encoding="utf-8") == "case.003"
+
+
+def test_a_custom_writer_callable(tmp_path: Path) -> None:
+    def save(path: Path, value: torch.Tensor, *, suffix: str = ".sum") -> None:
+        path.write_text(f"{float(value.sum()):.1f}")
+
+    _trainer(PredictionWriter(tmp_path, value_key="y", writer=save)).predict(
+        Doubler(), loader(2), return_predictions=False
+    )
+    assert (tmp_path / "1.sum").read_text() == f"{float(expected(1).sum()):.1f}"
+
+
+def test_a_bad_image_shape_fails_predict_at_the_batch(tmp_path: Path) -> None:
+    callback = PredictionWriter(tmp_path, value_key="y", writer="image_3d")
+    model = Doubler()
+    original = model.predict_step
+    model.predict_step = lambda batch, *a: {"y": original(batch, *a)["y"].reshape(-1, 2, 2, 3, 1)}  # type: ignore[method-assign]
+    with pytest.raises(ValueError, match="image_3d takes a volume"):
+        _trainer(callback).predict(model, loader(2), return_predictions=False)
+    assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_background_failure_fails_predict(tmp_path: Path) -> None:
+    def save(path: Path, value: Any) -> None:
+        raise OSError("disk on fire")
+
+    with pytest.raises(OSError, match="disk on fire"):
+        _trainer(PredictionWriter(tmp_path, value_key="y", writer=save)).predict(
+            Doubler(), loader(3), return_predictions=False
+        )
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "no file, no temporary"
+
+
+def test_bad_options_fail_when_the_callback_is_made(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no writer named 'jpeg'; known: image_2d, image_3d, npy"):
+        PredictionWriter(tmp_path, writer="jpeg")
+    with pytest.raises(ValueError, match="workers"):
+        PredictionWriter(tmp_path, workers=0)
+    with pytest.raises(TypeError, match="save_format comes from"):
+        PredictionWriter(tmp_path, save_format="npy")
+    assert not tmp_path.joinpath("x").exists()
+
+
+def test_predict_twice_writes_the_same_names_again(tmp_path: Path) -> None:
+    callback = PredictionWriter(tmp_path, value_key="y")
+    trainer = _trainer(callback)
+    trainer.predict(Doubler(), loader(3), return_predictions=False)
+    trainer.predict(Doubler(), loader(5), return_predictions=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.pt" for i in range(5)]
+
+
+def test_import_tensorsink_does_not_import_lightning() -> None:
+    code = "import sys, tensorsink; assert not [m for m in sys.modules if m.startswith(('lightning', 'PIL'))]"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_writes_each_sample_once(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    samples = 37  # not a multiple of 2 ranks x 4 per batch: the sampler must not pad with repeats
+    script = Path(__file__).with_name("ddp_predict.py")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out"), str(tmp_path / "reports"), str(samples)],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [json.loads(p.read_text()) for p in sorted((tmp_path / "reports").iterdir())]
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert sum(r["files"] for r in reports) == samples, "a sample was written twice, or not at all"
+    assert all(r["files"] > 0 and r["errors"] == 0 for r in reports), "both ranks wrote"
+    files = sorted((tmp_path / "out" / "preds" / "y").iterdir())
+    assert [p.name for p in files] == sorted(f"{i}.safetensors" for i in range(samples))
+    for i in range(samples):
+        assert torch.equal(
+            load_file(tmp_path / "out" / "preds" / "y" / f"{i}.safetensors")["arr_0"], expected(i)
+        )
