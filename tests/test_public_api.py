@@ -39,6 +39,8 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
         "kvikio_threads": 4,
         "kvikio_task_size": 4 << 20,
         "kvikio_direct_io": True,
+        "manifest": False,
+        "skip_existing": False,
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])
 

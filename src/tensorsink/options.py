@@ -123,6 +123,10 @@ class WriterOptions:
     #: Page-locked host memory for staging device tensors, allocated on the first one; None: 1 GiB,
     #: or an eighth of the host's memory where that is less.
     pinned_pool_bytes: int | None = None
+    #: Journal every committed file (path, size, CRC-32, arrays) under <root>/.tensorsink/.
+    manifest: bool = False
+    #: Load the journals at construction and skip writes whose files they record, still whole.
+    skip_existing: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -141,6 +145,8 @@ class WriterOptions:
             _check_align(self.align, self.save_format)
         if self.pinned_pool_bytes is not None:
             _positive_int("pinned_pool_bytes", self.pinned_pool_bytes, 4096)
+        if self.skip_existing and not self.manifest:
+            raise ValueError("skip_existing=True needs manifest=True: skipping relies on the journals")
         if self.upload_queue is not None and not callable(getattr(self.upload_queue, "put", None)):
             raise TypeError(f"upload_queue={self.upload_queue!r} has no put(); pass a queue.Queue or None")
 

@@ -24,6 +24,8 @@ class WriterStats:
     pinned_peak_bytes: int = 0
     #: Payload bytes committed per backend ("posix", "kvikio").
     bytes_by_backend: dict[str, int] = field(default_factory=dict)
+    #: Writes (or batch samples) skipped with skip_existing because a journal records their files.
+    skipped: int = 0
 
     @property
     def bytes_per_second(self) -> float:
@@ -39,6 +41,7 @@ class WriterStats:
             f"({self.bytes_per_second / 2**20:,.1f} MiB/s, {self.files_per_second:,.0f} files/s), "
             f"blocked {self.blocked_seconds:.2f} s, {self.in_flight} in flight, {self.errors} errors"
             + (self._pool_text() if self.pinned_pool_bytes else "")
+            + (f", {self.skipped:,} skipped as already written" if self.skipped else "")
         )
 
     def _pool_text(self) -> str:
@@ -54,6 +57,7 @@ class StatsRecorder:
         self._files = 0
         self._bytes = 0
         self._errors = 0
+        self._skipped = 0
         self._blocked = 0.0
         self._by_backend: dict[str, int] = {}
         self._first: float | None = None
@@ -71,6 +75,10 @@ class StatsRecorder:
             self._bytes += nbytes
             self._by_backend[backend] = self._by_backend.get(backend, 0) + nbytes
             self._last = time.perf_counter()
+
+    def skipped(self, count: int) -> None:
+        with self._lock:
+            self._skipped += count
 
     def write_failed(self) -> None:
         with self._lock:
@@ -96,4 +104,5 @@ class StatsRecorder:
                 pinned_pool_bytes,
                 pinned_peak_bytes,
                 dict(self._by_backend),
+                self._skipped,
             )

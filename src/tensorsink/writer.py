@@ -17,6 +17,7 @@ from .commit import Committer
 from .errors import InvalidKeyError, WriterClosedError
 from .formats import Container, FileEntry, Format, format_for
 from .future import WriteFuture
+from .manifest import ChecksummedWrite, Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .plan import plan_files, validate_key
 from .scheduling import Pipeline
@@ -59,6 +60,8 @@ class AsyncWriter:
         kvikio_threads: int = 4,
         kvikio_task_size: int = 4 << 20,
         kvikio_direct_io: bool = True,
+        manifest: bool = False,
+        skip_existing: bool = False,
     ) -> None:
         self.options = WriterOptions(
             out_root=Path(out_root),
@@ -76,6 +79,8 @@ class AsyncWriter:
             kvikio_threads=kvikio_threads,
             kvikio_task_size=kvikio_task_size,
             kvikio_direct_io=kvikio_direct_io,
+            manifest=manifest,
+            skip_existing=skip_existing,
         )
         self._root = os.path.abspath(self.options.out_root)
         self._format: Format = format_for(self.options.save_format, self.options.align)
@@ -90,6 +95,8 @@ class AsyncWriter:
         # A small write is cheaper on the caller than a queue hop, unless it waits for an fsync (~1 ms):
         # then the caller would stall on the disk, and workers can fsync several files at once.
         self._inline_ok = o.durability is Durability.NONE
+        self._journal = Journal(self._root) if o.manifest else None
+        self._done = Manifest.load(self._root) if o.skip_existing else None
 
     # The original AsyncWriter's attributes.
     @property
@@ -134,7 +141,11 @@ class AsyncWriter:
         """
         self._check_open(relative_path_no_ext)
         self._pipeline.raise_if_failed()
-        entries = plan_files(self._root, relative_path_no_ext, to_save, self._format, self.options.dict_mode)
+        name = validate_key(relative_path_no_ext)
+        entries = plan_files(self._root, name, to_save, self._format, self.options.dict_mode)
+        if self._already_written(entries):
+            return self._skipped([Path(entry.path) for entry in entries])
+        keys = [name] * len(entries)
         entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
         order = self._committer.order
         numbers = [order.reserve(entry.path) for entry in entries]
@@ -144,7 +155,7 @@ class AsyncWriter:
         if staged is None:
 
             def job(future: WriteFuture) -> list[Path]:
-                return self._write_entries(entries, numbers)
+                return self._write_entries(entries, numbers, keys)
 
             if nbytes < self.options.small_sync_bytes and self._inline_ok:
                 return self._pipeline.run_inline(job, WriteFuture())
@@ -157,7 +168,7 @@ class AsyncWriter:
                     ready_entries = staged.wait()
                     if not staged.on_device:
                         future.set_staged()
-                    return self._write_entries(ready_entries, numbers)
+                    return self._write_entries(ready_entries, numbers, keys)
                 finally:
                     staged.release()
 
@@ -207,13 +218,21 @@ class AsyncWriter:
         planned = [
             self._plan_sample(name, sample, save, suffix) for name, sample in zip(names, samples, strict=True)
         ]
+        kept = [i for i, entries in enumerate(planned) if not self._already_written(entries)]
+        if not kept:
+            return self._skipped([Path(entry.path) for entries in planned for entry in entries])
+        if len(kept) < len(planned):
+            self._stats.skipped(len(planned) - len(kept))
+            planned = [planned[i] for i in kept]
         if layout.container is Container.SEQUENCE:
+            samples = [samples[i] for i in kept]
             to_stage = [entry for entries in planned for entry in entries]
         else:
             to_stage = [FileEntry("", layout.container, layout.names, layout.arrays, layout.nbytes)]
         _, staged = self._stager.stage(to_stage)
         order = self._committer.order
         flat = [entry for entries in planned for entry in entries]
+        entry_keys = [names[i] for i, entries in zip(kept, planned, strict=True) for _ in entries]
         numbers = [order.reserve(entry.path) for entry in flat]
         nbytes = sum(entry.nbytes for entry in flat) - (staged.pooled_bytes if staged is not None else 0)
         self._stats.write_started()
@@ -230,15 +249,15 @@ class AsyncWriter:
                         host = _regroup(ready, planned)
                     else:
                         host_samples = layout.samples(ready[0].arrays)
-                        host = [
-                            self._plan_sample(name, sample, save, suffix)
-                            for name, sample in zip(names, host_samples, strict=True)
-                        ]
+                        host = [self._plan_sample(names[i], host_samples[i], save, suffix) for i in kept]
                 entries = [entry for group in host for entry in group]
                 writers = None
                 if save is not None:
-                    writers = [_saving(save, value) for value in _sample_values(host, samples)]
-                return self._write_entries(entries, numbers, writers)
+                    kept_samples = (
+                        samples if layout.container is Container.SEQUENCE else [samples[i] for i in kept]
+                    )
+                    writers = [_saving(save, value) for value in _sample_values(host, kept_samples)]
+                return self._write_entries(entries, numbers, entry_keys, writers)
             finally:
                 if staged is not None:
                     staged.release()
@@ -268,17 +287,28 @@ class AsyncWriter:
         self,
         entries: list[FileEntry],
         numbers: list[int],
+        keys: list[str],
         writers: list[Callable[[int, str], None]] | None = None,
     ) -> list[Path]:
-        """Commit each file of one write in turn (the worker's or the caller's thread)."""
+        """Commit each file of one write in turn (the worker's or the caller's thread); journal each
+        after its rename, then hand it to the upload queue."""
         upload_queue = self.options.upload_queue
+        journal = self._journal
         written: list[Path] = []
         try:
             for k, (entry, number) in enumerate(zip(entries, numbers, strict=True)):
+                custom = writers is not None
                 write, backend = (writers[k], "posix") if writers is not None else self._file_writer(entry)
+                checked = None
+                if journal is not None:
+                    fmt = self._format if not custom and backend == "posix" else None
+                    write = checked = ChecksummedWrite(write, fmt, entry)
                 replaced = self._committer.commit(entry.path, number, write)
                 self._stats.file_committed(entry.nbytes, backend)
                 path = Path(entry.path)
+                if replaced and checked is not None and journal is not None:
+                    kind = Path(entry.path).suffix.lstrip(".") if custom else self._format.save_format.value
+                    journal.append(keys[k], entry.path, checked.size, checked.crc, kind, arrays_of(entry))
                 if replaced and upload_queue is not None:
                     upload_queue.put(path)
                 written.append(path)
@@ -298,6 +328,26 @@ class AsyncWriter:
         fmt = self._format
         return lambda fd, path: fmt.write(fd, entry), "posix"
 
+    def _already_written(self, entries: list[FileEntry]) -> bool:
+        """With skip_existing: whether a journal records every one of these files, still whole."""
+        done = self._done
+        return done is not None and done.paths_done([os.path.relpath(e.path, self._root) for e in entries])
+
+    def _skipped(self, paths: list[Path]) -> WriteFuture:
+        self._stats.skipped(1)
+        future = WriteFuture()
+        future.set_result(paths)
+        return future
+
+    def is_done(self, key: str | os.PathLike[str]) -> bool:
+        """Whether an earlier run's journal (loaded at construction) records `key` as written, with
+        every file still there at its recorded size. Needs skip_existing=True."""
+        if self._done is None:
+            raise RuntimeError(
+                "is_done() needs AsyncWriter(..., skip_existing=True), which loads the manifest"
+            )
+        return self._done.done(validate_key(key))
+
     def _check_open(self, key: object) -> None:
         if self._closed:
             raise WriterClosedError(f"write({key!r}) after close(); create a new AsyncWriter")
@@ -305,6 +355,8 @@ class AsyncWriter:
     def flush(self) -> None:
         """Wait for every write made so far; raise the first background failure, if any."""
         self._pipeline.drain()
+        if self._journal is not None:
+            self._journal.sync()
         self._pipeline.raise_if_failed()
 
     def close(self) -> None:
@@ -318,6 +370,8 @@ class AsyncWriter:
                 self._pipeline.drain()
             finally:
                 self._pipeline.shutdown()
+                if self._journal is not None:
+                    self._journal.close()
         self._pipeline.raise_if_failed()
 
     def stats(self) -> WriterStats:
