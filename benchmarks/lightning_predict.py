@@ -47,9 +47,9 @@ class SyncTorchSave(Callback):
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:  # fmt: skip
         self.directory.mkdir(parents=True, exist_ok=True)
-        indices = trainer.predict_loop.current_batch_indices
-        for i, sample in zip(indices, outputs["logits"], strict=True):
-            torch.save(sample.cpu(), self.directory / f"{i}.pt")
+        logits = outputs["logits"]
+        for j, sample in enumerate(logits):  # numbered in order, as the common FileWriter does
+            torch.save(sample.cpu(), self.directory / f"{batch_idx * len(logits) + j}.pt")
 
 
 def main() -> None:
@@ -78,6 +78,9 @@ def main() -> None:
     contenders = {
         "no writer": lambda: None,
         "tensorsink PredictionWriter (.pt)": lambda: PredictionWriter(args.out / "ts", value_key="logits"),
+        "tensorsink PredictionWriter (.safetensors)": lambda: PredictionWriter(
+            args.out / "ts", value_key="logits", writer="safetensors"
+        ),
         "per-sample .cpu() + torch.save": lambda: SyncTorchSave(args.out / "sync"),
     }
     times: dict[str, list[float]] = {name: [] for name in contenders}
