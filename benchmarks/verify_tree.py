@@ -1,6 +1,6 @@
 """`tensorsink verify` on a tree of many small files: files/s with and without CRC-32.
 
-    python benchmarks/verify_tree.py --files 100000 --root /tmp/verify-tree
+python benchmarks/verify_tree.py --files 100000 --root /tmp/verify-tree
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from tensorsink.manifest import verify
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--bytes", type=int, default=4096)
     parser.add_argument("--root", type=Path, default=Path("verify-tree"))
@@ -33,7 +35,8 @@ def main() -> None:
         rates = []
         for _ in range(args.rounds):
             report = verify(args.root, checksums=checksums)
-            assert report.ok and report.checked == args.files
+            if not report.ok or report.checked != args.files:
+                raise SystemExit(f"verify found problems in a clean tree: {report}")
             rates.append(report.checked / report.seconds)
         label = "sizes and CRC-32" if checksums else "sizes only"
         print(f"  {label:<16} median {statistics.median(rates):8,.0f} files/s over {args.rounds} runs")
