@@ -20,8 +20,8 @@ from .future import WriteFuture
 from .manifest import ChecksummedWrite, Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .plan import plan_files, validate_key
-from .scheduling import Pipeline
-from .staging import Stager, default_pool_bytes
+from .scheduling import Job, Pipeline
+from .staging import Staged, Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
 
 __all__ = ["AsyncWriter"]
@@ -175,16 +175,7 @@ class AsyncWriter:
         future = WriteFuture(staged_apart=staged is not None or copy)
         if copy:
             future.set_staged()
-        try:
-            blocked = self._pipeline.submit(job, nbytes, future)
-        except BaseException:
-            for entry in entries:
-                order.release(entry.path)
-            if staged is not None:
-                staged.release()
-            raise
-        self._stats.blocked(blocked)
-        return future
+        return self._submit(job, nbytes, future, entries, staged)
 
     def write_batch(
         self,
@@ -262,12 +253,17 @@ class AsyncWriter:
                 if staged is not None:
                     staged.release()
 
-        future = WriteFuture(staged_apart=staged is not None)
+        return self._submit(job, max(nbytes, 0), WriteFuture(staged_apart=staged is not None), flat, staged)
+
+    def _submit(
+        self, job: Job, nbytes: int, future: WriteFuture, entries: list[FileEntry], staged: Staged | None
+    ) -> WriteFuture:
+        """Queue `job` once the budget has room; if that fails, give back its paths and pool blocks."""
         try:
-            blocked = self._pipeline.submit(job, max(nbytes, 0), future)
+            blocked = self._pipeline.submit(job, nbytes, future)
         except BaseException:
-            for entry in flat:
-                order.release(entry.path)
+            for entry in entries:
+                self._committer.order.release(entry.path)
             if staged is not None:
                 staged.release()
             raise
