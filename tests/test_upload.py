@@ -1,0 +1,453 @@
+"""S3Uploader and S3SpoolingWriter against a real S3-compatible server (moto) on loopback.
+
+Faults are injected on the wire: a botocore `before-send` hook answers chosen requests itself (503s,
+a HEAD with the wrong size), and a TCP relay in front of the server can be cut to make it vanish.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import queue
+import random
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+import pytest
+import torch
+
+boto3 = pytest.importorskip("boto3")
+moto_server = pytest.importorskip("moto.server")
+
+from botocore.awsrequest import AWSResponse  # noqa: E402
+from botocore.config import Config  # noqa: E402
+
+from tensorsink import AsyncWriter, SaveFormat  # noqa: E402
+from tensorsink.upload import S3SpoolingWriter, S3Uploader, UploadError  # noqa: E402
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Fake credentials, and no host configuration leaking in."""
+    nowhere = tmp_path_factory.mktemp("aws") / "none"
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(nowhere),
+        "AWS_SHARED_CREDENTIALS_FILE": str(nowhere),
+    }.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def endpoint() -> Iterator[str]:
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def make_client(url: str, attempts: int = 2) -> Any:
+    config = Config(retries={"max_attempts": attempts, "mode": "standard"}, connect_timeout=2, read_timeout=5)
+    return boto3.client("s3", endpoint_url=url, config=config)
+
+
+@pytest.fixture
+def s3(endpoint: str, aws_env: None) -> Iterator[Any]:
+    client = make_client(endpoint)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def bucket(s3: Any, endpoint: str) -> Iterator[str]:
+    s3.create_bucket(Bucket="sink")
+    yield "sink"
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+    urllib.request.urlopen(request).close()
+
+
+def objects(s3: Any, bucket: str) -> dict[str, bytes]:
+    listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
+    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+
+
+def local_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def key_of(request: Any, bucket: str) -> str:
+    return unquote(urlsplit(request.url).path).removeprefix(f"/{bucket}/")
+
+
+class _Body:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **kwargs: Any) -> Iterator[bytes]:
+        yield self.data
+
+
+def reply(request: Any, status: int, headers: dict[str, str], body: bytes = b"") -> AWSResponse:
+    return AWSResponse(request.url, status, headers, _Body(body))
+
+
+SLOW_DOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+
+
+def save_bytes(path: Path, data: bytes) -> None:
+    path.write_bytes(data)
+
+
+def test_every_committed_file_reaches_the_bucket_intact(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    uploads: queue.Queue[Path] = queue.Queue()
+    uploader = S3Uploader(
+        uploads,
+        tmp_path,
+        bucket,
+        "run/",
+        endpoint_url=endpoint,
+        batch_size=4,
+        workers=4,
+        multipart_threshold=5 * MiB,
+        multipart_chunksize=5 * MiB,
+    )
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, upload_queue=uploads) as writer:
+        for i in range(12):
+            writer.write(f"small/t{i}", torch.full((100 + i,), float(i)))
+        writer.write("big", torch.arange(5 * MiB, dtype=torch.float32))  # 20 MiB: multipart
+    uploader.close()
+
+    local = local_files(tmp_path)
+    assert len(local) == 13
+    assert objects(s3, bucket) == {f"run/{name}": data for name, data in local.items()}
+    big = len(local["big.npy"])
+    assert big > 20 * MiB
+    etag = s3.head_object(Bucket=bucket, Key="run/big.npy")["ETag"]
+    assert etag.strip('"').endswith(f"-{math.ceil(big / (5 * MiB))}")  # a multipart upload's ETag
+    stats = uploader.stats()
+    assert (stats.uploaded, stats.bytes, stats.deleted, stats.failed) == (
+        13,
+        sum(map(len, local.values())),
+        0,
+        0,
+    )
+
+
+@pytest.mark.parametrize("delete_local", [True, False])
+def test_delete_local_removes_files_only_after_a_confirmed_upload(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str, delete_local: bool
+) -> None:
+    client = make_client(endpoint)
+    seen: list[tuple[str, str, bool]] = []  # (method, key, whether the local file existed then)
+
+    def record(request: Any, **kwargs: Any) -> None:
+        key = key_of(request, bucket)
+        seen.append((request.method, key, (tmp_path / key).exists()))
+
+    client.meta.events.register("before-send.s3", record)
+    uploads: queue.Queue[Path] = queue.Queue()
+    datas = {f"d/{i}.bin": random.randbytes(1000 + i) for i in range(20)}
+    # The writer is closed first (on leaving the block), then the uploader.
+    with (
+        S3Uploader(uploads, tmp_path, bucket, client=client, batch_size=8, delete_local=delete_local) as up,
+        AsyncWriter(tmp_path, upload_queue=uploads) as writer,
+    ):
+        writer.write_batch(
+            [k.removesuffix(".bin") for k in datas], list(datas.values()), save=save_bytes, suffix=".bin"
+        )
+    client.close()
+
+    assert objects(s3, bucket) == datas
+    assert local_files(tmp_path) == ({} if delete_local else datas)
+    assert up.stats().deleted == (len(datas) if delete_local else 0)
+    assert {key for _, key, _ in seen} == set(datas)
+    assert all(existed for _, _, existed in seen)  # never deleted before its PUT, nor before its HEAD
+    heads = [key for method, key, _ in seen if method == "HEAD"]
+    assert sorted(heads) == (sorted(datas) if delete_local else [])
+
+
+def test_transient_server_errors_are_retried_and_nothing_is_deleted_before_success(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    client = make_client(endpoint)
+    failures: dict[str, int] = {}
+    failed_while_missing: list[str] = []
+    lock = threading.Lock()
+
+    def slow_down(request: Any, **kwargs: Any) -> AWSResponse | None:
+        """503 SlowDown for the first 3 writes of each key: botocore retries once inside one call,
+        so the uploader's own retry is what gets each file through."""
+        if request.method not in ("PUT", "POST"):
+            return None
+        key = key_of(request, bucket)
+        with lock:
+            failures[key] = failures.get(key, 0) + 1
+            if failures[key] > 3:
+                return None
+        if not (tmp_path / key).exists():
+            failed_while_missing.append(key)
+        return reply(request, 503, {"Content-Type": "application/xml"}, SLOW_DOWN)
+
+    client.meta.events.register("before-send.s3", slow_down)
+    datas = {f"f{i}.bin": random.randbytes(2000) for i in range(6)}
+    datas["big.bin"] = random.randbytes(11 * MiB)  # multipart: its CreateMultipartUpload fails first
+    uploads: queue.Queue[Path] = queue.Queue()
+    uploader = S3Uploader(
+        uploads,
+        tmp_path,
+        bucket,
+        client=client,
+        delete_local=True,
+        max_attempts=4,
+        backoff_seconds=0.01,
+        multipart_threshold=5 * MiB,
+        multipart_chunksize=5 * MiB,
+    )
+    with AsyncWriter(tmp_path, upload_queue=uploads) as writer:
+        writer.write_batch(
+            [k.removesuffix(".bin") for k in datas], list(datas.values()), save=save_bytes, suffix=".bin"
+        )
+    uploader.close()
+    client.close()
+
+    assert objects(s3, bucket) == datas
+    assert local_files(tmp_path) == {}
+    assert failed_while_missing == []
+    stats = uploader.stats()
+    assert (stats.uploaded, stats.deleted, stats.failed) == (len(datas), len(datas), 0)
+    assert stats.retries >= len(datas)  # every file needed the uploader's retry
+
+
+def test_an_unconfirmed_upload_keeps_the_local_file(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    client = make_client(endpoint)
+
+    def wrong_size(request: Any, **kwargs: Any) -> AWSResponse | None:
+        if request.method != "HEAD":
+            return None
+        return reply(request, 200, {"Content-Length": "1", "ETag": '"x"'})
+
+    client.meta.events.register("before-send.s3", wrong_size)
+    uploads: queue.Queue[Path] = queue.Queue()
+    uploader = S3Uploader(
+        uploads, tmp_path, bucket, client=client, delete_local=True, max_attempts=2, backoff_seconds=0
+    )
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, upload_queue=uploads) as writer:
+        for i in range(3):
+            writer.write(f"x{i}", np.arange(10 + i))
+    with pytest.raises(UploadError, match=r"^3 file\(s\) could not be uploaded") as raised:
+        uploader.close()
+    client.close()
+    assert "has 1 bytes" in str(raised.value.__cause__)
+    assert sorted(local_files(tmp_path)) == ["x0.npy", "x1.npy", "x2.npy"]
+    assert sorted(p.name for p, _ in uploader.failed) == ["x0.npy", "x1.npy", "x2.npy"]
+    assert uploader.stats().retries == 3
+    with pytest.raises(UploadError):  # close() again: the same error, no hang
+        uploader.close()
+
+
+class Relay:
+    """A TCP relay to the server. cut() makes the server vanish for the client: new connections are
+    refused and every open one is torn down, as if the machine had gone away."""
+
+    def __init__(self, url: str) -> None:
+        self.target = ("127.0.0.1", urlsplit(url).port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.02)
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.forwarded = 0  # bytes sent on to the server
+        self.sockets: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.gone = threading.Event()
+        self.acceptor = threading.Thread(target=self.accept, daemon=True)
+        self.acceptor.start()
+
+    def accept(self) -> None:
+        while not self.gone.is_set():
+            try:
+                near, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            far = socket.create_connection(self.target)
+            with self.lock:
+                self.sockets += [near, far]
+            threading.Thread(target=self.pipe, args=(near, far, True), daemon=True).start()
+            threading.Thread(target=self.pipe, args=(far, near, False), daemon=True).start()
+        self.listener.close()
+
+    def pipe(self, source: socket.socket, sink: socket.socket, count: bool) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+                if count:
+                    with self.lock:
+                        self.forwarded += len(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        self.gone.set()
+        self.acceptor.join()
+        with self.lock:
+            sockets, self.sockets = self.sockets, []
+            for s in sockets:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)  # wakes the relay thread blocked in recv()
+                s.close()
+
+
+def test_a_vanished_server_fails_close_and_loses_no_file(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    relay = Relay(endpoint)
+    uploads: queue.Queue[Path] = queue.Queue()
+    uploader = S3Uploader(
+        uploads,
+        tmp_path,
+        bucket,
+        endpoint_url=relay.url,  # the client built by the uploader, with its own timeouts
+        workers=4,
+        delete_local=True,
+        max_attempts=3,
+        backoff_seconds=0.01,
+        multipart_threshold=5 * MiB,
+        multipart_chunksize=5 * MiB,
+    )
+    written: dict[str, bytes] = {}
+    closed = False
+    try:
+        with AsyncWriter(tmp_path, upload_queue=uploads) as writer:
+
+            def write(names: list[str], size: int) -> None:
+                datas = [random.randbytes(size) for _ in names]
+                written.update({f"{n}.bin": d for n, d in zip(names, datas, strict=True)})
+                writer.write_batch(names, datas, save=save_bytes, suffix=".bin").result()
+
+            write([f"before/{i}" for i in range(5)], 3000)
+            wait_for(lambda: uploader.stats().uploaded == 5, "the first uploads")
+            sent = relay.forwarded
+            write(["during/big"], 16 * MiB)
+            wait_for(lambda: relay.forwarded > sent + 2 * MiB, "the big upload to start")
+            relay.cut()
+            write([f"after/{i}" for i in range(6)], 3000)
+        started = time.monotonic()
+        closed = True
+        with pytest.raises(UploadError) as raised:
+            uploader.close()
+        assert time.monotonic() - started < 30
+    finally:
+        relay.cut()
+        if not closed:
+            uploader.close()
+
+    assert raised.value.__cause__ is uploader.first_error
+    failed = {p.relative_to(tmp_path).as_posix() for p, _ in uploader.failed}
+    assert {f"after/{i}.bin" for i in range(6)} <= failed
+    local, stored = local_files(tmp_path), objects(s3, bucket)  # the server itself is still up
+    assert failed <= set(local)  # kept on disk
+    for name, data in written.items():
+        assert local.get(name) == data or stored.get(name) == data, f"{name} was lost"
+    assert all(local[name] == data for name, data in written.items() if name in local)
+    assert not any(name.startswith("after/") for name in stored)
+    assert all(stored[f"before/{i}.bin"] == written[f"before/{i}.bin"] for i in range(5))
+
+
+def test_spooling_writer_closes_the_writer_before_the_uploader(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    def slow_save(path: Path, data: bytes) -> None:
+        time.sleep(0.3)  # still being written when close() starts: an uploader closed first would miss it
+        path.write_bytes(data)
+
+    spool = tmp_path / "spool"
+    with S3SpoolingWriter(
+        spool,
+        bucket,
+        "out/",
+        endpoint_url=endpoint,
+        upload_batch_size=3,
+        remove_on_upload=True,
+        save_format="npy",
+    ) as sink:
+        for i in range(7):
+            sink.write(f"s/{i}", torch.full((50,), float(i)))
+        sink.write_batch(["b/0", "b/1"], torch.arange(20.0).reshape(2, 10))
+        sink.write_batch(["late/0", "late/1"], [b"zero", b"one"], save=slow_save, suffix=".bin")
+
+    stored = objects(s3, bucket)
+    assert sorted(stored) == sorted(
+        [f"out/s/{i}.npy" for i in range(7)]
+        + ["out/b/0.npy", "out/b/1.npy", "out/late/0.bin", "out/late/1.bin"]
+    )
+    for i in range(7):
+        assert np.array_equal(
+            np.load(io.BytesIO(stored[f"out/s/{i}.npy"])), np.full(50, float(i), np.float32)
+        )
+    assert np.array_equal(np.load(io.BytesIO(stored["out/b/1.npy"])), np.arange(10.0, 20.0, dtype=np.float32))
+    assert (stored["out/late/0.bin"], stored["out/late/1.bin"]) == (b"zero", b"one")
+    assert local_files(spool) == {}
+    assert sink.uploader.stats().deleted == 11
+
+
+def test_spooling_writer_raises_the_writers_failure_first(tmp_path: Path, bucket: str, endpoint: str) -> None:
+    client = make_client(endpoint)
+
+    def denied(request: Any, **kwargs: Any) -> AWSResponse | None:
+        body = b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>"
+        return reply(request, 403, {}, body) if request.method == "PUT" else None
+
+    client.meta.events.register("before-send.s3", denied)
+
+    def broken(path: Path, data: bytes) -> None:
+        raise ValueError("cannot encode")
+
+    sink = S3SpoolingWriter(tmp_path, bucket, client=client)
+    sink.write("ok", torch.zeros(3)).result()
+    sink.write_batch(["bad"], [b"x"], save=broken, suffix=".bin")
+    with pytest.raises(ValueError, match="cannot encode"):
+        sink.close()
+    client.close()
+    assert (sink.uploader.stats().failed, sink.uploader.stats().retries) == (1, 0)  # AccessDenied: final
+    assert (tmp_path / "ok.pt").exists()
+
+
+def test_boto3_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    loaded = "[m for m in sys.modules if m.startswith(('boto', 'tensorsink.upload'))]"
+    subprocess.run(
+        [sys.executable, "-c", f"import sys, tensorsink; assert not {loaded}, {loaded}"], check=True
+    )
+    monkeypatch.setitem(sys.modules, "boto3", None)
+    with pytest.raises(ImportError, match=r"pip install 'tensorsink\[s3\]'"):
+        S3Uploader(queue.Queue(), tmp_path, "bucket")
