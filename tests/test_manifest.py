@@ -76,6 +76,12 @@ def test_resume_skips_what_is_done_and_redoes_what_is_not(tmp_path: Path) -> Non
     assert batch.result() == [tmp_path / "s5.pt"]
     assert writer.stats().skipped == 3  # s0, s3 by write(); s3 in the batch
     assert verify(tmp_path).ok
+    with AsyncWriter(tmp_path, manifest=True, skip_existing=True) as again:
+        assert again.write_batch(["s4", "s5"], torch.zeros(2, 3)).result() == [
+            tmp_path / "s4.pt",
+            tmp_path / "s5.pt",
+        ]
+    assert again.stats().skipped == 2, "a batch skipped whole counts each of its samples"
 
 
 def test_journals_of_several_writers_merge(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ BLAKE2b and SHA-256. It guards against torn, truncated and corrupted files, not 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -154,13 +155,21 @@ class Manifest:
                 return False
         return True
 
+    @functools.cached_property
+    def _paths_by_key(self) -> dict[str, list[str]]:
+        """Recorded paths under each key, indexed once: done() is asked once per sample on resume."""
+        index: dict[str, list[str]] = {}
+        for path, record in self.records.items():
+            index.setdefault(record["key"], []).append(path)
+        return index
+
     def done(self, key: str) -> bool:
         """Whether `key` was written: every file recorded under it is still there, whole in size."""
-        paths = [path for path, record in self.records.items() if record["key"] == key]
+        paths = self._paths_by_key.get(key, [])
         return bool(paths) and self.paths_done(paths)
 
     def keys(self) -> set[str]:
-        return {record["key"] for record in self.records.values()}
+        return set(self._paths_by_key)
 
     def lines(self) -> Iterator[str]:
         """The merged manifest as JSON lines, sorted by path."""

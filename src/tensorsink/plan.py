@@ -17,7 +17,7 @@ from .errors import InvalidKeyError, InvalidLayoutError, UnsupportedValueError
 from .formats import Container, FileEntry, Format
 from .options import DictMode
 
-__all__ = ["plan_files", "validate_key"]
+__all__ = ["plan_files", "validate_key", "validate_suffix"]
 
 _ACCEPTED = (
     "a torch.Tensor, a numpy.ndarray, a DLPack or CUDA-array-interface array (CuPy ...), "
@@ -51,12 +51,18 @@ def validate_key(key: object) -> str:
     return key
 
 
-def plan_files(root: str, key: object, value: object, fmt: Format, dict_mode: DictMode) -> list[FileEntry]:
-    """The files `write(key, value)` makes.
+def validate_suffix(suffix: str) -> str:
+    """A file suffix a writer may append: empty, or '.' and a name without '/' or NUL."""
+    if suffix and (not suffix.startswith(".") or "/" in suffix or "\0" in suffix):
+        raise InvalidKeyError(f"suffix {suffix!r} must be empty or start with '.', without '/' or NUL")
+    return suffix
+
+
+def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: DictMode) -> list[FileEntry]:
+    """The files `write(name, value)` makes; `name` is a key validate_key() has already normalised.
 
     Raises InvalidKeyError, InvalidLayoutError or UnsupportedValueError, naming the bad value.
     """
-    name = validate_key(key)
     container, names, arrays = _flatten(value, fmt)
     if container is Container.TENSOR:
         return [FileEntry(f"{root}/{name}{fmt.suffix}", container, names, arrays, nbytes(arrays[0]))]

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .options import SaveFormat
+from .plan import validate_suffix
 
 __all__ = ["SampleWriter", "WriterRegistry", "image_rows", "writers"]
 
@@ -38,8 +39,7 @@ class SampleWriter:
     def __post_init__(self) -> None:
         if (self.save_format is None) == (self.save is None):
             raise ValueError(f"writer {self.name!r} needs exactly one of save_format and save")
-        if self.suffix and (not self.suffix.startswith(".") or "/" in self.suffix):
-            raise ValueError(f"writer {self.name!r}: suffix {self.suffix!r} must be empty or start with '.'")
+        validate_suffix(self.suffix)
 
 
 class WriterRegistry:

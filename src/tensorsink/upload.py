@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, TracebackType
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from .errors import TensorsinkError
 from .future import WriteFuture
@@ -32,6 +32,7 @@ from .writer import AsyncWriter
 __all__ = ["S3SpoolingWriter", "S3Uploader", "UploadError", "UploadStats"]
 
 log = logging.getLogger("tensorsink")
+_Self = TypeVar("_Self", bound="_ClosedOnExit")
 
 _STOP = cast(Path, object())  # the sentinel close() puts on the queue; compared by identity
 _THROTTLING = frozenset(
@@ -66,7 +67,28 @@ def _import(name: str) -> ModuleType:
         raise ImportError(f"S3 uploads need boto3 ({exc}): pip install 'tensorsink[s3]'") from exc
 
 
-class S3Uploader:
+class _ClosedOnExit:
+    """`with` support for the classes here: close() on the way out; if the block is already failing,
+    a close() failure is logged rather than hiding the block's own exception."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            self.close()
+        except BaseException as failure:
+            if exc is None:
+                raise
+            log.error("tensorsink: %s (while handling %r)", failure, exc)
+
+
+class S3Uploader(_ClosedOnExit):
     """Upload every path put on `upload_queue` to `s3://<bucket>/<prefix><path relative to local_root>`.
 
     The key is `prefix` plus the relative path with '/' separators; give `prefix` its trailing '/'.
@@ -242,21 +264,8 @@ class S3Uploader:
                 f"kept on disk; the first, {path}: {exc}"
             ) from exc
 
-    def __enter__(self) -> S3Uploader:
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            self.close()
-        except BaseException as failure:
-            if exc is None:
-                raise
-            log.error("tensorsink: %s (while handling %r)", failure, exc)
-
-
-class S3SpoolingWriter:
+class S3SpoolingWriter(_ClosedOnExit):
     """An AsyncWriter into `spool_dir` whose committed files are uploaded by an S3Uploader.
 
     `close()` closes the writer first (every local write finishes and is queued), then the uploader
@@ -322,16 +331,3 @@ class S3SpoolingWriter:
                 log.error("tensorsink: besides the writer's failure, %s", upload_failure)
             raise
         self.uploader.close()
-
-    def __enter__(self) -> S3SpoolingWriter:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        try:
-            self.close()
-        except BaseException as failure:
-            if exc is None:
-                raise
-            log.error("tensorsink: %s (while handling %r)", failure, exc)

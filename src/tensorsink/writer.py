@@ -19,7 +19,7 @@ from .formats import Container, FileEntry, Format, format_for
 from .future import WriteFuture
 from .manifest import ChecksummedWrite, Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
-from .plan import plan_files, validate_key
+from .plan import plan_files, validate_key, validate_suffix
 from .scheduling import Job, Pipeline
 from .staging import Staged, Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
@@ -202,8 +202,8 @@ class AsyncWriter:
             raise InvalidKeyError(
                 f"keys {twice} appear more than once in one batch; each sample needs its own"
             )
-        if save is not None and (suffix and (not suffix.startswith(".") or "/" in suffix or "\0" in suffix)):
-            raise InvalidKeyError(f"suffix {suffix!r} must be empty or start with '.', without '/' or NUL")
+        if save is not None:
+            validate_suffix(suffix)
         layout = split_batch(batch, len(names))
         samples = layout.samples()
         planned = [
@@ -211,12 +211,10 @@ class AsyncWriter:
         ]
         kept = [i for i, entries in enumerate(planned) if not self._already_written(entries)]
         if not kept:
-            return self._skipped([Path(entry.path) for entries in planned for entry in entries])
-        if len(kept) < len(planned):
-            self._stats.skipped(len(planned) - len(kept))
-            planned = [planned[i] for i in kept]
+            return self._skipped([Path(entry.path) for entries in planned for entry in entries], len(planned))
+        self._stats.skipped(len(planned) - len(kept))
+        planned, samples = [planned[i] for i in kept], [samples[i] for i in kept]
         if layout.container is Container.SEQUENCE:
-            samples = [samples[i] for i in kept]
             to_stage = [entry for entries in planned for entry in entries]
         else:
             to_stage = [FileEntry("", layout.container, layout.names, layout.arrays, layout.nbytes)]
@@ -244,10 +242,7 @@ class AsyncWriter:
                 entries = [entry for group in host for entry in group]
                 writers = None
                 if save is not None:
-                    kept_samples = (
-                        samples if layout.container is Container.SEQUENCE else [samples[i] for i in kept]
-                    )
-                    writers = [_saving(save, value) for value in _sample_values(host, kept_samples)]
+                    writers = [_saving(save, value) for value in _sample_values(host, samples)]
                 return self._write_entries(entries, numbers, entry_keys, writers)
             finally:
                 if staged is not None:
@@ -293,17 +288,17 @@ class AsyncWriter:
         written: list[Path] = []
         try:
             for k, (entry, number) in enumerate(zip(entries, numbers, strict=True)):
-                custom = writers is not None
                 write, backend = (writers[k], "posix") if writers is not None else self._file_writer(entry)
                 checked = None
                 if journal is not None:
-                    fmt = self._format if not custom and backend == "posix" else None
-                    write = checked = ChecksummedWrite(write, fmt, entry)
+                    # The format's buffers are checksummed as written; other writers' files are read back.
+                    own_buffers = writers is None and backend == "posix"
+                    write = checked = ChecksummedWrite(write, self._format if own_buffers else None, entry)
                 replaced = self._committer.commit(entry.path, number, write)
                 self._stats.file_committed(entry.nbytes, backend)
                 path = Path(entry.path)
                 if replaced and checked is not None and journal is not None:
-                    kind = Path(entry.path).suffix.lstrip(".") if custom else self._format.save_format.value
+                    kind = path.suffix.lstrip(".") if writers is not None else self._format.save_format.value
                     journal.append(keys[k], entry.path, checked.size, checked.crc, kind, arrays_of(entry))
                 if replaced and upload_queue is not None:
                     upload_queue.put(path)
@@ -329,8 +324,8 @@ class AsyncWriter:
         done = self._done
         return done is not None and done.paths_done([os.path.relpath(e.path, self._root) for e in entries])
 
-    def _skipped(self, paths: list[Path]) -> WriteFuture:
-        self._stats.skipped(1)
+    def _skipped(self, paths: list[Path], count: int = 1) -> WriteFuture:
+        self._stats.skipped(count)
         future = WriteFuture()
         future.set_result(paths)
         return future
