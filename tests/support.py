@@ -45,7 +45,8 @@ def random_tensor(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> 
 def fingerprint(array: Any) -> tuple[str, tuple[int, ...], bytes]:
     """(dtype name, shape, C-order native bytes): equal fingerprints mean bit-identical arrays."""
     if isinstance(array, torch.Tensor):
-        flat = array.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+        plain = array.detach().resolve_conj().resolve_neg()
+        flat = plain.clone(memory_format=torch.contiguous_format).reshape(-1)  # unit strides, even at size 1
         return (
             str(array.dtype).removeprefix("torch."),
             tuple(array.shape),
@@ -94,6 +95,9 @@ class GatedFormat(Format):
 
     def dtype_tag(self, array: Any) -> object | None:
         return self.inner.dtype_tag(array)
+
+    def check_file(self, path: str) -> None:
+        self.inner.check_file(path)
 
     def write(self, file: Any, entry: FileEntry) -> None:
         if threading.current_thread().name.startswith("tensorsink"):

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tensorsink import AsyncWriter, Durability, SaveFormat, sweep
+from tensorsink import AsyncWriter, Durability, SaveFormat, SymlinkError, sweep
 from tensorsink import commit as commit_module
 from tensorsink.commit import Committer, DirectorySync, KeyOrder, is_temporary
 from tensorsink.options import WriterOptions
 
 
 def test_temporaries_are_hidden_siblings_that_sweep_recognises(tmp_path: Path) -> None:
-    committer = Committer(Durability.NONE)
+    committer = Committer(Durability.NONE, str(tmp_path))
     final = tmp_path / "d" / ("x" * 240 + ".npy")
     temporary = Path(committer.temporary_for(str(final.parent), final.name))
     assert temporary.parent == final.parent
@@ -124,7 +124,7 @@ def test_directory_sync_failure_reaches_every_waiter(tmp_path: Path) -> None:
 
 
 def test_failed_write_leaves_no_temporary_and_no_final(tmp_path: Path) -> None:
-    committer = Committer(Durability.FILE)
+    committer = Committer(Durability.FILE, str(tmp_path))
     final = str(tmp_path / "x.npy")
     number = committer.order.reserve(final)
 
@@ -140,7 +140,7 @@ def test_failed_write_leaves_no_temporary_and_no_final(tmp_path: Path) -> None:
 def test_existing_final_file_survives_a_failed_overwrite(tmp_path: Path) -> None:
     final = tmp_path / "x.npy"
     final.write_bytes(b"previous")
-    committer = Committer(Durability.NONE)
+    committer = Committer(Durability.NONE, str(tmp_path))
 
     def explode(fd: int, path: str) -> None:
         raise RuntimeError("encoder failed")
@@ -182,3 +182,56 @@ def test_sweep_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert out.strip() == str(tmp_path / ".x.pt.tsink-01.partial")
     assert "removed 1 temporary" in err
     assert [p.name for p in tmp_path.iterdir()] == ["x.pt"]
+
+
+def test_a_key_through_a_symlinked_folder_is_refused_and_nothing_is_written_outside(tmp_path: Path) -> None:
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    (root / "link").symlink_to(elsewhere)
+    (root / "a" / "deep").symlink_to(elsewhere)
+    with AsyncWriter(root, SaveFormat.NUMPY_NPY) as writer:
+        for key, link in (("link/x", root / "link"), ("a/deep/y/z", root / "a" / "deep")):
+            with pytest.raises(SymlinkError, match="follow_symlinks=True") as info:
+                writer.write(key, torch.zeros(2))
+            assert info.value.link == str(link)
+        with pytest.raises(SymlinkError):
+            writer.write_batch(["fine", "link/b"], torch.zeros(2, 3))
+        writer.write("a/real", torch.zeros(2)).result()  # the writer goes on
+    assert list(elsewhere.iterdir()) == []
+    assert not (root / "fine.npy").exists()
+
+
+def test_the_committer_refuses_a_symlink_the_caller_did_not_see(tmp_path: Path) -> None:
+    """A folder that became a symlink after write() checked it is refused in the background too."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    committer = Committer(Durability.NONE, str(tmp_path / "out"))
+    (tmp_path / "out" / "d").symlink_to(elsewhere)
+    final = str(tmp_path / "out" / "d" / "x.npy")
+    with pytest.raises(SymlinkError):
+        committer.commit(final, committer.order.reserve(final), lambda fd, path: None)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_follow_symlinks_writes_through_symlinked_folders(tmp_path: Path) -> None:
+    from tensorsink.manifest import verify
+
+    root, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (root / "link").symlink_to(elsewhere)
+    with AsyncWriter(root, SaveFormat.NUMPY_NPY, manifest=True, follow_symlinks=True) as writer:
+        writer.write("link/x", torch.arange(3.0)).result()
+    assert (elsewhere / "x.npy").exists()
+    report = verify(root)
+    assert report.missing == []
+    assert report.checked == 1
+
+
+def test_a_symlinked_output_root_is_the_users_choice(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "root").symlink_to(tmp_path / "real")
+    with AsyncWriter(tmp_path / "root", SaveFormat.NUMPY_NPY) as writer:
+        writer.write("d/x", torch.zeros(1)).result()
+    assert (tmp_path / "real" / "d" / "x.npy").exists()

@@ -70,3 +70,45 @@ def test_full_filesystem_midway_leaves_no_file_and_surfaces(tmp_path: Path) -> N
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["close", "raised", "ENOSPC", "ok"]
+
+
+# A .pt cut 10 bytes short by the file size limit: torch.save ignores short writes, so this once
+# committed a torn file silently (and verify, reading the CRC back, blessed it).
+TORN_PT = textwrap.dedent(
+    """
+    import errno, os, resource, signal, sys, torch
+    from tensorsink import AsyncWriter
+    from tensorsink.manifest import Manifest, verify
+    root = sys.argv[1]
+    value = {"a": torch.arange(1000, dtype=torch.float32), "b": torch.ones(300, dtype=torch.float64)}
+    with AsyncWriter(root + "/size", "pt") as writer:
+        writer.write("k", value)
+    size = os.path.getsize(root + "/size/k.pt")
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size - 10, size - 10))
+    writer = AsyncWriter(root + "/out", "pt", durability="full", manifest=True)
+    try:
+        writer.write("k", value).result()
+    except OSError as exc:
+        assert exc.errno == errno.EFBIG and exc.filename.endswith("k.pt"), exc
+    else:
+        raise AssertionError("a torn .pt was committed")
+    try:
+        writer.close()
+    except OSError as exc:
+        assert exc.errno == errno.EFBIG, exc
+    else:
+        raise AssertionError("close() did not raise the failure")
+    assert not os.path.exists(root + "/out/k.pt")
+    assert Manifest.load(root + "/out").records == {}
+    print("ok")
+    """
+)
+
+
+def test_a_pt_cut_short_by_the_file_size_limit_fails_and_is_not_recorded(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", TORN_PT, str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["ok"]

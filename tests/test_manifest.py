@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -166,3 +169,186 @@ def test_a_killed_job_has_no_record_for_an_incomplete_file(tmp_path: Path, float
     for extra in report.extra:  # in flight at the kill: a temporary, or committed before its record
         if not is_temporary(Path(extra).name):
             assert load_file(tmp_path / extra)["arr_0"].shape == (floats,)
+
+
+def _open_files() -> list[str]:
+    links = []
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(FileNotFoundError):  # the listing's own descriptor is gone already
+            links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    return links
+
+
+def _torn_but_recorded(root: Path, save_format: SaveFormat) -> str:
+    """A file cut 10 bytes short whose record was rewritten to match it, as a torn commit once was."""
+    value = {"a": torch.arange(64, dtype=torch.float32), "b": torch.ones(8)}
+    with AsyncWriter(root, save_format, "split" if save_format is SaveFormat.NUMPY_NPY else "single",
+                     manifest=True) as writer:  # fmt: skip
+        (path,) = writer.write("k", value if save_format is not SaveFormat.NUMPY_NPY else value["a"]).result()
+    torn = path.read_bytes()[:-10]
+    path.write_bytes(torn)
+    (journal,) = _journals(root)
+    (record,) = [json.loads(line) for line in journal.read_text().splitlines()]
+    record.update(bytes=len(torn), crc32=f"{zlib.crc32(torn):08x}")
+    journal.write_text(json.dumps(record) + "\n")
+    return record["path"]
+
+
+@pytest.mark.parametrize("save_format", list(SaveFormat))
+def test_verify_never_blesses_a_file_its_format_cannot_read(tmp_path: Path, save_format: SaveFormat) -> None:
+    path = _torn_but_recorded(tmp_path, save_format)
+    for checksums in (True, False):
+        report = verify(tmp_path, checksums=checksums)
+        assert not report.ok
+        assert [entry.split(":")[0] for entry in report.unreadable] == [path]
+        assert (report.size_mismatch, report.checksum_mismatch, report.missing) == ([], [], [])
+    assert main(["verify", str(tmp_path), "-q"]) == 1
+
+
+def test_a_torn_last_journal_line_is_a_kill_not_damage(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, "npy", manifest=True) as writer:
+        writer.write("a", torch.zeros(3))
+        writer.write("b", torch.ones(3))
+    (journal,) = _journals(tmp_path)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines) + lines[0][:17])  # a record cut by a kill
+    manifest = Manifest.load(tmp_path)
+    assert (sorted(manifest.records), manifest.damaged) == (["a.npy", "b.npy"], [])
+    assert verify(tmp_path).ok
+
+
+def test_a_damaged_journal_is_reported_where_and_resume_rewrites_its_files(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, "npy", manifest=True) as writer:
+        for name in "abc":
+            writer.write(name, torch.zeros(3)).result()
+    (journal,) = _journals(tmp_path)
+    first, second, third = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(first + second[:20] + third + b'{"key": 5}\n')  # a cut record, then one glued on
+    manifest = Manifest.load(tmp_path)
+    assert [problem.split(": ")[0] for problem in manifest.damaged] == [f"{journal}:2", f"{journal}:3"]
+    report = verify(tmp_path)
+    assert not report.ok
+    assert len(report.damaged_journal) == 2
+    assert main(["verify", str(tmp_path), "-q"]) == 1
+    with AsyncWriter(tmp_path, "npy", manifest=True, skip_existing=True) as resumed:
+        assert resumed.is_done("a")
+        assert not resumed.is_done("b")
+        assert not resumed.is_done("c")
+        resumed.write("b", torch.zeros(3))
+        resumed.write("c", torch.zeros(3))
+        assert resumed.stats().skipped == 0
+
+
+def test_a_failed_journal_write_fails_the_write_and_leaves_whole_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short write of a record is completed; a failed one is cut off again and raised."""
+    real_writev = os.writev
+    calls = {"n": 0}
+
+    def flaky(fd: int, buffers: list[bytes]) -> int:
+        if not os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl"):
+            return real_writev(fd, buffers)
+        calls["n"] += 1
+        data = b"".join(bytes(b) for b in buffers)
+        if calls["n"] == 1:
+            return real_writev(fd, [data[:9]])  # short: the rest must follow
+        if calls["n"] == 3:
+            real_writev(fd, [data[:5]])
+            raise OSError(28, "No space left on device")
+        return real_writev(fd, [data])
+
+    monkeypatch.setattr(os, "writev", flaky)
+    writer = AsyncWriter(tmp_path, "npy", manifest=True, workers=1)
+    writer.write("a", torch.zeros(3)).result()
+    with pytest.raises(OSError, match="No space") as info:
+        writer.write("b", torch.ones(3)).result()
+    assert "b.npy" in str(info.value)
+    with pytest.raises(OSError, match="No space"):
+        writer.close()
+    monkeypatch.undo()
+    manifest = Manifest.load(tmp_path)
+    assert (sorted(manifest.records), manifest.damaged) == (["a.npy"], [])
+    (journal,) = _journals(tmp_path)
+    assert journal.read_bytes().endswith(b"\n")
+    report = verify(tmp_path)
+    assert report.extra == ["b.npy"]
+    assert not report.unreadable
+    assert not report.damaged_journal
+
+
+def test_rewrites_of_one_key_are_recorded_in_the_order_of_their_renames(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first rewrite's record is held back while a later rewrite could be renamed: the records
+    must still follow the renames, so the manifest describes the file that is there."""
+    from tensorsink.manifest import Journal
+
+    renamed_later = threading.Event()
+    real_replace, real_append = os.replace, Journal.append
+    held = {"first": True}
+
+    def replace(source: str, target: str) -> None:
+        real_replace(source, target)
+        if not held["first"]:
+            renamed_later.set()
+
+    def append(self: Journal, *args: object) -> None:
+        if held["first"]:
+            held["first"] = False
+            renamed_later.wait(timeout=1.0)  # a later rename gets this long to overtake the record
+        real_append(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Journal, "append", append)
+    with AsyncWriter(tmp_path, "npy", manifest=True, workers=8, durability="full") as writer:
+        for i in range(20):
+            writer.write("k", torch.full((1000,), float(i)))
+    monkeypatch.undo()
+    assert verify(tmp_path).ok
+    assert (
+        Manifest.load(tmp_path).records["k.npy"]["crc32"]
+        == f"{zlib.crc32((tmp_path / 'k.npy').read_bytes()):08x}"
+    )
+
+
+def test_write_racing_close_never_succeeds_after_close_returned(tmp_path: Path) -> None:
+    """Inline writes from three threads while close() runs: each either finished before close()
+    returned or raised WriterClosedError, and no journal descriptor outlives close()."""
+    from tensorsink import WriterClosedError
+
+    for _round in range(5):
+        root = tmp_path / f"r{_round}"
+        writer = AsyncWriter(root, "npy", manifest=True, durability="none")
+        returned: list[float] = []
+        started = threading.Barrier(4)
+
+        def produce(
+            thread: int,
+            writer: AsyncWriter = writer,
+            returned: list[float] = returned,
+            started: threading.Barrier = started,
+        ) -> None:
+            started.wait()
+            for i in range(100_000):
+                try:
+                    writer.write(f"t{thread}/{i}", torch.zeros(4))
+                except WriterClosedError:
+                    return
+                returned.append(time.monotonic())
+
+        threads = [threading.Thread(target=produce, args=(t,)) for t in range(3)]
+        for thread in threads:
+            thread.start()
+        started.wait()
+        while len(returned) < 50:
+            time.sleep(0.001)
+        writer.close()
+        closed_at = time.monotonic()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert not any(t > closed_at for t in returned), "a write returned after close() had returned"
+        assert not [link for link in _open_files() if JOURNAL_DIR in link], "a journal fd outlived close()"
+        report = verify(root)
+        assert report.ok, report
+        assert report.checked == len(returned)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -116,3 +117,106 @@ def test_extension_is_appended_never_substituted(writer: AsyncWriter) -> None:
     (path,) = writer.write("case.001", torch.zeros(1)).result()
     assert path.name == "case.001.npy"
     assert os.path.exists(path)
+
+
+@pytest.mark.parametrize("durability", ["none", "file"])
+@pytest.mark.parametrize(
+    ("key", "why"),
+    [
+        ("a" * 300, "255 bytes"),
+        ("d/" + "b" * 256 + "/x", "255 bytes"),
+        ("/".join(["c" * 200] * 22), "4095 fit"),
+        ("a\ud800b", "not valid Unicode"),
+        ("x\udc80y", "not valid Unicode"),  # a surrogate escape of a non-UTF-8 byte
+        (".tensorsink/x", "journals"),
+        ("./.tensorsink//y", "journals"),
+    ],
+)
+def test_keys_the_file_system_or_tensorsink_cannot_take_are_refused_at_write(
+    tmp_path: Path, durability: str, key: str, why: str
+) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability=durability) as writer:
+        with pytest.raises(InvalidKeyError, match=why):
+            writer.write(key, torch.zeros(3))
+        writer.write("after", torch.zeros(3)).result()  # the writer is still usable
+    assert _listing(tmp_path) == ["after.npy"]
+
+
+def test_a_file_name_is_limited_in_bytes_with_its_suffix(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, "split") as writer:
+        writer.write("a" * 240, torch.zeros(1)).result()  # 252 bytes with .safetensors; 258 with "_entry":
+        with pytest.raises(InvalidKeyError, match="at most 255 bytes"):
+            writer.write("b" * 240, {"entry": torch.zeros(1)})
+    assert _listing(tmp_path) == ["a" * 240 + ".safetensors"]
+
+
+def test_multibyte_names_up_to_name_max_are_written(tmp_path: Path) -> None:
+    key = "测" * 80  # 240 bytes; 244 with .npy, under NAME_MAX, though its temporary keeps only a part
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability="full") as writer:
+        writer.write(key, torch.arange(3.0)).result()
+        writer.write("d/" + "é" * 120, torch.arange(2.0)).result()
+    assert np.array_equal(np.load(tmp_path / f"{key}.npy"), np.arange(3.0, dtype=np.float32))
+    assert (tmp_path / "d" / ("é" * 120 + ".npy")).exists()
+
+
+@pytest.mark.parametrize(("key", "suffix"), [(".report.tsink-1.partial", ""), (".r.tsink-ab", ".partial")])
+def test_final_names_that_look_like_temporaries_are_refused(tmp_path: Path, key: str, suffix: str) -> None:
+    """sweep() removes temporaries by name: no final file may be named like one."""
+    with AsyncWriter(tmp_path) as writer, pytest.raises(InvalidKeyError, match="temporaries"):
+        writer.write_batch([key], [b"report"], save=lambda p, v: p.write_bytes(v), suffix=suffix)
+    assert _listing(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("save_format", "value", "error", "why"),
+    [
+        (SaveFormat.SAFETENSORS, {"__metadata__": torch.zeros(2)}, InvalidKeyError, "reserved"),
+        (SaveFormat.SAFETENSORS, {"a\ud800": torch.zeros(2)}, InvalidKeyError, "not valid Unicode"),
+        (SaveFormat.NUMPY_NPZ, {"a\ud800": torch.zeros(2)}, InvalidKeyError, "not valid Unicode"),
+        (SaveFormat.PYTORCH_PT, {"\udcff": torch.zeros(2)}, InvalidKeyError, "not valid Unicode"),
+        (SaveFormat.NUMPY_NPZ, {}, InvalidLayoutError, "empty"),
+        (SaveFormat.NUMPY_NPZ, [], InvalidLayoutError, "empty"),
+    ],
+)
+def test_collections_a_format_cannot_hold_readably_are_refused_at_write(
+    tmp_path: Path, save_format: SaveFormat, value: object, error: type[Exception], why: str
+) -> None:
+    with AsyncWriter(tmp_path, save_format) as writer, pytest.raises(error, match=why):
+        writer.write("x", value)
+    assert _listing(tmp_path) == []
+
+
+def test_empty_collections_that_formats_can_hold_still_round_trip(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS) as writer:
+        writer.write("m", {})
+    with AsyncWriter(tmp_path, SaveFormat.PYTORCH_PT) as writer:
+        writer.write("l", [])
+    assert safetensors.torch.load_file(tmp_path / "m.safetensors") == {}
+    assert torch.load(tmp_path / "l.pt", weights_only=True) == []
+
+
+def _nested() -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch calls its strided nested layout a prototype
+        return torch.nested.nested_tensor([torch.arange(2.0), torch.arange(3.0)])
+
+
+@pytest.mark.parametrize("save_format", [SaveFormat.NUMPY_NPY, SaveFormat.NUMPY_NPZ, SaveFormat.SAFETENSORS])
+def test_nested_tensors_are_refused_where_the_format_cannot_hold_them(
+    tmp_path: Path, save_format: SaveFormat
+) -> None:
+    with AsyncWriter(tmp_path, save_format) as writer, pytest.raises(UnsupportedValueError, match="nested"):
+        writer.write("n", _nested())
+    assert _listing(tmp_path) == []
+
+
+def test_nested_tensors_round_trip_as_pt(tmp_path: Path) -> None:
+    nested = _nested()
+    with AsyncWriter(tmp_path, SaveFormat.PYTORCH_PT) as writer:
+        writer.write("n", nested).result()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        loaded = torch.load(tmp_path / "n.pt", weights_only=True)
+        assert [t.tolist() for t in loaded.unbind()] == [t.tolist() for t in nested.unbind()]

@@ -41,6 +41,7 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
         "kvikio_direct_io": True,
         "manifest": False,
         "skip_existing": False,
+        "follow_symlinks": False,
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])
 

@@ -451,3 +451,32 @@ def test_boto3_is_optional(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setitem(sys.modules, "boto3", None)
     with pytest.raises(ImportError, match=r"pip install 'tensorsink\[s3\]'"):
         S3Uploader(queue.Queue(), tmp_path, "bucket")
+
+
+def test_rewrites_of_one_key_with_remove_on_upload_leave_the_latest_in_the_bucket(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    """Each rewrite queues its path again; once an upload took the latest version and removed the
+    file, the entries left behind are done, not failures."""
+    spool = tmp_path / "spool"
+    with S3SpoolingWriter(
+        spool, bucket, "run/", endpoint_url=endpoint, upload_batch_size=2, remove_on_upload=True,
+        save_format="npy", durability="none", local_writer_workers=8,
+    ) as sink:  # fmt: skip
+        for i in range(20):
+            sink.write("k", torch.full((64,), float(i))).result()
+    assert local_files(spool) == {}
+    stored = objects(s3, bucket)
+    assert list(stored) == ["run/k.npy"]
+    assert np.array_equal(np.load(io.BytesIO(stored["run/k.npy"])), np.full(64, 19.0, np.float32))
+    assert sink.uploader.stats().failed == 0
+
+
+def test_a_queued_file_gone_before_its_first_upload_is_still_a_failure(
+    tmp_path: Path, bucket: str, endpoint: str
+) -> None:
+    uploads: queue.Queue[Path] = queue.Queue()
+    uploader = S3Uploader(uploads, tmp_path, bucket, endpoint_url=endpoint, delete_local=True)
+    uploads.put(tmp_path / "never-there.npy")
+    with pytest.raises(UploadError, match="never-there"):
+        uploader.close()

@@ -178,12 +178,24 @@ def test_error_in_body_is_not_masked_by_close(tmp_path: Path) -> None:
     assert (tmp_path / "a.pt").exists()
 
 
-def test_synchronous_failure_is_raised_by_that_write(tmp_path: Path) -> None:
+@pytest.mark.parametrize("durability", ["none", "file"])
+def test_a_failed_write_fails_the_writer_wherever_it_ran(tmp_path: Path, durability: str) -> None:
+    """Inline (small, durability none) or in a worker: one rule, the writer stays failed."""
     (tmp_path / "blocker").write_bytes(b"")
-    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability="none") as writer:
-        with pytest.raises(OSError, match="blocker"):
-            writer.write("blocker/small", torch.zeros(4))
-        writer.write("fine", torch.zeros(4))  # the writer goes on; the caller already has the error
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability=durability)
+    try:
+        writer.write("blocker/small", torch.zeros(4)).result(timeout=30)
+    except NotADirectoryError as exc:
+        first = exc
+    else:
+        raise AssertionError("writing under a file succeeded")
+    assert "blocker" in str(first)
+    with pytest.raises(NotADirectoryError) as later:
+        writer.write("fine", torch.zeros(4))
+    assert later.value is first
+    with pytest.raises(NotADirectoryError):
+        writer.close()
+    assert not (tmp_path / "fine.npy").exists()
     assert writer.stats().errors == 1
 
 

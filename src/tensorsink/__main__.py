@@ -60,14 +60,15 @@ def _verify(args: argparse.Namespace) -> int:
         return 2
     report = verify(args.root, checksums=not args.no_checksum, workers=args.workers)
     problems = [("missing", report.missing), ("extra", report.extra), ("size mismatch", report.size_mismatch),
-                ("checksum mismatch", report.checksum_mismatch)]  # fmt: skip
+                ("checksum mismatch", report.checksum_mismatch), ("unreadable", report.unreadable),
+                ("damaged journal line", report.damaged_journal)]  # fmt: skip
     if not args.quiet:
         for kind, paths in problems:
             for path in paths:
                 print(f"{kind}: {path}")
     rate = report.checked / report.seconds if report.seconds > 0 else 0.0
     counts = ", ".join(f"{len(paths)} {kind}" for kind, paths in problems)
-    what = "sizes" if args.no_checksum else "sizes and CRC-32"
+    what = "sizes and layouts" if args.no_checksum else "sizes, layouts and CRC-32"
     timing = f"{report.seconds:.2f} s ({rate:,.0f} files/s)"
     print(f"checked {what} of {report.checked:,} files in {timing}: {counts}")
     return 0 if report.ok else 1

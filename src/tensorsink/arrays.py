@@ -178,6 +178,12 @@ def _resolved(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """Resolved and C-contiguous: a tensor whose memory numpy can view as it is."""
+    """Resolved and C-contiguous: a tensor whose memory numpy can view as it is.
+
+    torch calls a one-element view contiguous whatever its strides (`x[::4]` of four elements), but
+    no byte view of it can be taken: that element is copied.
+    """
     tensor = _resolved(tensor)
-    return tensor if tensor.is_contiguous() else tensor.contiguous()
+    if tensor.is_contiguous() and (tensor.numel() != 1 or not tensor.dim() or tensor.stride(-1) == 1):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)

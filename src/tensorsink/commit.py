@@ -10,20 +10,24 @@ so no reader takes one for a result and `sweep` can remove exactly them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import re
 import secrets
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from .errors import SymlinkError
 from .options import Durability
 
-__all__ = ["Committer", "DirectorySync", "KeyOrder", "is_temporary", "sweep"]
+__all__ = ["Committer", "DirectorySync", "KeyOrder", "find_symlink", "is_temporary", "sweep"]
 
 _TEMP_PATTERN = re.compile(r"^\..+\.tsink-[0-9a-f]+\.partial$", re.DOTALL)
-_NAME_KEPT = 100  # of the final name, in its temporary's name, so a long final name still fits NAME_MAX
+# Bytes of the final name kept in its temporary's name: with the rest (at most 47 bytes) it fits NAME_MAX.
+_NAME_KEPT = 200
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -150,22 +154,38 @@ class KeyOrder:
 
 
 class Committer:
-    """Runs the commit protocol for one writer, at its durability. Paths are plain strings here."""
+    """Runs the commit protocol for one writer under `root`, at its durability. Paths are plain strings.
 
-    def __init__(self, durability: Durability) -> None:
+    Folders under `root` are made by this committer and must be real folders: a symlink among them is
+    refused (SymlinkError) unless `follow_symlinks`, so no key can lead a write out of the root.
+    """
+
+    def __init__(self, durability: Durability, root: str, *, follow_symlinks: bool = False) -> None:
         self.durability = durability
+        self.root = root
+        self.follow_symlinks = follow_symlinks
         self.order = KeyOrder()
         self._directory_sync = DirectorySync()
         self._token = secrets.token_hex(4)
         self._counter = itertools.count()
         self._known_directories: set[str] = set()
+        self._make_root()
 
     def temporary_for(self, directory: str, name: str) -> str:
-        return f"{directory}/.{name[:_NAME_KEPT]}.tsink-{self._token}{next(self._counter):x}.partial"
+        if len(name) > _NAME_KEPT // 4:  # may be over _NAME_KEPT bytes: cut at a character boundary
+            name = name.encode("utf-8", "surrogateescape")[:_NAME_KEPT].decode("utf-8", "ignore")
+        return f"{directory}/.{name}.tsink-{self._token}{next(self._counter):x}.partial"
 
-    def commit(self, final: str, number: int, write: Callable[[int, str], None]) -> bool:
+    def commit(
+        self,
+        final: str,
+        number: int,
+        write: Callable[[int, str], None],
+        replaced: Callable[[], None] | None = None,
+    ) -> bool:
         """Write `final` through a temporary, by `write(fd, temporary_path)`; False if a later write to
-        it had already been committed."""
+        it had already been committed. `replaced()` runs right after the rename, before any later
+        write to `final` can be renamed, so what it records follows the order of the renames."""
         directory, _, name = final.rpartition("/")
         temporary = self.temporary_for(directory, name)
         fd = self._create(directory, temporary)
@@ -177,18 +197,27 @@ class Committer:
             finally:
                 os.close(fd)
             with self.order.lock(final):
-                replaced = self.order.should_replace(final, number)
-                if replaced:
+                latest = self.order.should_replace(final, number)
+                if latest:
                     os.replace(temporary, final)
-            if not replaced:
+                    if replaced is not None:
+                        replaced()
+            if not latest:
                 os.unlink(temporary)
+        except OSError as exc:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
+            named = _naming(exc, final)
+            if named is exc:
+                raise
+            raise named from exc
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
             raise
-        if replaced and self.durability is Durability.FULL:
+        if latest and self.durability is Durability.FULL:
             self._directory_sync.sync(directory)
-        return replaced
+        return latest
 
     def _create(self, directory: str, temporary: str) -> int:
         if directory not in self._known_directories:
@@ -196,22 +225,69 @@ class Committer:
         try:
             return os.open(temporary, _CREATE_FLAGS, 0o666)
         except FileNotFoundError:  # removed since we made it
+            self._known_directories.discard(directory)
             self.make_directories(directory)
             return os.open(temporary, _CREATE_FLAGS, 0o666)
 
     def make_directories(self, directory: str) -> None:
-        """mkdir -p; at Durability.FULL each new directory's entry is fsynced in its parent too."""
+        """mkdir -p from the root down, refusing symlinks (unless follow_symlinks) and anything else
+        that is not a folder; at Durability.FULL each new folder's entry is fsynced in its parent."""
+        path = self.root
+        for part in os.path.relpath(directory, self.root).split("/"):
+            if part == ".":
+                continue
+            path = f"{path}/{part}"
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                self._mkdir(path)
+                continue
+            if stat.S_ISLNK(mode):
+                if not self.follow_symlinks:
+                    raise SymlinkError(path, os.path.realpath(path), self.root)
+                mode = os.stat(path).st_mode
+            if not stat.S_ISDIR(mode):
+                raise NotADirectoryError(errno.ENOTDIR, "a file stands where a folder is needed", path)
+        self._known_directories.add(directory)
+
+    def _mkdir(self, path: str) -> None:
+        try:
+            os.mkdir(path)
+        except FileExistsError:  # made meanwhile by another thread or writer: fine if it is a folder
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise
+        if self.durability is Durability.FULL:
+            fsync_directory(os.path.dirname(path))
+
+    def _make_root(self) -> None:
+        """The root and its missing parents (the root may itself be, or lie under, a symlink)."""
         missing: list[str] = []
-        probe = directory
+        probe = self.root
         while not os.path.isdir(probe):
             missing.append(probe)
             probe = os.path.dirname(probe)
         for path in reversed(missing):
-            try:
-                os.mkdir(path)
-            except FileExistsError:
-                if not os.path.isdir(path):
-                    raise
-            if self.durability is Durability.FULL:
-                fsync_directory(os.path.dirname(path))
-        self._known_directories.add(directory)
+            self._mkdir(path)
+        self._known_directories.add(self.root)
+
+
+def _naming(exc: OSError, final: str) -> OSError:
+    """`exc`, or the same error naming `final` where it names no file (a failed writev or fsync)."""
+    if exc.filename is not None or type(exc).__module__ != "builtins" or exc.errno is None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror, final)
+
+
+def find_symlink(root: str, directory: str) -> str | None:
+    """The first symlink on the way from `root` down to `directory`, or None (missing parts are fine)."""
+    path = root
+    for part in os.path.relpath(directory, root).split("/"):
+        if part == ".":
+            continue
+        path = f"{path}/{part}"
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return path
+        except FileNotFoundError:
+            return None
+    return None

@@ -4,13 +4,16 @@ Each one is also an instance of the builtin it refines, so code that catches the
 
     TensorsinkError
     ├── BackendUnavailableError (RuntimeError) backend="kvikio" where kvikio cannot write
-    ├── InvalidKeyError        (ValueError)   a key that is absolute, empty or climbs out with ".."
+    ├── InvalidKeyError        (ValueError)   a key that is absolute, empty, climbs out with "..", is too
+    │   │                                     long, not valid Unicode, or names tensorsink's own files
+    │   └── SymlinkError                      a key that leads through a symlink out of the root
     ├── InvalidLayoutError     (ValueError)   a collection the format and dict mode cannot store
     ├── UnsupportedValueError  (TypeError)    a value, or a dtype, the chosen format cannot store
     └── WriterClosedError      (RuntimeError) write() after close()
 
 Failures in the background (disk full, a file where a directory should be) are raised as the original
-exception, by the next write(), by flush() and by close().
+exception, by the next write(), by flush() and by close(); an OSError names the final path it was
+writing (its `filename`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ __all__ = [
     "BackendUnavailableError",
     "InvalidKeyError",
     "InvalidLayoutError",
+    "SymlinkError",
     "TensorsinkError",
     "UnsupportedValueError",
     "WriterClosedError",
@@ -35,6 +39,18 @@ class BackendUnavailableError(TensorsinkError, RuntimeError):
 
 class InvalidKeyError(TensorsinkError, ValueError):
     """A key (relative path without extension) that cannot name a file under the output root."""
+
+
+class SymlinkError(InvalidKeyError):
+    """A folder on a key's way is a symlink: writing through it could create or replace files anywhere."""
+
+    def __init__(self, link: str, target: str, root: str) -> None:
+        super().__init__(
+            f"{link} is a symlink (to {target}); tensorsink writes only into real folders under {root}, "
+            "so that no key reaches outside it. Pass AsyncWriter(..., follow_symlinks=True) to write "
+            "through symlinked folders"
+        )
+        self.link = link
 
 
 class InvalidLayoutError(TensorsinkError, ValueError):

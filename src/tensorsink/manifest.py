@@ -13,8 +13,10 @@ BLAKE2b and SHA-256. It guards against torn, truncated and corrupted files, not 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import secrets
 import socket
@@ -28,12 +30,16 @@ from pathlib import Path
 from typing import Any
 
 from .arrays import dtype_name
-from .formats import Buffer, BufferFormat, FileEntry, Format, write_buffers
+from .errors import WriterClosedError
+from .formats import Buffer, BufferFormat, FileEntry, Format, format_for, write_buffers
+from .options import SaveFormat
 
 __all__ = ["JOURNAL_DIR", "ChecksummedWrite", "Journal", "Manifest", "VerifyReport", "crc32_of", "verify"]
 
 JOURNAL_DIR = ".tensorsink"
 _READ_CHUNK = 8 << 20
+
+log = logging.getLogger("tensorsink")
 
 
 def crc32_of(buffers: Iterable[Buffer]) -> int:
@@ -85,7 +91,11 @@ def arrays_of(entry: FileEntry) -> list[list[Any]]:
 
 
 class Journal:
-    """One writer's append-only journal; opened on the first record."""
+    """One writer's append-only journal; opened on the first record.
+
+    A record is written whole or not at all: a short write is completed, and a failed one is cut off
+    again (the journal truncated to its last whole record) before its OSError reaches the writer.
+    """
 
     def __init__(self, root: str) -> None:
         self._root = root
@@ -93,6 +103,8 @@ class Journal:
             root, JOURNAL_DIR, f"journal-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         )
         self._fd: int | None = None
+        self._size = 0  # bytes of whole records in the journal
+        self._closed = False
         self._lock = threading.Lock()
 
     def append(self, key: str, path: str, nbytes: int, crc: int, fmt: str, arrays: list[list[Any]]) -> None:
@@ -107,10 +119,18 @@ class Journal:
         }
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:
+            if self._closed:
+                raise WriterClosedError(f"journal {self.path} is closed; no record for {path}")
             if self._fd is None:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
                 self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            os.write(self._fd, line)  # one write of a whole line: a kill cannot leave half a record
+            try:
+                write_buffers(self._fd, [line])  # one write() of a whole line, unless it comes up short
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)
+                raise OSError(exc.errno, f"{exc.strerror} (recording {path} in {self.path})", path) from exc
+            self._size += len(line)
 
     def sync(self) -> None:
         with self._lock:
@@ -119,6 +139,7 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fd is not None:
                 os.fsync(self._fd)
                 os.close(self._fd)
@@ -131,13 +152,19 @@ class Manifest:
 
     root: Path
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: "<journal>:<line>: why" for each line that is not a record (a torn last line is not counted).
+    damaged: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Manifest:
+        """Merge every journal under `root`. A damaged line is skipped and listed in `damaged` (and
+        logged): its file counts as unrecorded, so a resumed job writes it again."""
         manifest = cls(Path(root))
         records: list[dict[str, Any]] = []
         for journal in sorted((manifest.root / JOURNAL_DIR).glob("journal-*.jsonl")):
-            records.extend(_read_journal(journal))
+            records.extend(_read_journal(journal, manifest.damaged))
+        for problem in manifest.damaged:
+            log.warning("tensorsink: damaged journal line, skipped: %s", problem)
         for record in sorted(records, key=lambda r: r["time"]):
             manifest.records[record["path"]] = record
         return manifest
@@ -177,12 +204,27 @@ class Manifest:
             yield json.dumps(self.records[path], separators=(",", ":"))
 
 
-def _read_journal(path: Path) -> list[dict[str, Any]]:
+_RECORD_FIELDS = {"key": str, "path": str, "bytes": int, "crc32": str, "format": str, "time": float | int}
+
+
+def _read_journal(path: Path, damaged: list[str]) -> list[dict[str, Any]]:
+    """The records of one journal; each line that is not one is described in `damaged`."""
     records = []
-    with open(path, encoding="utf-8") as journal:
-        for line in journal:
-            if line.endswith("\n"):  # a line without its newline was cut by a crash: not a record
-                records.append(json.loads(line))
+    with open(path, "rb") as journal:
+        for number, raw in enumerate(journal, 1):
+            if not raw.endswith(b"\n"):  # the last line, cut by a kill: not a record, not damage
+                break
+            try:
+                record = json.loads(raw)
+                if not isinstance(record, dict):
+                    raise ValueError("not a JSON object")
+                for name, kind in _RECORD_FIELDS.items():
+                    if not isinstance(record.get(name), kind):
+                        raise ValueError(f"no valid {name!r}")
+            except ValueError as exc:
+                damaged.append(f"{path}:{number}: {exc}")
+                continue
+            records.append(record)
     return records
 
 
@@ -192,12 +234,23 @@ class VerifyReport:
     extra: list[str] = field(default_factory=list)
     size_mismatch: list[str] = field(default_factory=list)
     checksum_mismatch: list[str] = field(default_factory=list)
+    #: Files of a tensorsink format whose layout is not whole (a torn file), with why.
+    unreadable: list[str] = field(default_factory=list)
+    #: Journal lines that are not records ("<journal>:<line>: why").
+    damaged_journal: list[str] = field(default_factory=list)
     checked: int = 0
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return not (self.missing or self.extra or self.size_mismatch or self.checksum_mismatch)
+        return not (
+            self.missing
+            or self.extra
+            or self.size_mismatch
+            or self.checksum_mismatch
+            or self.unreadable
+            or self.damaged_journal
+        )
 
 
 def _files_under(root: Path) -> set[str]:
@@ -213,35 +266,47 @@ def _files_under(root: Path) -> set[str]:
 
 
 def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int = 8) -> VerifyReport:
-    """Compare the files under `root` with its manifest: missing, extra, wrong size, wrong CRC-32."""
+    """Compare the files under `root` with its manifest: missing, extra, wrong size, wrong CRC-32, and
+    files of a tensorsink format that are not whole in its layout (whatever their records say)."""
     start = time.perf_counter()
     manifest = Manifest.load(root)
-    report = VerifyReport()
+    report = VerifyReport(damaged_journal=list(manifest.damaged))
     on_disk = _files_under(manifest.root)
     report.extra = sorted(on_disk - manifest.records.keys())
-    present = sorted(manifest.records.keys() & on_disk)
-    report.missing = sorted(manifest.records.keys() - on_disk)
+    recorded = sorted(manifest.records)
+    formats = {f.value: format_for(f) for f in SaveFormat}
 
-    def check(path: str) -> str | None:
+    def check(path: str) -> tuple[str, str] | None:
         record = manifest.records[path]
-        full = manifest.root / path
+        full = manifest.root / path  # followed if it is a symlink: the file it names is what was written
         try:
             if os.stat(full).st_size != record["bytes"]:
-                return "size"
+                return "size", ""
+            fmt = formats.get(record["format"])
+            if fmt is not None:
+                try:
+                    fmt.check_file(os.fspath(full))
+                except FileNotFoundError:
+                    raise
+                except Exception as exc:
+                    return "unreadable", f"{path}: {exc}"
             if checksums and f"{crc32_of_path(full)[0]:08x}" != record["crc32"]:
-                return "checksum"
+                return "checksum", ""
         except FileNotFoundError:
-            return "missing"
+            return "missing", ""
         return None
 
+    problems = {
+        "size": report.size_mismatch,
+        "checksum": report.checksum_mismatch,
+        "missing": report.missing,
+        "unreadable": report.unreadable,
+    }
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for path, problem in zip(present, pool.map(check, present), strict=True):
-            if problem == "size":
-                report.size_mismatch.append(path)
-            elif problem == "checksum":
-                report.checksum_mismatch.append(path)
-            elif problem == "missing":
-                report.missing.append(path)
-    report.checked = len(present)
+        for path, problem in zip(recorded, pool.map(check, recorded), strict=True):
+            if problem is not None:
+                kind, why = problem
+                problems[kind].append(why or path)
+    report.checked = len(recorded) - len(report.missing)
     report.seconds = time.perf_counter() - start
     return report

@@ -127,6 +127,9 @@ class WriterOptions:
     manifest: bool = False
     #: Load the journals at construction and skip writes whose files they record, still whole.
     skip_existing: bool = False
+    #: Write through symlinked folders under the root (by default a symlink on a key's way is refused,
+    #: so that no key can create or replace files outside the root).
+    follow_symlinks: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

@@ -13,11 +13,16 @@ import numpy as np
 import torch
 
 from .arrays import Array, as_array, nbytes
+from .commit import is_temporary
 from .errors import InvalidKeyError, InvalidLayoutError, UnsupportedValueError
 from .formats import Container, FileEntry, Format
+from .manifest import JOURNAL_DIR
 from .options import DictMode
 
-__all__ = ["plan_files", "validate_key", "validate_suffix"]
+__all__ = ["file_path", "plan_files", "validate_key", "validate_suffix"]
+
+_NAME_MAX = 255  # bytes in one file or folder name (Linux, and most filesystems)
+_PATH_MAX = 4095  # bytes in a whole path
 
 _ACCEPTED = (
     "a torch.Tensor, a numpy.ndarray, a DLPack or CUDA-array-interface array (CuPy ...), "
@@ -38,6 +43,7 @@ def validate_key(key: object) -> str:
             f"key {key!r} must name a file: a non-empty relative path such as 'preds/scene_42', "
             "not ending in '/' and without NUL"
         )
+    _check_unicode(key, "key")
     parts = key.split("/")
     if key[0] == "/" or ".." in parts:
         raise InvalidKeyError(
@@ -48,7 +54,51 @@ def validate_key(key: object) -> str:
         if not parts:
             raise InvalidKeyError(f"key {key!r} names no file; give a relative path such as 'preds/scene_42'")
         key = "/".join(parts)
+    if parts[0] == JOURNAL_DIR:
+        raise InvalidKeyError(f"key {key!r} is under {JOURNAL_DIR}/, which holds tensorsink's journals")
+    if len(key) > _NAME_MAX // 4:  # shorter keys cannot have a part over NAME_MAX bytes
+        for part in parts:
+            if len(part.encode()) > _NAME_MAX:
+                raise InvalidKeyError(
+                    f"key {key!r} has a part of {len(part.encode())} bytes ({part[:20]!r}...); "
+                    f"a file or folder name holds at most {_NAME_MAX} bytes (UTF-8)"
+                )
     return key
+
+
+def _check_unicode(text: str, what: str) -> None:
+    """InvalidKeyError unless `text` is valid Unicode: no lone surrogates (Python's stand-ins for
+    undecodable bytes), so that it is one UTF-8 name on disk that every reader can open."""
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidKeyError(
+                f"{what} {text!r} is not valid Unicode ({exc.reason} at position {exc.start}); "
+                "names must be UTF-8 text, without lone surrogates or undecodable bytes"
+            ) from None
+
+
+def file_path(root: str, key: str, tail: str) -> str:
+    """`<root>/<key><tail>` once it is a name the file system and sweep() take: InvalidKeyError for a
+    file name over NAME_MAX or a path over PATH_MAX bytes, or one named like a temporary."""
+    path = f"{root}/{key}{tail}"
+    name = path[path.rfind("/") + 1 :]
+    if len(name) > _NAME_MAX // 4 and len(name.encode()) > _NAME_MAX:
+        raise InvalidKeyError(
+            f"key {key!r} makes the file name {name[:40]!r}... of {len(name.encode())} bytes; "
+            f"a file name holds at most {_NAME_MAX} bytes (UTF-8), its suffix included"
+        )
+    if len(path) > _PATH_MAX // 4 and len(path.encode()) > _PATH_MAX:
+        raise InvalidKeyError(
+            f"key {key!r} makes a path of {len(path.encode())} bytes under {root}; at most {_PATH_MAX} fit"
+        )
+    if name.endswith(".partial") and is_temporary(name):
+        raise InvalidKeyError(
+            f"key {key!r} makes the file name {name!r}, which is how tensorsink names its temporaries "
+            "(sweep() would delete it); choose another name"
+        )
+    return path
 
 
 def validate_suffix(suffix: str) -> str:
@@ -65,7 +115,7 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
     """
     container, names, arrays = _flatten(value, fmt)
     if container is Container.TENSOR:
-        return [FileEntry(f"{root}/{name}{fmt.suffix}", container, names, arrays, nbytes(arrays[0]))]
+        return [FileEntry(file_path(root, name, fmt.suffix), container, names, arrays, nbytes(arrays[0]))]
     if dict_mode is DictMode.SPLIT:
         if not arrays:
             raise InvalidLayoutError(
@@ -80,7 +130,11 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
             parts = tuple(str(i) for i in range(len(arrays)))
         return [
             FileEntry(
-                f"{root}/{name}_{part}{fmt.suffix}", Container.TENSOR, ("arr_0",), (array,), nbytes(array)
+                file_path(root, name, f"_{part}{fmt.suffix}"),
+                Container.TENSOR,
+                ("arr_0",),
+                (array,),
+                nbytes(array),
             )
             for part, array in zip(parts, arrays, strict=True)
         ]
@@ -89,7 +143,8 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
             f"{fmt.suffix} holds one array, but key {name!r} has a {container.value} of {len(arrays)}; "
             "use dict_mode=DictMode.SPLIT (one file per entry) or SaveFormat.NUMPY_NPZ"
         )
-    return [FileEntry(f"{root}/{name}{fmt.suffix}", container, names, arrays, sum(map(nbytes, arrays)))]
+    fmt.check_collection(name, container, names)
+    return [FileEntry(file_path(root, name, fmt.suffix), container, names, arrays, sum(map(nbytes, arrays)))]
 
 
 def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tuple[Array, ...]]:
@@ -103,6 +158,7 @@ def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tu
                 raise UnsupportedValueError(f"mapping key {entry_name!r} must be a str")
             if not entry_name:
                 raise InvalidKeyError("mapping key '' must be a non-empty str")
+            _check_unicode(entry_name, "mapping key")
         arrays = tuple(_checked(f"value[{n!r}]", value[n], fmt) for n in names)
         return Container.MAPPING, names, arrays
     if isinstance(value, (list, tuple)):
@@ -129,6 +185,12 @@ def _checked(where: str, given: object, fmt: Format) -> Array:
             )
         if value.is_meta:
             raise UnsupportedValueError(f"{where} is on the meta device and has no data to write")
+        if value.is_nested and not fmt.holds_nested:
+            raise UnsupportedValueError(
+                f"{where} is a nested tensor, which {fmt.suffix} cannot hold; write its parts "
+                "(tensor.unbind()) or a padded tensor (tensor.to_padded_tensor(0)), or use "
+                "SaveFormat.PYTORCH_PT"
+            )
     return value
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from .errors import WriterClosedError
 from .future import WriteFuture
 
-__all__ = ["Budget", "Pipeline"]
+__all__ = ["Budget", "Gate", "Pipeline"]
 
 log = logging.getLogger("tensorsink")
 
@@ -57,6 +57,38 @@ class Budget:
             self._cond.notify_all()
 
 
+class Gate:
+    """Lets calls in while open; close() shuts it and waits until every call let in has left, so
+    nothing a late write() does can happen after close() has returned."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._inside = 0
+        self.closed = False
+
+    def enter(self) -> bool:
+        with self._cond:
+            if self.closed:
+                return False
+            self._inside += 1
+            return True
+
+    def leave(self) -> None:
+        with self._cond:
+            self._inside -= 1
+            if self._inside == 0 and self.closed:
+                self._cond.notify_all()
+
+    def close(self) -> bool:
+        """Shut the gate and wait for the calls inside; True the first time only."""
+        with self._cond:
+            first = not self.closed
+            self.closed = True
+            while self._inside:
+                self._cond.wait()
+            return first
+
+
 class Pipeline:
     """Runs write jobs inline or on `workers` threads; remembers the first background failure."""
 
@@ -73,10 +105,13 @@ class Pipeline:
         return len(self._in_flight)
 
     def run_inline(self, job: Job, future: WriteFuture) -> WriteFuture:
-        """Run `job` on the caller's thread; its failure is raised here, to the caller, not kept."""
+        """Run `job` on the caller's thread; its failure is raised here, and fails the writer as a
+        background one does (one rule, wherever a write ran)."""
         try:
             future.set_result(job(future))
         except BaseException as exc:
+            if isinstance(exc, Exception):  # not a KeyboardInterrupt that happened to land here
+                self._record(exc)
             future.set_exception(exc)
             raise
         return future

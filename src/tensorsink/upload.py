@@ -41,6 +41,7 @@ _THROTTLING = frozenset(
 )
 _MAX_BACKOFF = 20.0
 _PART_CONCURRENCY = 4  # parts of one file in flight; files are already uploaded `workers` at a time
+_RECENT_DELETIONS = 1 << 16  # paths remembered as uploaded and removed (older ones: asked of the store)
 
 
 class UploadError(TensorsinkError, RuntimeError):
@@ -143,6 +144,7 @@ class S3Uploader(_ClosedOnExit):
         self.client: Any = client
         self.failed: list[tuple[Path, Exception]] = []
         self._uploaded = self._bytes = self._deleted = self._retries = 0
+        self._recently_deleted: dict[Path, None] = {}  # insertion-ordered, the oldest dropped first
         self._lock = threading.Lock()
         self._close_lock = threading.Lock()
         self._closed = False
@@ -207,7 +209,12 @@ class S3Uploader(_ClosedOnExit):
                 self.failed.append((path, exc))
 
     def _upload_once(self, path: Path, key: str) -> None:
-        before = os.stat(path)
+        try:
+            before = os.stat(path)
+        except FileNotFoundError:
+            if self.delete_local and self._already_uploaded(path, key):
+                return  # a rewrite's entry: its version went up with an earlier one, then was removed
+            raise
         self.client.upload_file(os.fspath(path), self.bucket, key, Config=self._transfer)
         if self.delete_local:
             size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
@@ -219,9 +226,24 @@ class S3Uploader(_ClosedOnExit):
                 os.unlink(path)
                 with self._lock:
                     self._deleted += 1
+                    self._recently_deleted[path] = None
+                    if len(self._recently_deleted) > _RECENT_DELETIONS:
+                        del self._recently_deleted[next(iter(self._recently_deleted))]
         with self._lock:
             self._uploaded += 1
             self._bytes += before.st_size
+
+    def _already_uploaded(self, path: Path, key: str) -> bool:
+        """Whether a path found missing was uploaded and removed by this uploader: every rewrite of a
+        key queues its path again, and an earlier entry may have taken the latest version already."""
+        with self._lock:
+            if path in self._recently_deleted:
+                return True
+        try:  # deleted long ago (a long backlog): the store still has what was uploaded then
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except self._errors.ClientError:
+            return False
+        return True
 
     def _transient(self, exc: BaseException) -> bool:
         """Whether another attempt may succeed: connection trouble, 5xx and throttling, also when

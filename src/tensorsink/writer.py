@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 from collections.abc import Callable, Sequence
@@ -13,14 +14,14 @@ from typing import Any
 from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
-from .commit import Committer
-from .errors import InvalidKeyError, WriterClosedError
+from .commit import Committer, find_symlink
+from .errors import InvalidKeyError, SymlinkError, WriterClosedError
 from .formats import Container, FileEntry, Format, format_for
 from .future import WriteFuture
 from .manifest import ChecksummedWrite, Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
-from .plan import plan_files, validate_key, validate_suffix
-from .scheduling import Job, Pipeline
+from .plan import file_path, plan_files, validate_key, validate_suffix
+from .scheduling import Gate, Job, Pipeline
 from .staging import Staged, Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
 
@@ -62,6 +63,7 @@ class AsyncWriter:
         kvikio_direct_io: bool = True,
         manifest: bool = False,
         skip_existing: bool = False,
+        follow_symlinks: bool = False,
     ) -> None:
         self.options = WriterOptions(
             out_root=Path(out_root),
@@ -81,17 +83,20 @@ class AsyncWriter:
             kvikio_direct_io=kvikio_direct_io,
             manifest=manifest,
             skip_existing=skip_existing,
+            follow_symlinks=follow_symlinks,
         )
         self._root = os.path.abspath(self.options.out_root)
         self._format: Format = format_for(self.options.save_format, self.options.align)
         self._route = Route(self.options, self._root, self._format)
-        self._committer = Committer(self.options.durability)
-        self._committer.make_directories(self._root)
+        self._committer = Committer(
+            self.options.durability, self._root, follow_symlinks=self.options.follow_symlinks
+        )
+        self._checked_folders: set[str] = {self._root}  # folders found free of symlinks
         self._stats = StatsRecorder()
         o = self.options
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
-        self._closed = False
+        self._gate = Gate()
         # A small write is cheaper on the caller than a queue hop, unless it waits for an fsync (~1 ms):
         # then the caller would stall on the disk, and workers can fsync several files at once.
         self._inline_ok = o.durability is Durability.NONE
@@ -139,10 +144,16 @@ class AsyncWriter:
         InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
         (RuntimeError), or the first background failure, before anything is queued.
         """
-        self._check_open(relative_path_no_ext)
-        self._pipeline.raise_if_failed()
-        name = validate_key(relative_path_no_ext)
+        self._enter(relative_path_no_ext)
+        try:
+            return self._write(relative_path_no_ext, to_save, copy)
+        finally:
+            self._gate.leave()
+
+    def _write(self, key: str | os.PathLike[str], to_save: object, copy: bool) -> WriteFuture:
+        name = validate_key(key)
         entries = plan_files(self._root, name, to_save, self._format, self.options.dict_mode)
+        self._check_folders(entries)
         if self._already_written(entries):
             return self._skipped([Path(entry.path) for entry in entries])
         keys = [name] * len(entries)
@@ -194,8 +205,19 @@ class AsyncWriter:
         same atomic commit: the temporary's name does not end in `suffix`, so name the format
         explicitly inside `save`. One future for the whole batch; its result lists every file.
         """
-        self._check_open(keys)
-        self._pipeline.raise_if_failed()
+        self._enter(keys)
+        try:
+            return self._write_batch(keys, batch, save, suffix)
+        finally:
+            self._gate.leave()
+
+    def _write_batch(
+        self,
+        keys: Sequence[str | os.PathLike[str]],
+        batch: object,
+        save: Callable[[Path, Any], None] | None,
+        suffix: str,
+    ) -> WriteFuture:
         names = [validate_key(key) for key in keys]
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -209,6 +231,7 @@ class AsyncWriter:
         planned = [
             self._plan_sample(name, sample, save, suffix) for name, sample in zip(names, samples, strict=True)
         ]
+        self._check_folders([entry for entries in planned for entry in entries])
         kept = [i for i, entries in enumerate(planned) if not self._already_written(entries)]
         if not kept:
             return self._skipped([Path(entry.path) for entries in planned for entry in entries], len(planned))
@@ -272,7 +295,8 @@ class AsyncWriter:
             return plan_files(self._root, name, sample, self._format, self.options.dict_mode)
         found = tensors_of(sample)
         container, names, arrays = found if found is not None else (Container.SEQUENCE, (), ())
-        return [FileEntry(f"{self._root}/{name}{suffix}", container, names, arrays, sum(map(nbytes, arrays)))]
+        path = file_path(self._root, name, suffix)
+        return [FileEntry(path, container, names, arrays, sum(map(nbytes, arrays)))]
 
     def _write_entries(
         self,
@@ -289,20 +313,20 @@ class AsyncWriter:
         try:
             for k, (entry, number) in enumerate(zip(entries, numbers, strict=True)):
                 write, backend = (writers[k], "posix") if writers is not None else self._file_writer(entry)
-                checked = None
+                replaced = None
                 if journal is not None:
                     # The format's buffers are checksummed as written; other writers' files are read back.
                     own_buffers = writers is None and backend == "posix"
                     write = checked = ChecksummedWrite(write, self._format if own_buffers else None, entry)
-                replaced = self._committer.commit(entry.path, number, write)
+                    kind = (
+                        Path(entry.path).suffix[1:] if writers is not None else self._format.save_format.value
+                    )
+                    replaced = _recorder(journal, keys[k], entry, checked, kind, upload_queue)
+                elif upload_queue is not None:
+                    replaced = functools.partial(upload_queue.put, Path(entry.path))
+                self._committer.commit(entry.path, number, write, replaced)
                 self._stats.file_committed(entry.nbytes, backend)
-                path = Path(entry.path)
-                if replaced and checked is not None and journal is not None:
-                    kind = path.suffix.lstrip(".") if writers is not None else self._format.save_format.value
-                    journal.append(keys[k], entry.path, checked.size, checked.crc, kind, arrays_of(entry))
-                if replaced and upload_queue is not None:
-                    upload_queue.put(path)
-                written.append(path)
+                written.append(Path(entry.path))
         except BaseException:
             self._stats.write_failed()
             raise
@@ -339,9 +363,29 @@ class AsyncWriter:
             )
         return self._done.done(validate_key(key))
 
-    def _check_open(self, key: object) -> None:
-        if self._closed:
+    def _enter(self, key: object) -> None:
+        """Admit one write() or write_batch() call: close() waits for every call admitted."""
+        if not self._gate.enter():
             raise WriterClosedError(f"write({key!r}) after close(); create a new AsyncWriter")
+        try:
+            self._pipeline.raise_if_failed()
+        except BaseException:
+            self._gate.leave()
+            raise
+
+    def _check_folders(self, entries: list[FileEntry]) -> None:
+        """SymlinkError, on the caller's thread, if a folder on the way to a file is a symlink (the
+        committer refuses them too, for folders that become links later)."""
+        if self.options.follow_symlinks:
+            return
+        checked = self._checked_folders
+        for entry in entries:
+            folder = entry.path.rpartition("/")[0]
+            if folder not in checked:
+                link = find_symlink(self._root, folder)
+                if link is not None:
+                    raise SymlinkError(link, os.path.realpath(link), self._root)
+                checked.add(folder)
 
     def flush(self) -> None:
         """Wait for every write made so far; raise the first background failure, if any."""
@@ -355,8 +399,7 @@ class AsyncWriter:
 
         Calling it again does nothing more than raise that failure again.
         """
-        if not self._closed:
-            self._closed = True
+        if self._gate.close():  # waits for the write() calls already admitted
             try:
                 self._pipeline.drain()
             finally:
@@ -390,7 +433,7 @@ class AsyncWriter:
         o = self.options
         return (
             f"AsyncWriter({str(o.out_root)!r}, save_format={o.save_format}, dict_mode={o.dict_mode}, "
-            f"workers={o.workers}, durability={o.durability}{', closed' if self._closed else ''})"
+            f"workers={o.workers}, durability={o.durability}{', closed' if self._gate.closed else ''})"
         )
 
 
@@ -415,6 +458,25 @@ def _sample_values(host: list[list[FileEntry]], samples: list[Any]) -> list[Any]
             else:
                 values.append(sample)  # not an array: text, numbers, whatever the writer takes
     return values
+
+
+def _recorder(
+    journal: Journal,
+    key: str,
+    entry: FileEntry,
+    checked: ChecksummedWrite,
+    kind: str,
+    upload_queue: queue.Queue[Path] | None,
+) -> Callable[[], None]:
+    """What runs right after a file's rename, under its path's lock: its journal record, then its
+    place on the upload queue, so both follow the order of the renames."""
+
+    def replaced() -> None:
+        journal.append(key, entry.path, checked.size, checked.crc, kind, arrays_of(entry))
+        if upload_queue is not None:
+            upload_queue.put(Path(entry.path))
+
+    return replaced
 
 
 def _saving(save: Callable[[Path, Any], None], value: Any) -> Callable[[int, str], None]:

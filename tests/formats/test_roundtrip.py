@@ -67,6 +67,42 @@ def test_views_and_non_contiguous_tensors_round_trip(tmp_path: Path, save_format
 
 @pytest.mark.parametrize("save_format", list(SaveFormat))
 @pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda t: t.reshape(-1)[::4][:1], id="one-element-stride-4"),
+        pytest.param(lambda t: t.reshape(1, -1).T[3], id="row-of-a-transposed-row"),
+        pytest.param(lambda t: t.reshape(-1)[:1].as_strided((1, 1, 1), (5, 7, 9)), id="one-element-3d"),
+    ],
+)
+def test_one_element_views_with_odd_strides_round_trip_in_every_dtype(
+    tmp_path: Path, save_format: SaveFormat, make
+) -> None:  # type: ignore[no-untyped-def]
+    """torch calls these contiguous, yet no byte view of them can be taken without a copy."""
+    for i, dtype in enumerate(SUPPORTED[save_format]):
+        value = make(random_tensor((8,), dtype, seed=i))
+        assert_same(_single(tmp_path / str(dtype), save_format, value), value)
+
+
+@pytest.mark.parametrize("save_format", list(SaveFormat))
+def test_a_batch_of_one_element_rows_with_odd_strides_round_trips(
+    tmp_path: Path, save_format: SaveFormat
+) -> None:
+    dtype = (
+        torch.bfloat16 if save_format in (SaveFormat.SAFETENSORS, SaveFormat.PYTORCH_PT) else torch.float32
+    )
+    batch = random_tensor((1, 8), dtype).T  # eight samples of shape (1,), each with stride 8
+    with AsyncWriter(tmp_path, save_format) as writer:
+        paths = writer.write_batch([f"s{i}" for i in range(8)], batch).result()
+    for i, path in enumerate(paths):
+        stored = read_back(path, save_format)
+        assert_same(
+            stored if save_format in (SaveFormat.PYTORCH_PT, SaveFormat.NUMPY_NPY) else stored["arr_0"],
+            batch[i],
+        )
+
+
+@pytest.mark.parametrize("save_format", list(SaveFormat))
+@pytest.mark.parametrize(
     "array",
     [
         np.arange(24, dtype=">i4").reshape(4, 6),

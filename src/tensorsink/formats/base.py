@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import enum
+import errno
 import os
+import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple, TypeAlias
@@ -12,10 +14,21 @@ from ..arrays import Array, byte_view, dtype_name
 from ..errors import UnsupportedValueError
 from ..options import SaveFormat
 
-__all__ = ["Buffer", "BufferFormat", "Container", "FileEntry", "Format", "HeaderFormat", "write_buffers"]
+__all__ = [
+    "Buffer",
+    "BufferFormat",
+    "Container",
+    "FdFile",
+    "FileEntry",
+    "Format",
+    "HeaderFormat",
+    "check_zip",
+    "write_buffers",
+]
 
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_GATHER_BYTES = 1 << 20  # small writes of a serializer are gathered up to this before one writev
 
 
 class Container(enum.Enum):
@@ -42,6 +55,8 @@ class Format(ABC):
     save_format: ClassVar[SaveFormat]
     #: False when a file holds exactly one array, so mappings and sequences need DictMode.SPLIT.
     holds_collections: ClassVar[bool] = True
+    #: Whether torch's nested (ragged) tensors can be stored.
+    holds_nested: ClassVar[bool] = False
 
     @property
     def suffix(self) -> str:
@@ -55,6 +70,11 @@ class Format(ABC):
                 f"use {self.alternatives(array)}"
             )
 
+    def check_collection(self, key: str, container: Container, names: tuple[str, ...]) -> None:
+        """Raise InvalidLayoutError or InvalidKeyError for a mapping or sequence this format cannot
+        store readably in one file (a reserved name, an empty collection). Most take any."""
+        return
+
     @abstractmethod
     def dtype_tag(self, array: Array) -> object | None:
         """How the format names the array's dtype, or None if it cannot store it."""
@@ -65,6 +85,11 @@ class Format(ABC):
     @abstractmethod
     def write(self, fd: int, entry: FileEntry) -> None:
         """Write the whole file for `entry` into the empty file open at `fd`."""
+
+    @abstractmethod
+    def check_file(self, path: str) -> None:
+        """Raise ValueError (or OSError) unless the file at `path` is whole in this format's layout:
+        what verify() asks, from headers and sizes alone, so no torn file passes for a good one."""
 
 
 class BufferFormat(Format):
@@ -90,6 +115,20 @@ class HeaderFormat(BufferFormat):
 
     def encode(self, entry: FileEntry) -> list[Buffer]:
         return [self.header(entry), *(byte_view(array, native=self.native_payload) for array in entry.arrays)]
+
+
+def check_zip(path: str) -> None:
+    """A ZIP (.npz, torch's .pt) is whole when its central directory is there and every member's
+    stored bytes lie inside the file; ValueError otherwise."""
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except zipfile.BadZipFile as exc:
+        raise ValueError(f"not a whole ZIP archive: {exc}") from None
+    for member in members:
+        if member.header_offset + 30 + len(member.filename) + member.compress_size > size:
+            raise ValueError(f"member {member.filename!r} runs past the end of the file")
 
 
 def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:
@@ -119,5 +158,39 @@ def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:
         if first == len(views):
             return total
         written = os.writev(fd, views[first : first + _IOV_MAX])
-        if written <= 0:
-            raise OSError(f"os.writev wrote {written} bytes to fd {fd}")
+        if written <= 0:  # no progress: a file system that would have us loop forever
+            raise OSError(errno.EIO, f"os.writev wrote {written} bytes of {total}, making no progress")
+
+
+class FdFile:
+    """A write-only file object over `fd` for serializers that ignore short writes (torch.save does).
+
+    Every byte handed to write() is written or an OSError is raised: small pieces are gathered and
+    written together with one writev, large ones go out as they are. Call flush() at the end.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._pending: list[Buffer] = []
+        self._pending_bytes = 0
+        self.written = 0
+
+    def write(self, data: Buffer) -> int:
+        view = memoryview(data).cast("B")
+        if self._pending_bytes + view.nbytes < _GATHER_BYTES:
+            self._pending.append(bytes(view))  # the serializer may reuse its buffer after write()
+            self._pending_bytes += view.nbytes
+        else:
+            self.written += write_buffers(self._fd, [*self._pending, view])
+            self._pending.clear()
+            self._pending_bytes = 0
+        return view.nbytes
+
+    def flush(self) -> None:
+        if self._pending:
+            self.written += write_buffers(self._fd, self._pending)
+            self._pending.clear()
+            self._pending_bytes = 0
+
+    def writable(self) -> bool:
+        return True

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import struct
 from functools import lru_cache
 
@@ -54,3 +56,18 @@ class NpyFormat(HeaderFormat):
         dtype = numpy_dtype(array)
         assert dtype is not None  # checked at write()
         return npy_header(dtype, tuple(array.shape), self.alignment)
+
+    def check_file(self, path: str) -> None:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            read_header = {
+                (1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0,
+            }
+            if version not in read_header:
+                raise ValueError(f".npy version {version} is not one tensorsink writes")
+            shape, _, dtype = read_header[version](file)
+            expected = file.tell() + math.prod(shape) * dtype.itemsize
+        size = os.path.getsize(path)
+        if size != expected:
+            raise ValueError(f"holds {size} bytes where its header promises {expected}")

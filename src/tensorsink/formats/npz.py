@@ -12,8 +12,9 @@ import zlib
 import numpy as np
 
 from ..arrays import Array, byte_view, host_array, numpy_dtype
+from ..errors import InvalidLayoutError
 from ..options import SaveFormat
-from .base import Buffer, BufferFormat, FileEntry
+from .base import Buffer, BufferFormat, Container, FileEntry, check_zip
 from .npy import npy_header
 
 __all__ = ["NpzFormat"]
@@ -31,6 +32,13 @@ class NpzFormat(BufferFormat):
 
     def dtype_tag(self, array: Array) -> np.dtype | None:
         return numpy_dtype(array)
+
+    def check_collection(self, key: str, container: Container, names: tuple[str, ...]) -> None:
+        if not names:
+            raise InvalidLayoutError(
+                f"the {container.value} for key {key!r} is empty: np.load cannot read an .npz without "
+                "members (it takes it for a pickle); write at least one array, or use SaveFormat.PYTORCH_PT"
+            )
 
     def encode(self, entry: FileEntry) -> list[Buffer]:
         buffers: list[Buffer] = []
@@ -50,6 +58,9 @@ class NpzFormat(BufferFormat):
         central = b"".join(directory)
         buffers += [central, _end_records(len(directory), len(central), offset)]
         return buffers
+
+    def check_file(self, path: str) -> None:
+        check_zip(path)
 
 
 def _local_header(name: bytes, crc: int, size: int) -> bytes:

@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import io
+from typing import IO, cast
 
 import torch
 
 from ..arrays import Array, compact_tensor, dtype_name, torch_dtype, torch_tensor
 from ..options import SaveFormat
-from .base import Container, FileEntry, Format
+from .base import Container, FdFile, FileEntry, Format, check_zip
 
 __all__ = ["PtFormat"]
 
 
 class PtFormat(Format):
     save_format = SaveFormat.PYTORCH_PT
+    holds_nested = True
 
     def dtype_tag(self, array: Array) -> torch.dtype | None:
         return torch_dtype(array)
@@ -31,5 +32,9 @@ class PtFormat(Format):
             obj = dict(zip(entry.names, tensors, strict=True))
         else:
             obj = tensors
-        with io.FileIO(fd, "wb", closefd=False) as file:
-            torch.save(obj, file)
+        file = FdFile(fd)  # io.FileIO would let torch.save drop the rest of a short write unnoticed
+        torch.save(obj, cast(IO[bytes], file))  # write() is all torch.save calls
+        file.flush()
+
+    def check_file(self, path: str) -> None:
+        check_zip(path)

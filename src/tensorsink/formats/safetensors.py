@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from functools import lru_cache
 
 from ..arrays import Array, nbytes, safetensors_dtype
+from ..errors import InvalidKeyError
 from ..options import SaveFormat
-from .base import FileEntry, HeaderFormat
+from .base import Container, FileEntry, HeaderFormat
 
 __all__ = ["SAFETENSORS_ALIGNMENT", "SafetensorsFormat", "safetensors_header"]
 
 #: safetensors pads its header so the data starts on a multiple of this.
 SAFETENSORS_ALIGNMENT = 8
+_METADATA = "__metadata__"
 
 
 @lru_cache(maxsize=256)  # outputs of a stream mostly share names, dtypes and shapes
@@ -21,7 +24,7 @@ def safetensors_header(
     tensors: tuple[tuple[str, str, tuple[int, ...], int], ...], alignment: int = SAFETENSORS_ALIGNMENT
 ) -> bytes:
     """The length prefix and JSON header for (name, dtype tag, shape, nbytes) laid out in that order."""
-    layout: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    layout: dict[str, object] = {_METADATA: {"format": "pt"}}
     start = 0
     for name, tag, shape, size in tensors:
         layout[name] = {"dtype": tag, "shape": list(shape), "data_offsets": [start, start + size]}
@@ -44,6 +47,13 @@ class SafetensorsFormat(HeaderFormat):
     def alternatives(self, array: Array) -> str:
         return "SaveFormat.PYTORCH_PT"
 
+    def check_collection(self, key: str, container: Container, names: tuple[str, ...]) -> None:
+        if _METADATA in names:
+            raise InvalidKeyError(
+                f"mapping key {_METADATA!r} of {key!r} is reserved by safetensors for the file's metadata; "
+                "rename the entry"
+            )
+
     def header(self, entry: FileEntry) -> bytes:
         return safetensors_header(
             tuple(
@@ -52,3 +62,18 @@ class SafetensorsFormat(HeaderFormat):
             ),
             self.alignment,
         )
+
+    def check_file(self, path: str) -> None:
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise ValueError("shorter than a safetensors length prefix")
+            (length,) = struct.unpack("<Q", prefix)
+            try:
+                layout = json.loads(file.read(min(length, 100 << 20)))
+            except ValueError as exc:
+                raise ValueError(f"its header is not whole JSON: {exc}") from None
+        end = max((t["data_offsets"][1] for n, t in layout.items() if n != _METADATA), default=0)
+        size, expected = os.path.getsize(path), 8 + length + end
+        if size != expected:
+            raise ValueError(f"holds {size} bytes where its header promises {expected}")
