@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import queue
 from collections.abc import Callable, Sequence
@@ -35,7 +34,9 @@ class AsyncWriter:
     `max_inflight_bytes` bytes) is full, and returns a WriteFuture; a worker writes the file into a
     temporary sibling and renames it into place. With durability NONE, payloads under `small_sync_bytes`
     are written on the caller's thread instead, where a queue hop would cost more than the write. A
-    failure in the background is raised by the next write(), by flush() and by close().
+    failed write, wherever it ran, is raised by the next write(), by flush() and by close(): a writer
+    that failed stays failed. Keys are checked at write() (see plan.validate_key); by default no key
+    may lead through a symlinked folder (`follow_symlinks`).
 
     CPU tensors and numpy arrays are not copied: do not modify them in place until the write's future
     is done (or flush() has returned). CUDA tensors (and CuPy or other DLPack arrays) go through a pool
@@ -313,7 +314,7 @@ class AsyncWriter:
         try:
             for k, (entry, number) in enumerate(zip(entries, numbers, strict=True)):
                 write, backend = (writers[k], "posix") if writers is not None else self._file_writer(entry)
-                replaced = None
+                record = None
                 if journal is not None:
                     # The format's buffers are checksummed as written; other writers' files are read back.
                     own_buffers = writers is None and backend == "posix"
@@ -321,12 +322,13 @@ class AsyncWriter:
                     kind = (
                         Path(entry.path).suffix[1:] if writers is not None else self._format.save_format.value
                     )
-                    replaced = _recorder(journal, keys[k], entry, checked, kind, upload_queue)
-                elif upload_queue is not None:
-                    replaced = functools.partial(upload_queue.put, Path(entry.path))
-                self._committer.commit(entry.path, number, write, replaced)
+                    record = _recorder(journal, keys[k], entry, checked, kind)
+                replaced = self._committer.commit(entry.path, number, write, record)
                 self._stats.file_committed(entry.nbytes, backend)
-                written.append(Path(entry.path))
+                path = Path(entry.path)
+                if replaced and upload_queue is not None:
+                    upload_queue.put(path)
+                written.append(path)
         except BaseException:
             self._stats.write_failed()
             raise
@@ -461,22 +463,11 @@ def _sample_values(host: list[list[FileEntry]], samples: list[Any]) -> list[Any]
 
 
 def _recorder(
-    journal: Journal,
-    key: str,
-    entry: FileEntry,
-    checked: ChecksummedWrite,
-    kind: str,
-    upload_queue: queue.Queue[Path] | None,
+    journal: Journal, key: str, entry: FileEntry, checked: ChecksummedWrite, kind: str
 ) -> Callable[[], None]:
-    """What runs right after a file's rename, under its path's lock: its journal record, then its
-    place on the upload queue, so both follow the order of the renames."""
-
-    def replaced() -> None:
-        journal.append(key, entry.path, checked.size, checked.crc, kind, arrays_of(entry))
-        if upload_queue is not None:
-            upload_queue.put(Path(entry.path))
-
-    return replaced
+    """A file's journal record, to be appended right after its rename, under its path's lock, so that
+    the records of rewrites follow the order of the renames."""
+    return lambda: journal.append(key, entry.path, checked.size, checked.crc, kind, arrays_of(entry))
 
 
 def _saving(save: Callable[[Path, Any], None], value: Any) -> Callable[[int, str], None]:
