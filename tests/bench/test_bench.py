@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,9 +16,10 @@ import torch
 
 from tensorsink import Backend, DictMode, Durability, SaveFormat
 from tensorsink.__main__ import main
-from tensorsink.bench import BenchConfig, Workload, parse_size
+from tensorsink.bench import BenchConfig, Workload, add_arguments, config_from, parse_size
 from tensorsink.bench.contenders import contenders_for
 from tensorsink.bench.environment import filesystem_of
+from tensorsink.bench.producer import ROTATION, outputs_for, produce, producer_contenders
 from tensorsink.bench.runner import Progress, measure
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -125,7 +127,8 @@ def test_cli_run_writes_json_and_png(tmp_path: Path, capsys: pytest.CaptureFixtu
     for heading in ("x ceiling", "In short", "output folder:"):
         assert heading in printed
     document = json.loads(report.read_text())
-    assert set(document) == {"environment", "config", "results"}
+    assert set(document) == {"environment", "config", "results", "producer"}
+    assert document["producer"] == [], "a producer workload runs only when named"
     assert {"cpus", "gpu", "filesystem", "kvikio", "date"} <= set(document["environment"])
     assert document["config"]["format"] == "npy"
     assert document["config"]["dict_mode"] == "split"
@@ -155,7 +158,10 @@ def test_default_folder_is_temporary_and_removed(tmp_path: Path, monkeypatch: py
 @pytest.mark.parametrize(
     ("argv", "message"),
     [(["--size", "64 furlongs"], "not understood"), (["--count", "0"], "must be 1 or more"),
-     (["--format", "hdf5"], "invalid choice")],
+     (["--format", "hdf5"], "invalid choice"), (["--count", "x"], "not a whole number"),
+     (["--workload", "producer", "--ops", "-1"], "must be 0 or more"),
+     (["--workload", "producer", "--wait-us", "-5"], "must be 0 or more"),
+     (["--workload", "producer", "--ops", "many"], "not a whole number")],
 )  # fmt: skip
 def test_bad_options_are_refused_before_anything_runs(
     argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -184,3 +190,93 @@ def test_python_dash_m_smoke(tmp_path: Path) -> None:
     assert "round 1/1 done" in done.stderr
     assert json.loads(report.read_text())["results"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_producer_runs_only_when_named_and_takes_its_overrides() -> None:
+    assert not [w for w in config_from(_args("--workload", "all")).workloads if w.producer]
+    (busy,) = config_from(_args("--workload", "producer", "--ops", "50", "--wait-us", "300")).workloads
+    assert (busy.ops, busy.wait_us, busy.item_size, busy.count) == (50, 300, 64 << 10, 2000)
+    mixed = config_from(_args("--workload", "small", "producer-nowait", "--ops", "7", "--size", "4KiB"))
+    small, nowait = mixed.workloads
+    assert (small.ops, small.item_size) == (0, 4096)
+    assert (nowait.ops, nowait.wait_us, nowait.item_size) == (7, 0, 4096)
+    with pytest.raises(SystemExit, match="--workload producer"):
+        config_from(_args("--workload", "small", "--wait-us", "10"))
+    with pytest.raises(ValueError, match="0 or more"):
+        Workload("p", 4096, 3, producer=True, ops=-1)
+
+
+def test_producer_step_holds_its_ops_wait_and_write() -> None:
+    workload = Workload("p", 4096, 5, producer=True, ops=4, wait_us=2000)
+    seen: list[int] = []
+    steps, calls = produce(workload, outputs_for(workload), lambda step, output: seen.append(step))
+    assert seen == list(range(5))
+    assert len(steps) == len(calls) == 5
+    assert min(steps) >= 2e-3, "the wait is part of every step"
+    assert all(call <= step for call, step in zip(calls, steps, strict=True))
+
+
+@pytest.mark.parametrize("size", [8 << 10, 80 << 10])  # on the caller's thread, and through the workers
+def test_producer_writers_write_every_output_under_its_step(tmp_path: Path, size: int) -> None:
+    workload = Workload("p", size, ROTATION + 3, producer=True, ops=2, wait_us=0)
+    outputs = outputs_for(workload)
+    assert len({id(t) for t in outputs}) == ROTATION
+    assert len({t.numpy().tobytes() for t in outputs}) == ROTATION, "distinct contents"
+    for contender in producer_contenders(SaveFormat.SAFETENSORS, DictMode.SINGLE, 2, Backend.AUTO):
+        root = tmp_path / contender.kind
+        root.mkdir()
+        sample = contender.run(root, workload, outputs, Durability.FILE)
+        assert len(sample.step_seconds) == workload.count
+        if contender.kind == "baseline":
+            assert sample.call_seconds == []
+            assert sample.drain_seconds is None
+            assert list(root.iterdir()) == []
+            continue
+        assert len(sample.call_seconds) == workload.count
+        assert sample.drain_seconds is not None
+        assert sorted(p.name for p in root.iterdir()) == ["p"]
+        assert sorted(p.name for p in (root / "p").iterdir()) == sorted(
+            f"{step}.safetensors" for step in range(workload.count)
+        ), contender.name
+        for step in range(workload.count):
+            (tensor,) = safetensors.torch.load_file(root / "p" / f"{step}.safetensors").values()
+            assert torch.equal(tensor, outputs[step % ROTATION]), (contender.name, step)
+
+
+def test_producer_cli_reports_step_ratios(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, report, chart = tmp_path / "out", tmp_path / "producer.json", tmp_path / "producer.png"
+    argv = ["bench", "--workload", "producer", "--count", "12", "--ops", "3", "--wait-us", "100",
+            "--size", "80KiB", "--rounds", "2", "--durability", "file", "none", "--out", str(out),
+            "--json", str(report), "--plot", str(chart)]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    for heading in ("step ratio", "Producer loop", "12 steps of 3 ops + 100 us wait + a 80 KiB output"):
+        assert heading in printed
+    assert "x ceiling" not in printed, "no throughput workload was asked for"
+    document = json.loads(report.read_text())
+    assert document["results"] == []
+    rows = {r["kind"]: r for r in document["producer"]}
+    assert set(rows) == {"baseline", "tensorsink", "peer"}
+    for row in rows.values():
+        assert row["step_ratio"] > 0
+        assert row["durability"] == "file", "the first durability given"
+        assert (row["steps"], row["ops"], row["wait_us"], row["item_size"]) == (12, 3, 100, 80 << 10)
+        assert len(row["step_us"]) == 2
+        assert row["median_step_us"] >= 100
+    assert rows["baseline"]["step_ratio"] == pytest.approx(1.0)
+    assert rows["baseline"]["files"] == 0
+    assert rows["baseline"]["call_p50_us"] is None
+    assert rows["tensorsink"]["files"] == 12, "every output, in every round"
+    assert rows["peer"]["files"] == 12
+    for kind in ("tensorsink", "peer"):
+        assert rows[kind]["call_p50_us"] is not None
+        assert rows[kind]["drain_seconds"] is not None
+        assert rows[kind]["files_per_s"] > 0
+    assert chart.read_bytes()[:8] == PNG_MAGIC
+    assert list(out.iterdir()) == []

@@ -12,23 +12,48 @@ import torch
 
 from ..options import Backend, DictMode, Durability, SaveFormat
 from .environment import describe
-from .report import header, summary, table, write_json, write_plot
-from .runner import BenchConfig, Progress, Row, measure, output_folder
+from .report import header, producer_summary, producer_table, summary, table, write_json, write_plot
+from .runner import BenchConfig, ProducerRow, Progress, Row, measure, measure_producer, output_folder
 from .workloads import PRESETS, Workload, parse_size
 
-__all__ = ["BenchConfig", "Row", "Workload", "add_arguments", "parse_size", "run"]
+__all__ = [
+    "BenchConfig",
+    "ProducerRow",
+    "Row",
+    "Workload",
+    "add_arguments",
+    "config_from",
+    "parse_size",
+    "run",
+]
 
 DEFAULT_WORKLOADS = ("mid", "small", "mapping")
+#: What `--workload all` runs: the throughput workloads. A producer run takes half a minute or more, so
+#: it runs only when named.
+ALL_WORKLOADS = tuple(name for name, w in PRESETS.items() if not w.producer)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     presets = ", ".join(w.describe() for w in PRESETS.values())
     parser.add_argument(
         "--workload", nargs="+", choices=[*PRESETS, "all"], default=list(DEFAULT_WORKLOADS),
-        help=f"which outputs to write (default: {' '.join(DEFAULT_WORKLOADS)}); {presets}",
+        help=f"which outputs to write (default: {' '.join(DEFAULT_WORKLOADS)}; "
+        f"all: {' '.join(ALL_WORKLOADS)}); {presets}. A producer workload times a launch-bound loop "
+        "with and without a writer, at the first durability given",
     )  # fmt: skip
     parser.add_argument("--size", type=_size, help='bytes per output, like "64MiB" (overrides the workload)')
-    parser.add_argument("--count", type=_positive, help="outputs per round (overrides the workload)")
+    parser.add_argument(
+        "--count", type=_positive, help="outputs per round, steps for a producer (overrides the workload)"
+    )
+    parser.add_argument(
+        "--ops",
+        type=_non_negative,
+        help="tiny torch ops per producer step (overrides the producer workloads)",
+    )
+    parser.add_argument(
+        "--wait-us", type=_non_negative,
+        help="GIL-free wait per producer step, in microseconds, standing in for device time (0: none)",
+    )  # fmt: skip
     parser.add_argument(
         "--format", default=SaveFormat.SAFETENSORS.value, choices=[f.value for f in SaveFormat]
     )
@@ -63,10 +88,24 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    value = _whole(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
@@ -77,16 +116,27 @@ def _device(choice: str) -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
 
 
+def _overridden(preset: Workload, args: argparse.Namespace) -> Workload:
+    """The preset with the sizes and counts given; a producer's ops and wait too."""
+    workload = dataclasses.replace(
+        preset, item_size=args.size or preset.item_size, count=args.count or preset.count
+    )
+    if not preset.producer:
+        return workload
+    ops = preset.ops if args.ops is None else args.ops
+    wait_us = preset.wait_us if args.wait_us is None else args.wait_us
+    return dataclasses.replace(workload, ops=ops, wait_us=wait_us)
+
+
 def config_from(args: argparse.Namespace) -> BenchConfig:
-    names = list(PRESETS) if "all" in args.workload else list(dict.fromkeys(args.workload))
-    workloads = [
-        dataclasses.replace(
-            PRESETS[name],
-            item_size=args.size or PRESETS[name].item_size,
-            count=args.count or PRESETS[name].count,
+    chosen = [n for name in args.workload for n in (ALL_WORKLOADS if name == "all" else [name])]
+    names = list(dict.fromkeys(chosen))
+    producer = [name for name in names if PRESETS[name].producer]
+    if (args.ops is not None or args.wait_us is not None) and not producer:
+        raise SystemExit(
+            "tensorsink bench: --ops and --wait-us apply to a producer workload: add --workload producer"
         )
-        for name in names
-    ]
+    workloads = [_overridden(PRESETS[name], args) for name in names]
     save_format = SaveFormat(args.format)
     default_mode = DictMode.SPLIT if save_format is SaveFormat.NUMPY_NPY else DictMode.SINGLE
     return BenchConfig(
@@ -112,15 +162,22 @@ def run(args: argparse.Namespace) -> int:
         progress = Progress()
         try:
             rows = measure(config, folder, progress)
+            producer_rows: list[ProducerRow] = measure_producer(config, folder, progress)
         finally:
             progress.close()
-    print(table(rows, {w.name: w.describe() for w in config.workloads}))
-    print(summary(rows))
+    described = {w.name: w.describe() for w in config.workloads}
+    if rows:
+        print(table(rows, described))
+        print(summary(rows))
+    if producer_rows:
+        print(producer_table(producer_rows, described))
+        print(producer_summary(producer_rows))
     if args.json:
-        write_json(args.json, environment, config.as_dict(), rows)
+        write_json(args.json, environment, config.as_dict(), rows, producer_rows)
         print(f"\nfigures written to {args.json}")
     if args.plot:
-        write_plot(args.plot, rows, f"tensorsink bench, {environment['date']}, {environment['cpus']} CPUs")
+        title = f"tensorsink bench, {environment['date']}, {environment['cpus']} CPUs"
+        write_plot(args.plot, rows, title, producer_rows)
         print(f"chart written to {args.plot}")
     sys.stdout.flush()
     return 0

@@ -26,7 +26,7 @@ from ..options import Backend, DictMode, Durability, SaveFormat
 from ..writer import AsyncWriter
 from .workloads import Item, item_bytes
 
-__all__ = ["Contender", "Sample", "contenders_for"]
+__all__ = ["SAVERS", "Contender", "PoolWriter", "Sample", "Saver", "contenders_for"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def contenders_for(
         Contender("peer: torch.save per sample", "peer", per_sample(_save_pt)),
         Contender("peer: np.save per sample", "peer", per_sample(_save_npy)),
         Contender("peer: safetensors.save_file", "peer", per_sample(_save_safetensors)),
-        Contender(f"peer: thread pool + {save_format.value}", "peer", thread_pool(_SAVERS[save_format])),
+        Contender(f"peer: thread pool + {save_format.value}", "peer", thread_pool(SAVERS[save_format])),
     ]
     return chosen
 
@@ -224,7 +224,7 @@ def _save_safetensors(stem: Path, item: Item) -> list[Path]:
     return [path]
 
 
-_SAVERS: dict[SaveFormat, Saver] = {
+SAVERS: dict[SaveFormat, Saver] = {
     SaveFormat.PYTORCH_PT: _save_pt,
     SaveFormat.NUMPY_NPY: _save_npy,
     SaveFormat.NUMPY_NPZ: _save_npz,
@@ -261,29 +261,61 @@ def _save_and_rename(save: Saver, root: Path, index: int, item: Item, durability
     _sync_directory(root, durability)
 
 
-def thread_pool(save: Saver) -> Callable[[Path, Sequence[Item], Durability], Sample]:
+class PoolWriter:
     """The common async design: ThreadPoolExecutor(4), save to a temporary and os.replace, at most 256
-    futures pending, items under 64,000 bytes saved on the caller's thread."""
+    futures pending, items under 64,000 bytes saved on the caller's thread.
+
+    One item per write() call, so the same design serves the throughput runs and the producer loop.
+    """
+
+    def __init__(self, save: Saver, root: Path, durability: Durability) -> None:
+        self._save, self._root, self._durability = save, root, durability
+        self._pool = ThreadPoolExecutor(4)
+        self._pending: set[Future[None]] = set()
+
+    def write(self, index: int, item: Item) -> None:
+        host = _host(item)
+        if item_bytes(host) < _SMALL_BYTES:
+            _save_and_rename(self._save, self._root, index, host, self._durability)
+            return
+        if len(self._pending) >= _MAX_PENDING:
+            done, self._pending = wait(self._pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                future.result()
+        self._pending.add(
+            self._pool.submit(_save_and_rename, self._save, self._root, index, host, self._durability)
+        )
+
+    def close(self) -> None:
+        """Wait for every pending save (raising the first failure), then stop the threads."""
+        try:
+            for future in self._pending:
+                future.result()
+            self._pending.clear()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> PoolWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:  # the failure in flight is the one to see, not a pending save's
+            self._pool.shutdown(wait=True)
+
+
+def thread_pool(save: Saver) -> Callable[[Path, Sequence[Item], Durability], Sample]:
+    """The common async design (PoolWriter), timed to its last file committed."""
 
     def run(root: Path, items: Sequence[Item], durability: Durability) -> Sample:
         calls = []
-        pending: set[Future[None]] = set()
         start = time.perf_counter()
-        with ThreadPoolExecutor(4) as pool:
+        with PoolWriter(save, root, durability) as writer:
             for index, item in enumerate(items):
                 began = time.perf_counter()
-                host = _host(item)
-                if item_bytes(host) < _SMALL_BYTES:
-                    _save_and_rename(save, root, index, host, durability)
-                else:
-                    if len(pending) >= _MAX_PENDING:
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in done:
-                            future.result()
-                    pending.add(pool.submit(_save_and_rename, save, root, index, host, durability))
+                writer.write(index, item)
                 calls.append(time.perf_counter() - began)
-            for future in pending:
-                future.result()
         return Sample(time.perf_counter() - start, calls)
 
     return run

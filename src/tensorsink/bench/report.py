@@ -9,9 +9,9 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from .runner import Row
+from .runner import ProducerRow, Row
 
-__all__ = ["header", "summary", "table", "write_json", "write_plot"]
+__all__ = ["header", "producer_summary", "producer_table", "summary", "table", "write_json", "write_plot"]
 
 
 def header(environment: Mapping[str, Any], config: Mapping[str, Any]) -> str:
@@ -30,6 +30,10 @@ def header(environment: Mapping[str, Any], config: Mapping[str, Any]) -> str:
 
 
 def _groups(rows: Sequence[Row]) -> list[list[Row]]:
+    return [list(g) for _, g in groupby(rows, key=lambda r: (r.workload, r.durability))]
+
+
+def _producer_groups(rows: Sequence[ProducerRow]) -> list[list[ProducerRow]]:
     return [list(g) for _, g in groupby(rows, key=lambda r: (r.workload, r.durability))]
 
 
@@ -78,22 +82,73 @@ def summary(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def producer_table(rows: Sequence[ProducerRow], describe: Mapping[str, str]) -> str:
+    """One block per producer workload: the step against the loop without a writer, the calls, the drain.
+
+    Times in microseconds but the drain's; step and call p99 are over every step of every round.
+    """
+    lines = []
+    for group in _producer_groups(rows):
+        first = group[0]
+        lines += [
+            "",
+            f"{describe[first.workload]}, durability={first.durability}",
+            f"  {'contender':<31}  {'step us':>7}  {'step ratio':>10}  {'loop ratio':>10}  {'step p99':>8}  "
+            f"{'call p50 us':>11}  {'call p99':>8}  {'files/s':>7}  {'drain s':>7}",
+        ]
+        for r in group:
+            rate = "-" if r.files_per_s is None else f"{r.files_per_s:,.0f}"
+            drain = "-" if r.drain_seconds is None else f"{r.drain_seconds:.3f}"
+            lines.append(
+                f"  {r.contender:<31}  {r.median_step_us:>7,.0f}  {r.step_ratio:>10.3f}  "
+                f"{r.loop_ratio:>10.3f}  {r.step_p99_us:>8,.0f}  {_micros(r.call_p50_us):>11}  "
+                f"{_micros(r.call_p99_us):>8}  {rate:>7}  {drain:>7}"
+            )
+    return "\n".join(lines)
+
+
+def producer_summary(rows: Sequence[ProducerRow]) -> str:
+    """A line per producer workload: how much each writer slows the step, and what is left to drain."""
+    lines = ["", "Producer loop (step ratio: median step over the loop without a writer; 1.00 is untouched):"]
+    for group in _producer_groups(rows):
+        base = next(r for r in group if r.kind == "baseline")
+        ours = next(r for r in group if r.kind == "tensorsink")
+        peers = [r for r in group if r.kind == "peer"]
+        others = "".join(
+            f", {p.contender.removeprefix('peer: ')} {p.step_ratio:.2f}x (drain {p.drain_seconds or 0:.3f} s)"
+            for p in peers
+        )
+        lines.append(
+            f"  {ours.workload} | {ours.durability}: tensorsink {ours.step_ratio:.2f}x "
+            f"({ours.median_step_us:,.0f} us a step against {base.median_step_us:,.0f} us; "
+            f"drain {ours.drain_seconds or 0:.3f} s){others}"
+        )
+    return "\n".join(lines)
+
+
 def write_json(
-    path: Path, environment: Mapping[str, Any], config: Mapping[str, Any], rows: Sequence[Row]
+    path: Path,
+    environment: Mapping[str, Any],
+    config: Mapping[str, Any],
+    rows: Sequence[Row],
+    producer_rows: Sequence[ProducerRow] = (),
 ) -> None:
     document = {
         "environment": dict(environment),
         "config": dict(config),
         "results": [asdict(r) for r in rows],
+        "producer": [asdict(r) for r in producer_rows],
     }
     path.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 
-_COLOURS = {"ceiling": "#9e9e9e", "tensorsink": "#1f77b4", "peer": "#ff7f0e"}
+_COLOURS = {"ceiling": "#9e9e9e", "baseline": "#9e9e9e", "tensorsink": "#1f77b4", "peer": "#ff7f0e"}
 
 
-def write_plot(path: Path, rows: Sequence[Row], title: str) -> None:
-    """A PNG: one panel per workload and durability, a bar of GB/s per contender."""
+def write_plot(
+    path: Path, rows: Sequence[Row], title: str, producer_rows: Sequence[ProducerRow] = ()
+) -> None:
+    """A PNG: one panel per workload and durability, a bar of GB/s (step ratio, for a producer) each."""
     try:
         import matplotlib
     except ImportError as exc:
@@ -101,16 +156,30 @@ def write_plot(path: Path, rows: Sequence[Row], title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = _groups(rows)
-    height = sum(0.3 * len(g) + 0.8 for g in groups)
-    figure, axes = plt.subplots(len(groups), 1, figsize=(9, height), squeeze=False)
-    for axis, group in zip(axes[:, 0], groups, strict=True):
-        names = [r.contender for r in reversed(group)]
-        values = [r.gb_per_s for r in reversed(group)]
-        axis.barh(names, values, color=[_COLOURS[r.kind] for r in reversed(group)])
-        axis.set_title(f"{group[0].workload}, durability={group[0].durability}", fontsize=9)
+    panels: list[tuple[str, list[tuple[str, str, float]], str]] = [
+        (
+            f"{g[0].workload}, durability={g[0].durability}",
+            [(r.contender, r.kind, r.gb_per_s) for r in g],
+            "GB/s",
+        )
+        for g in _groups(rows)
+    ]
+    panels += [
+        (
+            f"{g[0].workload}, durability={g[0].durability}",
+            [(r.contender, r.kind, r.step_ratio) for r in g],
+            "step time / the loop's without a writer (lower is better)",
+        )
+        for g in _producer_groups(producer_rows)
+    ]
+    height = sum(0.3 * len(bars) + 0.8 for _, bars, _ in panels)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(9, height), squeeze=False)
+    for axis, (heading, bars, unit) in zip(axes[:, 0], panels, strict=True):
+        shown = list(reversed(bars))
+        axis.barh([b[0] for b in shown], [b[2] for b in shown], color=[_COLOURS[b[1]] for b in shown])
+        axis.set_title(heading, fontsize=9)
         axis.tick_params(labelsize=8)
-        axis.set_xlabel("GB/s", fontsize=8)
+        axis.set_xlabel(unit, fontsize=8)
     figure.suptitle(title, fontsize=10)
     figure.tight_layout(rect=(0, 0, 1, 0.98))
     figure.savefig(path, format="png", dpi=100)

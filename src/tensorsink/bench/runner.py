@@ -19,9 +19,10 @@ import torch
 
 from ..options import Backend, DictMode, Durability, SaveFormat
 from .contenders import Contender, Sample, contenders_for
+from .producer import ProducerContender, ProducerSample, outputs_for, producer_contenders
 from .workloads import Item, Workload, item_bytes
 
-__all__ = ["BenchConfig", "Progress", "Row", "measure", "output_folder"]
+__all__ = ["BenchConfig", "ProducerRow", "Progress", "Row", "measure", "measure_producer", "output_folder"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,40 @@ class Row:
     backend: str | None
 
 
+@dataclass(frozen=True)
+class ProducerRow:
+    """One contender's figures on a producer workload: medians over the rounds (`_us` in microseconds)."""
+
+    workload: str
+    durability: str
+    contender: str
+    kind: str
+    steps: int
+    ops: int
+    wait_us: int
+    item_size: int
+    #: Files written in the round that wrote fewest (0 for the baseline).
+    files: int
+    #: Each round's median step.
+    step_us: list[float]
+    median_step_us: float
+    #: Over every step of every round: the stalls a median does not show.
+    step_p99_us: float
+    #: The headline: the median step over the baseline's; 1.0 means the writer costs the loop nothing.
+    step_ratio: float
+    #: The whole loop (the sum of its steps), and its ratio to the baseline's: what the stalls add up to.
+    loop_seconds: float
+    loop_ratio: float
+    #: The write() call (tensorsink) or the submit call (the pool); None for the baseline.
+    call_p50_us: float | None
+    call_p99_us: float | None
+    #: Files over the loop and the drain together; None for the baseline.
+    files_per_s: float | None
+    #: From the last step to the last file committed, apart from the steps; None for the baseline.
+    drain_seconds: float | None
+    backend: str | None
+
+
 class Progress:
     """A tqdm bar on a terminal; plain lines, one per finished round, in a batch job's log."""
 
@@ -85,6 +120,7 @@ class Progress:
         self._bar: Any = None
 
     def start(self, total: int) -> None:
+        self.close()
         if self._stream.isatty():
             try:
                 from tqdm import tqdm
@@ -105,6 +141,7 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
+            self._bar = None
 
 
 @contextmanager
@@ -143,15 +180,33 @@ def _ceiling_seconds(medians: dict[str, float], contenders: Sequence[Contender])
     return max([disk, *copies])
 
 
+def _timed_producer(
+    contender: ProducerContender,
+    folder: Path,
+    workload: Workload,
+    outputs: Sequence[torch.Tensor],
+    durability: Durability,
+) -> tuple[ProducerSample, int]:
+    root = Path(tempfile.mkdtemp(prefix="run-", dir=folder))
+    try:
+        sample = contender.run(root, workload, outputs, durability)
+        return sample, _count_files(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def measure(config: BenchConfig, folder: Path, progress: Progress) -> list[Row]:
     """Run every workload at every durability, contenders rotated each round; one Row per contender."""
     rows: list[Row] = []
+    workloads = [w for w in config.workloads if not w.producer]
+    if not workloads:
+        return rows
     contenders = contenders_for(
         config.save_format, config.dict_mode, config.workers, config.backend, config.device
     )
     passes = len(config.durabilities) * config.rounds + 1  # + the warm-up
-    progress.start(len(config.workloads) * passes * len(contenders))
-    for workload in config.workloads:
+    progress.start(len(workloads) * passes * len(contenders))
+    for workload in workloads:
         items = workload.items(config.device)
         total = sum(item_bytes(item) for item in items)
         for contender in contenders:  # warm-up, not counted: first-touch page faults, caches, imports
@@ -202,3 +257,85 @@ def measure(config: BenchConfig, folder: Path, progress: Progress) -> list[Row]:
                     )
                 )
     return rows
+
+
+def measure_producer(config: BenchConfig, folder: Path, progress: Progress) -> list[ProducerRow]:
+    """Run every producer workload at the first durability, contenders rotated each round."""
+    rows: list[ProducerRow] = []
+    workloads = [w for w in config.workloads if w.producer]
+    if not workloads:
+        return rows
+    contenders = producer_contenders(config.save_format, config.dict_mode, config.workers, config.backend)
+    durability = config.durabilities[0]  # a producer run is long; one durability is its story
+    progress.start(len(workloads) * (config.rounds + 1) * len(contenders))
+    for workload in workloads:
+        outputs = outputs_for(workload)
+        for contender in contenders:  # warm-up, not counted: page faults, the writers' threads, imports
+            progress.step(f"{workload.name} | warm-up | {contender.name}")
+            _timed_producer(contender, folder, workload, outputs, durability)
+        samples: dict[str, list[ProducerSample]] = {c.name: [] for c in contenders}
+        files: dict[str, list[int]] = {c.name: [] for c in contenders}
+        label = f"{workload.name} | {durability.value}"
+        started = time.perf_counter()
+        for round_ in range(config.rounds):
+            shift = round_ % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                progress.step(f"{label} | {contender.name}")
+                sample, count = _timed_producer(contender, folder, workload, outputs, durability)
+                samples[contender.name].append(sample)
+                files[contender.name].append(count)
+            elapsed = time.perf_counter() - started
+            progress.line(f"{label}: round {round_ + 1}/{config.rounds} done ({elapsed:.1f} s)")
+        baseline = next(c for c in contenders if c.kind == "baseline")
+        base = samples[baseline.name]
+        for contender in contenders:
+            rows.append(
+                _producer_row(
+                    workload, durability, contender, samples[contender.name], files[contender.name], base
+                )
+            )
+    return rows
+
+
+def _producer_row(
+    workload: Workload,
+    durability: Durability,
+    contender: ProducerContender,
+    runs: Sequence[ProducerSample],
+    files: Sequence[int],
+    baseline: Sequence[ProducerSample],
+) -> ProducerRow:
+    """One contender's rounds, reduced: medians over the rounds, ratios to the baseline's medians."""
+    base_step = statistics.median(statistics.median(s.step_seconds) for s in baseline)
+    base_loop = statistics.median(sum(s.step_seconds) for s in baseline)
+    step_medians = [statistics.median(s.step_seconds) for s in runs]
+    median_step = statistics.median(step_medians)
+    loop = statistics.median(sum(s.step_seconds) for s in runs)
+    calls = [c for s in runs for c in s.call_seconds]
+    p50, p99 = (np.percentile(calls, [50, 99]) * 1e6).tolist() if calls else (None, None)
+    drains = [s.drain_seconds for s in runs if s.drain_seconds is not None]
+    rates = [
+        count / (sum(s.step_seconds) + (s.drain_seconds or 0.0)) for s, count in zip(runs, files, strict=True)
+    ]
+    return ProducerRow(
+        workload=workload.name,
+        durability=durability.value,
+        contender=contender.name,
+        kind=contender.kind,
+        steps=workload.count,
+        ops=workload.ops,
+        wait_us=workload.wait_us,
+        item_size=workload.item_size,
+        files=min(files),
+        step_us=[m * 1e6 for m in step_medians],
+        median_step_us=median_step * 1e6,
+        step_p99_us=float(np.percentile([t for s in runs for t in s.step_seconds], 99) * 1e6),
+        step_ratio=median_step / base_step,
+        loop_seconds=loop,
+        loop_ratio=loop / base_loop,
+        call_p50_us=p50,
+        call_p99_us=p99,
+        files_per_s=statistics.median(rates) if contender.kind != "baseline" else None,
+        drain_seconds=statistics.median(drains) if drains else None,
+        backend=runs[-1].backend,
+    )

@@ -42,14 +42,35 @@ def item_bytes(item: Item) -> int:
 
 @dataclass(frozen=True)
 class Workload:
-    """`count` outputs of `item_size` bytes each, either one float32 tensor or a mapping of four."""
+    """`count` outputs of `item_size` bytes each, either one float32 tensor or a mapping of four.
+
+    A producer workload is a loop instead: `count` steps, each `ops` tiny torch ops, a GIL-free wait of
+    `wait_us` microseconds standing in for device time, then one output of `item_size` bytes. It measures
+    how much a writer slows the loop it serves, not how fast the bytes reach the disk.
+    """
 
     name: str
     item_size: int
     count: int
     mapping: bool = False
+    producer: bool = False
+    ops: int = 0
+    wait_us: int = 0
+
+    def __post_init__(self) -> None:
+        if self.item_size < 1 or self.count < 1:
+            raise ValueError(f"workload {self.name!r}: item_size and count must be at least 1")
+        if self.ops < 0 or self.wait_us < 0:
+            raise ValueError(f"workload {self.name!r}: ops and wait_us must be 0 or more")
+        if self.producer and self.mapping:
+            raise ValueError(f"workload {self.name!r}: a producer writes single tensors, not mappings")
 
     def describe(self) -> str:
+        if self.producer:
+            return (
+                f"{self.name}: {self.count:,} steps of {self.ops} ops + {self.wait_us} us wait "
+                f"+ a {format_size(self.item_size)} output"
+            )
         shape = "mappings of 4 tensors" if self.mapping else "tensors"
         return f"{self.name}: {self.count:,} {shape} of {format_size(self.item_size)}"
 
@@ -81,10 +102,14 @@ def _to(item: Item, device: torch.device) -> Item:
     return item.to(device)
 
 
-#: The workloads `--workload` names; `--size` and `--count` override their item size and count.
+#: The workloads `--workload` names; `--size` and `--count` override their item size and count (steps,
+#: for a producer), `--ops` and `--wait-us` a producer's ops and wait.
 PRESETS: dict[str, Workload] = {
     "large": Workload("large", 256 << 20, 4),
     "mid": Workload("mid", 2 << 20, 64),
     "small": Workload("small", 16 << 10, 1000),
     "mapping": Workload("mapping", 1 << 20, 64, mapping=True),
+    # A launch-bound step waiting on ~1 ms of device time, and one with no device time to hide the writes in.
+    "producer": Workload("producer", 64 << 10, 2000, producer=True, ops=20, wait_us=1000),
+    "producer-nowait": Workload("producer-nowait", 16 << 10, 2000, producer=True, ops=40, wait_us=0),
 }
