@@ -69,7 +69,7 @@ def test_durability_decides_the_fsyncs(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", spy)
-    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability=durability) as writer:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability=durability, engine="python") as writer:
         writer.write("d/x", torch.zeros(4)).result()
     assert synced.count("file") == file_syncs
     assert synced.count("dir") == directory_syncs
@@ -82,7 +82,7 @@ def test_full_durability_fsyncs_new_directories_in_their_parents(
     monkeypatch.setattr(
         commit_module, "fsync_directory", lambda d: synced.append(str(Path(d).relative_to(tmp_path)))
     )
-    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability="full") as writer:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, durability="full", engine="python") as writer:
         writer.write("a/b/x", torch.zeros(4)).result()
     assert synced == [".", "a", "a/b"]  # a in root, b in a, then x in b
 

@@ -26,6 +26,8 @@ from tensorsink import AsyncWriter, Durability, SaveFormat, WriteFuture, sweep
 from tests import faultfs
 from tests.support import assert_same, random_tensor, read_back
 
+pytestmark = pytest.mark.usefixtures("each_engine")  # every test, once per write engine
+
 FORMATS = list(SaveFormat)
 DURABILITIES = [d.value for d in Durability]
 
@@ -274,11 +276,11 @@ FAILS = {
 @pytest.mark.parametrize("save_format", FORMATS, ids=[f.value for f in FORMATS])
 @pytest.mark.parametrize("mode", list(FAILS))
 def test_injected_fault_leaves_whole_file_or_nothing(
-    faults: faultfs.Faults, mode: str, save_format: SaveFormat, durability: str
+    faults: faultfs.Faults, mode: str, save_format: SaveFormat, durability: str, each_engine: str
 ) -> None:
     """A short write is retried until the file is whole; EIO is raised to the caller and leaves no
     file (after a failed directory fsync the renamed file may stay, whole) and no temporary."""
-    name = f"{mode}-{save_format.value}-{durability}"
+    name = f"{each_engine}-{mode}-{save_format.value}-{durability}"
     directory = faults.mount / name
     directory.mkdir()  # before the fault: a new directory is fsynced in its parent at "full"
     value = sample(save_format)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.usefixtures("each_engine")  # every test, once per write engine
+
 # Runs in a child: writes that cannot fit must fail with `errno`, leaving the directory as it was.
 CHILD = textwrap.dedent(
     """

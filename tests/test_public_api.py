@@ -42,6 +42,7 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
         "manifest": False,
         "skip_existing": False,
         "follow_symlinks": False,
+        "engine": "auto",
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])
 

@@ -20,6 +20,7 @@ __all__ = [
     "dtype_name",
     "host_array",
     "is_array",
+    "is_plain_host",
     "nbytes",
     "numpy_dtype",
     "safetensors_dtype",
@@ -93,6 +94,19 @@ def as_array(value: object) -> Array | None:
             torch.cuda.current_stream(tensor.device).wait_stream(producer)
         return tensor
     return None
+
+
+def is_plain_host(array: Array) -> bool:
+    """Whether the array's bytes can be viewed as they are, in host memory: C-contiguous, native
+    byte order, no lazy conjugate or negation (so a byte view costs no copy)."""
+    if isinstance(array, np.ndarray):
+        return bool(array.flags.c_contiguous) and array.dtype.isnative
+    return (
+        array.is_cpu
+        and array.is_contiguous()
+        and not (array.is_conj() or array.is_neg())
+        and (array.numel() != 1 or not array.dim() or array.stride(-1) == 1)
+    )
 
 
 def dtype_name(array: Array) -> str:

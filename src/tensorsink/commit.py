@@ -17,6 +17,7 @@ import re
 import secrets
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,7 +29,7 @@ __all__ = ["Committer", "DirectorySync", "KeyOrder", "find_symlink", "is_tempora
 _TEMP_PATTERN = re.compile(r"^\..+\.tsink-[0-9a-f]+\.partial$", re.DOTALL)
 # Bytes of the final name kept in its temporary's name: with the rest (at most 47 bytes) it fits NAME_MAX.
 _NAME_KEPT = 200
-_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
 def is_temporary(name: str) -> bool:
@@ -176,22 +177,31 @@ class Committer:
             name = name.encode("utf-8", "surrogateescape")[:_NAME_KEPT].decode("utf-8", "ignore")
         return f"{directory}/.{name}.tsink-{self._token}{next(self._counter):x}.partial"
 
-    def commit(
-        self,
-        final: str,
-        number: int,
-        write: Callable[[int, str], None],
-        replaced: Callable[[], None] | None = None,
-    ) -> bool:
-        """Write `final` through a temporary, by `write(fd, temporary_path)`; False if a later write to
-        it had already been committed. `replaced()` runs right after the rename, before any later
-        write to `final` can be renamed, so what it records follows the order of the renames."""
+    def commit(self, final: str, number: int, write: Callable[[int, str], None]) -> float | None:
+        """Write `final` through a temporary, by `write(fd, temporary_path)`; returns the time.time()
+        of its rename, or None if a later write to it had been committed already."""
         directory, _, name = final.rpartition("/")
         temporary = self.temporary_for(directory, name)
-        fd = self._create(directory, temporary)
+        fd = self.open_temporary(directory, temporary)
+        return self.finish(final, number, temporary, fd, write)
+
+    def create(self, final: str) -> tuple[int, str]:
+        """A new temporary for `final`, open for writing: its descriptor and path."""
+        directory, _, name = final.rpartition("/")
+        temporary = self.temporary_for(directory, name)
+        return self.open_temporary(directory, temporary), temporary
+
+    def finish(
+        self, final: str, number: int, temporary: str, fd: int, write: Callable[[int, str], None] | None
+    ) -> float | None:
+        """The rest of commit() for a temporary open at `fd`: write it (unless `write` is None), fsync,
+        close, rename in order, fsync the folder; on failure the temporary is removed."""
+        directory = final.rpartition("/")[0]
+        renamed_at = None
         try:
             try:
-                write(fd, temporary)
+                if write is not None:
+                    write(fd, temporary)
                 if self.durability is not Durability.NONE:
                     os.fsync(fd)
             finally:
@@ -200,8 +210,7 @@ class Committer:
                 latest = self.order.should_replace(final, number)
                 if latest:
                     os.replace(temporary, final)
-                    if replaced is not None:
-                        replaced()
+                    renamed_at = time.time()
             if not latest:
                 os.unlink(temporary)
         except OSError as exc:
@@ -217,9 +226,10 @@ class Committer:
             raise
         if latest and self.durability is Durability.FULL:
             self._directory_sync.sync(directory)
-        return latest
+        return renamed_at
 
-    def _create(self, directory: str, temporary: str) -> int:
+    def open_temporary(self, directory: str, temporary: str) -> int:
+        """Create `temporary` (exclusively) in `directory`, making the folders it needs."""
         if directory not in self._known_directories:
             self.make_directories(directory)
         try:
@@ -272,8 +282,9 @@ class Committer:
 
 
 def _naming(exc: OSError, final: str) -> OSError:
-    """`exc`, or the same error naming `final` where it names no file (a failed writev or fsync)."""
-    if exc.filename is not None or type(exc).__module__ != "builtins" or exc.errno is None:
+    """The same error naming `final`, the file the caller asked for, rather than its temporary (or no
+    file at all, as a failed writev or fsync says)."""
+    if exc.filename == final or type(exc).__module__ != "builtins" or exc.errno is None:
         return exc
     return type(exc)(exc.errno, exc.strerror, final)
 

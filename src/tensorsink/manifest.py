@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +31,10 @@ from typing import Any
 
 from .arrays import dtype_name
 from .errors import WriterClosedError
-from .formats import Buffer, BufferFormat, FileEntry, Format, format_for, write_buffers
+from .formats import Buffer, FileEntry, format_for, write_buffers
 from .options import SaveFormat
 
-__all__ = ["JOURNAL_DIR", "ChecksummedWrite", "Journal", "Manifest", "VerifyReport", "crc32_of", "verify"]
+__all__ = ["JOURNAL_DIR", "Journal", "Manifest", "VerifyReport", "crc32_of", "crc32_of_path", "verify"]
 
 JOURNAL_DIR = ".tensorsink"
 _READ_CHUNK = 8 << 20
@@ -66,25 +66,6 @@ def crc32_of_path(path: str | os.PathLike[str]) -> tuple[int, int]:
         os.close(fd)
 
 
-class ChecksummedWrite:
-    """A file writer that also takes the file's CRC-32 and size: from the buffers it writes where the
-    format is a list of buffers (no second pass over memory), else by reading the file back."""
-
-    def __init__(self, write: Callable[[int, str], None], fmt: Format | None, entry: FileEntry) -> None:
-        self._write = write
-        self._buffers = fmt.encode(entry) if isinstance(fmt, BufferFormat) else None
-        self.crc = 0
-        self.size = 0
-
-    def __call__(self, fd: int, path: str) -> None:
-        if self._buffers is None:
-            self._write(fd, path)
-            self.crc, self.size = crc32_of_path(path)  # by name: some writers close the fd they get
-            return
-        self.size = write_buffers(fd, self._buffers)
-        self.crc = crc32_of(self._buffers)
-
-
 def arrays_of(entry: FileEntry) -> list[list[Any]]:
     """[name, dtype, shape] of each array in a file, as the record lists them."""
     return [[name, dtype_name(a), list(a.shape)] for name, a in zip(entry.names, entry.arrays, strict=True)]
@@ -107,7 +88,10 @@ class Journal:
         self._closed = False
         self._lock = threading.Lock()
 
-    def append(self, key: str, path: str, nbytes: int, crc: int, fmt: str, arrays: list[list[Any]]) -> None:
+    def append(
+        self, key: str, path: str, nbytes: int, crc: int, fmt: str, arrays: list[list[Any]], renamed_at: float
+    ) -> None:
+        """Record a committed file; `renamed_at` (its rename's time.time()) orders rewrites of a path."""
         record = {
             "key": key,
             "path": os.path.relpath(path, self._root).replace(os.sep, "/"),
@@ -115,7 +99,7 @@ class Journal:
             "crc32": f"{crc:08x}",
             "format": fmt,
             "arrays": arrays,
-            "time": round(time.time(), 6),
+            "time": round(renamed_at, 6),
         }
         line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
         with self._lock:

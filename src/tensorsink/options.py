@@ -130,6 +130,9 @@ class WriterOptions:
     #: Write through symlinked folders under the root (by default a symlink on a key's way is refused,
     #: so that no key can create or replace files outside the root).
     follow_symlinks: bool = False
+    #: The write engine: "native" (C threads, off the interpreter), "python" (its pure-Python twin), or
+    #: "auto": native where it was built at install.
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -148,6 +151,8 @@ class WriterOptions:
             _check_align(self.align, self.save_format)
         if self.pinned_pool_bytes is not None:
             _positive_int("pinned_pool_bytes", self.pinned_pool_bytes, 4096)
+        if self.engine not in ("auto", "native", "python"):
+            raise ValueError(f"engine={self.engine!r} is not valid; use 'auto', 'native' or 'python'")
         if self.skip_existing and not self.manifest:
             raise ValueError("skip_existing=True needs manifest=True: skipping relies on the journals")
         if self.upload_queue is not None and not callable(getattr(self.upload_queue, "put", None)):

@@ -16,9 +16,6 @@ __all__ = ["Budget", "Gate", "Pipeline"]
 
 log = logging.getLogger("tensorsink")
 
-#: A write's work; it may mark its future staged before it is done.
-Job = Callable[[WriteFuture], list[Path]]
-
 
 class Budget:
     """Backpressure: at most `max_count` writes and `max_bytes` payload bytes in flight.
@@ -90,7 +87,11 @@ class Gate:
 
 
 class Pipeline:
-    """Runs write jobs inline or on `workers` threads; remembers the first background failure."""
+    """Admits writes under the budget, tracks them until they finish, and keeps the first failure.
+
+    Its threads (`executor`) prepare the writes whose bytes are not ready at write(): they wait for
+    staging copies and run custom writers; the engine does the writing.
+    """
 
     def __init__(self, workers: int, max_count: int, max_bytes: int) -> None:
         self.budget = Budget(max_count, max_bytes)
@@ -104,45 +105,30 @@ class Pipeline:
     def in_flight(self) -> int:
         return len(self._in_flight)
 
-    def run_inline(self, job: Job, future: WriteFuture) -> WriteFuture:
-        """Run `job` on the caller's thread; its failure is raised here, and fails the writer as a
-        background one does (one rule, wherever a write ran)."""
-        try:
-            future.set_result(job(future))
-        except BaseException as exc:
-            if isinstance(exc, Exception):  # not a KeyboardInterrupt that happened to land here
-                self._record(exc)
-            future.set_exception(exc)
-            raise
-        return future
-
-    def submit(self, job: Job, nbytes: int, future: WriteFuture) -> float:
-        """Queue `job` once the budget has room; returns the seconds spent blocked for it."""
+    def admit(self, nbytes: int, future: WriteFuture) -> float:
+        """Take room for a write once the budget has it; returns the seconds spent blocked."""
         blocked = self.budget.acquire(nbytes)
         with self._in_flight_lock:
             self._in_flight.add(future)
-        try:
-            self.executor.submit(self._run, job, nbytes, future)
-        except RuntimeError as exc:  # the executor was shut down by a concurrent close()
-            self._forget(future)
-            self.budget.release(nbytes)
-            raise WriterClosedError("the writer was closed while this write() waited for room") from exc
         return blocked
 
-    def _run(self, job: Job, nbytes: int, future: WriteFuture) -> None:
+    def prepare(self, job: Callable[[], None]) -> None:
+        """Run `job` (which finishes its write itself, also on failure) on a worker thread."""
         try:
-            result = job(future)
-        except BaseException as exc:
-            self._record(exc)
-            self.budget.release(nbytes)
-            future.set_exception(exc)
-        else:
-            self.budget.release(nbytes)
-            future.set_result(result)
-        finally:
-            self._forget(future)
+            self.executor.submit(job)
+        except RuntimeError as exc:  # the executor was shut down: cannot happen while close() waits
+            raise WriterClosedError("the writer was closed while this write() was starting") from exc
 
-    def _forget(self, future: WriteFuture) -> None:
+    def finish(
+        self, nbytes: int, future: WriteFuture, result: list[Path] | None, error: BaseException | None
+    ) -> None:
+        """A write is done: give back its room, complete its future; a failure fails the writer."""
+        self.budget.release(nbytes)
+        if error is not None:
+            self._record(error)
+            future.set_exception(error)
+        else:
+            future.set_result(result or [])
         with self._in_flight_lock:
             self._in_flight.discard(future)
 
@@ -151,15 +137,16 @@ class Pipeline:
             if self._error is None:
                 self._error = exc
                 return
-        log.error("tensorsink: a further background write failed: %r", exc)
+        if exc is not self._error:
+            log.error("tensorsink: a further write failed: %r", exc)
 
     def raise_if_failed(self) -> None:
-        """Raise the first background failure, if any (every time: a failed writer stays failed)."""
+        """Raise the first failure, if any (every time: a failed writer stays failed)."""
         if self._error is not None:
             raise self._error
 
     def drain(self) -> None:
-        """Wait for every write submitted before this call."""
+        """Wait for every write admitted before this call."""
         with self._in_flight_lock:
             pending = list(self._in_flight)
         wait(pending)

@@ -26,6 +26,8 @@ class WriterStats:
     bytes_by_backend: dict[str, int] = field(default_factory=dict)
     #: Writes (or batch samples) skipped with skip_existing because a journal records their files.
     skipped: int = 0
+    #: The write engine that commits the files: "native" or "python".
+    engine: str = "python"
 
     @property
     def bytes_per_second(self) -> float:
@@ -89,7 +91,14 @@ class StatsRecorder:
             with self._lock:
                 self._blocked += seconds
 
-    def snapshot(self, in_flight: int, pinned_pool_bytes: int = 0, pinned_peak_bytes: int = 0) -> WriterStats:
+    def snapshot(
+        self,
+        in_flight: int,
+        pinned_pool_bytes: int = 0,
+        pinned_peak_bytes: int = 0,
+        *,
+        engine: str = "python",
+    ) -> WriterStats:
         with self._lock:
             elapsed = 0.0
             if self._first is not None and self._last is not None:
@@ -105,4 +114,5 @@ class StatsRecorder:
                 pinned_peak_bytes,
                 dict(self._by_backend),
                 self._skipped,
+                engine,
             )

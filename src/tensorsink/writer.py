@@ -2,29 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
-from .arrays import nbytes
+from .arrays import is_plain_host, nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
 from .commit import Committer, find_symlink
+from .engine import Engine, FileJob, FileOutcome, PythonEngine, engine_class
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError
-from .formats import Container, FileEntry, Format, format_for
+from .formats import BufferFormat, Container, FileEntry, Format, format_for
 from .future import WriteFuture
-from .manifest import ChecksummedWrite, Journal, Manifest, arrays_of
+from .manifest import Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .plan import file_path, plan_files, validate_key, validate_suffix
-from .scheduling import Gate, Job, Pipeline
+from .scheduling import Gate, Pipeline
 from .staging import Staged, Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
 
 __all__ = ["AsyncWriter"]
+
+log = logging.getLogger("tensorsink")
 
 
 class AsyncWriter:
@@ -65,6 +70,7 @@ class AsyncWriter:
         manifest: bool = False,
         skip_existing: bool = False,
         follow_symlinks: bool = False,
+        engine: str = "auto",
     ) -> None:
         self.options = WriterOptions(
             out_root=Path(out_root),
@@ -85,11 +91,12 @@ class AsyncWriter:
             manifest=manifest,
             skip_existing=skip_existing,
             follow_symlinks=follow_symlinks,
+            engine=engine,
         )
         self._root = os.path.abspath(self.options.out_root)
         self._format: Format = format_for(self.options.save_format, self.options.align)
         self._route = Route(self.options, self._root, self._format)
-        self._committer = Committer(
+        self._committer = Committer(  # names and creates temporaries; the engine commits them
             self.options.durability, self._root, follow_symlinks=self.options.follow_symlinks
         )
         self._checked_folders: set[str] = {self._root}  # folders found free of symlinks
@@ -98,11 +105,30 @@ class AsyncWriter:
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._gate = Gate()
-        # A small write is cheaper on the caller than a queue hop, unless it waits for an fsync (~1 ms):
-        # then the caller would stall on the disk, and workers can fsync several files at once.
-        self._inline_ok = o.durability is Durability.NONE
         self._journal = Journal(self._root) if o.manifest else None
         self._done = Manifest.load(self._root) if o.skip_existing else None
+        self._engine = self._make_engine()
+        inline = self._engine.name == "python" and o.durability is Durability.NONE
+        self._inline_below = o.small_sync_bytes if inline else 0
+        log.info(
+            "tensorsink: %s engine, %d threads, writing into %s", self._engine.name, o.workers, self._root
+        )
+
+    def _make_engine(self) -> Engine:
+        o = self.options
+        kind = engine_class(o.engine)
+        if kind is PythonEngine:
+            # A small write is cheaper on the caller than a queue hop in Python, unless it waits for an
+            # fsync (~1 ms): then the caller would stall on the disk, and workers can fsync several at once.
+            return PythonEngine(
+                o.workers,
+                o.durability,
+                self._root,
+                self._completed,
+                follow_symlinks=o.follow_symlinks,
+                inline_below=o.small_sync_bytes,
+            )
+        return kind(o.workers, o.durability, self._root, self._completed, follow_symlinks=o.follow_symlinks)
 
     # The original AsyncWriter's attributes.
     @property
@@ -131,6 +157,7 @@ class AsyncWriter:
 
     @property
     def pool(self) -> ThreadPoolExecutor:
+        """The threads that wait for staging copies and run custom writers (the engine writes)."""
         return self._pipeline.executor
 
     def write(
@@ -147,47 +174,28 @@ class AsyncWriter:
         """
         self._enter(relative_path_no_ext)
         try:
-            return self._write(relative_path_no_ext, to_save, copy)
+            name = validate_key(relative_path_no_ext)
+            entries = plan_files(self._root, name, to_save, self._format, self.options.dict_mode)
+            self._check_folders(entries)
+            if self._already_written(entries):
+                return self._skipped([Path(entry.path) for entry in entries])
+            entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
+            future = WriteFuture(staged_apart=staged is not None or copy)
+            if copy:
+                future.set_staged()
+            pending = _Write(future, entries, [name] * len(entries), staged)
+            if staged is None:
+                return self._start(pending, None)
+
+            def ready() -> tuple[list[FileEntry], None]:
+                host = staged.wait()
+                if not staged.on_device:
+                    future.set_staged()
+                return host, None
+
+            return self._start(pending, ready)
         finally:
             self._gate.leave()
-
-    def _write(self, key: str | os.PathLike[str], to_save: object, copy: bool) -> WriteFuture:
-        name = validate_key(key)
-        entries = plan_files(self._root, name, to_save, self._format, self.options.dict_mode)
-        self._check_folders(entries)
-        if self._already_written(entries):
-            return self._skipped([Path(entry.path) for entry in entries])
-        keys = [name] * len(entries)
-        entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
-        order = self._committer.order
-        numbers = [order.reserve(entry.path) for entry in entries]
-        nbytes = sum(entry.nbytes for entry in entries)
-        self._stats.write_started()
-
-        if staged is None:
-
-            def job(future: WriteFuture) -> list[Path]:
-                return self._write_entries(entries, numbers, keys)
-
-            if nbytes < self.options.small_sync_bytes and self._inline_ok:
-                return self._pipeline.run_inline(job, WriteFuture())
-        else:
-            self._stats.blocked(staged.blocked_seconds)
-            nbytes -= staged.pooled_bytes  # the pool is their budget
-
-            def job(future: WriteFuture) -> list[Path]:
-                try:
-                    ready_entries = staged.wait()
-                    if not staged.on_device:
-                        future.set_staged()
-                    return self._write_entries(ready_entries, numbers, keys)
-                finally:
-                    staged.release()
-
-        future = WriteFuture(staged_apart=staged is not None or copy)
-        if copy:
-            future.set_staged()
-        return self._submit(job, nbytes, future, entries, staged)
 
     def write_batch(
         self,
@@ -243,51 +251,150 @@ class AsyncWriter:
         else:
             to_stage = [FileEntry("", layout.container, layout.names, layout.arrays, layout.nbytes)]
         _, staged = self._stager.stage(to_stage)
-        order = self._committer.order
         flat = [entry for entries in planned for entry in entries]
         entry_keys = [names[i] for i, entries in zip(kept, planned, strict=True) for _ in entries]
-        numbers = [order.reserve(entry.path) for entry in flat]
-        nbytes = sum(entry.nbytes for entry in flat) - (staged.pooled_bytes if staged is not None else 0)
+        future = WriteFuture(staged_apart=staged is not None)
+        pending = _Write(future, flat, entry_keys, staged)
+        if staged is None and save is None:
+            return self._start(pending, None)
+
+        def ready() -> tuple[list[FileEntry], list[Callable[[int, str], None]] | None]:
+            host = planned
+            if staged is not None:
+                arrived = staged.wait()
+                future.set_staged()
+                if layout.container is Container.SEQUENCE:
+                    host = _regroup(arrived, planned)
+                else:
+                    host_samples = layout.samples(arrived[0].arrays)
+                    host = [self._plan_sample(names[i], host_samples[i], save, suffix) for i in kept]
+            savers = None
+            if save is not None:
+                savers = [_saving(save, value) for value in _sample_values(host, samples)]
+            return [entry for group in host for entry in group], savers
+
+        return self._start(pending, ready)
+
+    def _start(self, pending: _Write, ready: _Ready | None) -> WriteFuture:
+        """Number the files, wait for room, then hand them to the engine: from here if their bytes are
+        in host memory already (`ready` None), else from a worker once `ready()` has them."""
+        paths = [entry.path for entry in pending.entries]
+        pending.numbers = self._engine.reserve(paths)
         self._stats.write_started()
-        if staged is not None:
-            self._stats.blocked(staged.blocked_seconds)
+        try:
+            blocked = self._pipeline.admit(pending.nbytes, pending.future)
+        except BaseException:
+            self._engine.release(paths)
+            if pending.staged is not None:
+                pending.staged.release()
+            raise
+        self._stats.blocked(blocked + (pending.staged.blocked_seconds if pending.staged is not None else 0.0))
+        if ready is None and self._encodes_here(pending):
+            self._submit(pending, pending.entries, None)
+        else:
+            entries = pending.entries
+            self._pipeline.prepare(lambda: self._prepare(pending, ready or (lambda: (entries, None))))
+        return pending.future
 
-        def job(future: WriteFuture) -> list[Path]:
-            try:
-                host = planned
-                if staged is not None:
-                    ready = staged.wait()
-                    future.set_staged()
-                    if layout.container is Container.SEQUENCE:
-                        host = _regroup(ready, planned)
-                    else:
-                        host_samples = layout.samples(ready[0].arrays)
-                        host = [self._plan_sample(names[i], host_samples[i], save, suffix) for i in kept]
-                entries = [entry for group in host for entry in group]
-                writers = None
-                if save is not None:
-                    writers = [_saving(save, value) for value in _sample_values(host, samples)]
-                return self._write_entries(entries, numbers, entry_keys, writers)
-            finally:
-                if staged is not None:
-                    staged.release()
-
-        return self._submit(job, max(nbytes, 0), WriteFuture(staged_apart=staged is not None), flat, staged)
+    def _prepare(self, pending: _Write, ready: _Ready) -> None:
+        """In a worker: wait for the staged bytes (or run custom writers), then submit."""
+        try:
+            entries, savers = ready()
+        except BaseException as exc:
+            self._engine.release([entry.path for entry in pending.entries])
+            self._finish(pending, None, exc)
+            return
+        self._submit(pending, entries, savers)
 
     def _submit(
-        self, job: Job, nbytes: int, future: WriteFuture, entries: list[FileEntry], staged: Staged | None
-    ) -> WriteFuture:
-        """Queue `job` once the budget has room; if that fails, give back its paths and pool blocks."""
+        self, pending: _Write, entries: list[FileEntry], savers: list[Callable[[int, str], None]] | None
+    ) -> None:
+        """The files as the engine takes them: the format's buffers, or a temporary that a custom writer
+        (or kvikio) has written already. A failure before the engine has them fails the write."""
+        checksum = self._journal is not None
+        kind = self._format.save_format.value
+        files: list[FileJob] = []
+        backends: list[str] = []
         try:
-            blocked = self._pipeline.submit(job, nbytes, future)
-        except BaseException:
-            for entry in entries:
-                self._committer.order.release(entry.path)
-            if staged is not None:
-                staged.release()
-            raise
-        self._stats.blocked(blocked)
-        return future
+            for k, (entry, number) in enumerate(zip(entries, pending.numbers, strict=True)):
+                writer = savers[k] if savers is not None else self._file_writer(entry)
+                if writer is None:
+                    directory, _, name = entry.path.rpartition("/")
+                    temporary = self._committer.temporary_for(directory, name)
+                    buffers = cast(BufferFormat, self._format).encode(entry)
+                    files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number))
+                    backends.append("posix")
+                    continue
+                fd, temporary = self._committer.create(entry.path)
+                files.append(FileJob(entry.path, temporary, None, fd, checksum, number))
+                writer(fd, temporary)
+                backends.append("posix" if savers is not None else "kvikio")
+            pending.entries, pending.backends = entries, backends
+            pending.kinds = (
+                [Path(e.path).suffix[1:] for e in entries] if savers is not None else [kind] * len(entries)
+            )
+            self._engine.submit(pending, files)
+        except BaseException as exc:
+            for job in files:
+                if job.buffers is None:
+                    _discard(job)
+            self._engine.release([entry.path for entry in pending.entries])
+            self._finish(pending, None, exc)
+
+    def _file_writer(self, entry: FileEntry) -> Callable[[int, str], None] | None:
+        """None where the engine writes the format's buffers itself; else what writes the file
+        (kvikio from device memory, or a format that is not a list of buffers)."""
+        direct = self._route.writer_for(entry)
+        if direct is not None or isinstance(self._format, BufferFormat):
+            return direct
+        fmt = self._format
+        return lambda fd, temporary: fmt.write(fd, entry)
+
+    def _encodes_here(self, pending: _Write) -> bool:
+        """Whether the caller's thread may hand these files to the engine itself: their buffers are
+        views of host memory as it is (no copy, no serializer), so that costs microseconds; or the
+        Python engine writes them inline anyway (small, no fsync)."""
+        if pending.nbytes < self._inline_below:
+            return True
+        return isinstance(self._format, BufferFormat) and all(
+            is_plain_host(array) for entry in pending.entries for array in entry.arrays
+        )
+
+    def _completed(self, batches: list[tuple[object, list[FileOutcome]]]) -> None:
+        """Finished batches from the engine (several at once where it can): stats, journal records,
+        the upload queue, the budget, the futures."""
+        journal, uploads = self._journal, self.options.upload_queue
+        for token, outcomes in batches:
+            pending = cast(_Write, token)
+            paths: list[Path] = []
+            error: BaseException | None = None
+            for entry, key, backend, kind, outcome in zip(
+                pending.entries, pending.keys, pending.backends, pending.kinds, outcomes, strict=True
+            ):
+                if outcome.error is not None:
+                    error = error or outcome.error
+                    continue
+                self._stats.file_committed(entry.nbytes, backend)
+                path = Path(entry.path)
+                paths.append(path)
+                if not outcome.replaced:
+                    continue
+                if journal is not None:
+                    try:
+                        journal.append(key, entry.path, outcome.size, outcome.crc, kind,
+                                       arrays_of(entry), outcome.renamed_at)  # fmt: skip
+                    except OSError as exc:
+                        error = error or exc
+                if uploads is not None:
+                    uploads.put(path)
+            self._finish(pending, paths, error)
+
+    def _finish(self, pending: _Write, paths: list[Path] | None, error: BaseException | None) -> None:
+        if pending.staged is not None:
+            pending.staged.release()
+        if error is not None:
+            self._stats.write_failed()
+        self._pipeline.finish(pending.nbytes, pending.future, paths, error)
 
     def _plan_sample(
         self, name: str, sample: object, save: Callable[[Path, Any], None] | None, suffix: str
@@ -298,52 +405,6 @@ class AsyncWriter:
         container, names, arrays = found if found is not None else (Container.SEQUENCE, (), ())
         path = file_path(self._root, name, suffix)
         return [FileEntry(path, container, names, arrays, sum(map(nbytes, arrays)))]
-
-    def _write_entries(
-        self,
-        entries: list[FileEntry],
-        numbers: list[int],
-        keys: list[str],
-        writers: list[Callable[[int, str], None]] | None = None,
-    ) -> list[Path]:
-        """Commit each file of one write in turn (the worker's or the caller's thread); journal each
-        after its rename, then hand it to the upload queue."""
-        upload_queue = self.options.upload_queue
-        journal = self._journal
-        written: list[Path] = []
-        try:
-            for k, (entry, number) in enumerate(zip(entries, numbers, strict=True)):
-                write, backend = (writers[k], "posix") if writers is not None else self._file_writer(entry)
-                record = None
-                if journal is not None:
-                    # The format's buffers are checksummed as written; other writers' files are read back.
-                    own_buffers = writers is None and backend == "posix"
-                    write = checked = ChecksummedWrite(write, self._format if own_buffers else None, entry)
-                    kind = (
-                        Path(entry.path).suffix[1:] if writers is not None else self._format.save_format.value
-                    )
-                    record = _recorder(journal, keys[k], entry, checked, kind)
-                replaced = self._committer.commit(entry.path, number, write, record)
-                self._stats.file_committed(entry.nbytes, backend)
-                path = Path(entry.path)
-                if replaced and upload_queue is not None:
-                    upload_queue.put(path)
-                written.append(path)
-        except BaseException:
-            self._stats.write_failed()
-            raise
-        finally:
-            for entry in entries:
-                self._committer.order.release(entry.path)
-        return written
-
-    def _file_writer(self, entry: FileEntry) -> tuple[Callable[[int, str], None], str]:
-        """How one file's bytes get written, and by which backend."""
-        direct = self._route.writer_for(entry)
-        if direct is not None:
-            return direct, "kvikio"
-        fmt = self._format
-        return lambda fd, path: fmt.write(fd, entry), "posix"
 
     def _already_written(self, entries: list[FileEntry]) -> bool:
         """With skip_existing: whether a journal records every one of these files, still whole."""
@@ -406,15 +467,17 @@ class AsyncWriter:
                 self._pipeline.drain()
             finally:
                 self._pipeline.shutdown()
+                self._engine.close()
                 if self._journal is not None:
                     self._journal.close()
         self._pipeline.raise_if_failed()
 
     def stats(self) -> WriterStats:
+        in_flight, engine = self._pipeline.in_flight, self._engine.name
         if not self._stager.pool_started:
-            return self._stats.snapshot(self._pipeline.in_flight)
+            return self._stats.snapshot(in_flight, engine=engine)
         pool = self._stager.pool
-        return self._stats.snapshot(self._pipeline.in_flight, pool.capacity, pool.peak)
+        return self._stats.snapshot(in_flight, pool.capacity, pool.peak, engine=engine)
 
     def __enter__(self) -> AsyncWriter:
         return self
@@ -462,13 +525,36 @@ def _sample_values(host: list[list[FileEntry]], samples: list[Any]) -> list[Any]
     return values
 
 
-def _recorder(
-    journal: Journal, key: str, entry: FileEntry, checked: ChecksummedWrite, kind: str
-) -> Callable[[], None]:
-    """A file's journal record, to be appended right after its rename, under its path's lock, so that
-    the records of rewrites follow the order of the renames."""
-    return lambda: journal.append(key, entry.path, checked.size, checked.crc, kind, arrays_of(entry))
-
-
 def _saving(save: Callable[[Path, Any], None], value: Any) -> Callable[[int, str], None]:
     return lambda fd, temporary: save(Path(temporary), value)
+
+
+def _discard(job: FileJob) -> None:
+    """Close and remove a temporary that will never be submitted."""
+    with contextlib.suppress(OSError):
+        os.close(job.fd)
+    with contextlib.suppress(OSError):
+        os.unlink(job.temporary)
+
+
+#: What a worker calls to get a write's host entries (after staging), and custom writers if any.
+_Ready = Callable[[], "tuple[list[FileEntry], list[Callable[[int, str], None]] | None]"]
+
+
+class _Write:
+    """One write() or write_batch() on its way: what its completion needs."""
+
+    __slots__ = ("backends", "entries", "future", "keys", "kinds", "nbytes", "numbers", "staged")
+
+    def __init__(
+        self, future: WriteFuture, entries: list[FileEntry], keys: list[str], staged: Staged | None
+    ) -> None:
+        self.future = future
+        self.entries = entries
+        self.keys = keys
+        self.staged = staged
+        pooled = staged.pooled_bytes if staged is not None else 0  # the pool is their budget
+        self.nbytes = max(sum(entry.nbytes for entry in entries) - pooled, 0)
+        self.numbers: list[int] = []
+        self.backends: list[str] = []
+        self.kinds: list[str] = []
