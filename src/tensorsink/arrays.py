@@ -20,10 +20,11 @@ __all__ = [
     "dtype_name",
     "host_array",
     "is_array",
-    "is_plain_host",
     "nbytes",
     "numpy_dtype",
+    "plain_byte_view",
     "safetensors_dtype",
+    "safetensors_tag",
     "torch_dtype",
     "torch_tensor",
 ]
@@ -70,6 +71,11 @@ _SAFETENSORS_NAMES: dict[str, str] = {
 }
 
 
+_SAFETENSORS_TAGS: dict[torch.dtype, str] = {
+    getattr(torch, name): tag for name, tag in _SAFETENSORS_NAMES.items() if hasattr(torch, name)
+}
+
+
 def is_array(value: object) -> TypeGuard[torch.Tensor | np.ndarray]:
     return isinstance(value, (torch.Tensor, np.ndarray))
 
@@ -96,17 +102,16 @@ def as_array(value: object) -> Array | None:
     return None
 
 
-def is_plain_host(array: Array) -> bool:
-    """Whether the array's bytes can be viewed as they are, in host memory: C-contiguous, native
-    byte order, no lazy conjugate or negation (so a byte view costs no copy)."""
-    if isinstance(array, np.ndarray):
-        return bool(array.flags.c_contiguous) and array.dtype.isnative
-    return (
-        array.is_cpu
-        and array.is_contiguous()
-        and not (array.is_conj() or array.is_neg())
-        and (array.numel() != 1 or not array.dim() or array.stride(-1) == 1)
-    )
+def plain_byte_view(array: Array, *, native: bool = False) -> memoryview | None:
+    """The array's bytes as a flat memoryview where that costs no copy (a C-contiguous host array, no
+    autograd, no lazy conjugate or negation; in native byte order if asked), else None."""
+    try:
+        host = array.numpy() if isinstance(array, torch.Tensor) else array
+        if native and not host.dtype.isnative:
+            return None
+        return memoryview(host.data).cast("B")  # TypeError unless C-contiguous
+    except (TypeError, RuntimeError, ValueError):  # device, bfloat16, requires_grad, conj, strides
+        return None
 
 
 def dtype_name(array: Array) -> str:
@@ -132,8 +137,17 @@ def numpy_dtype(array: Array) -> np.dtype | None:
 
 def safetensors_dtype(array: Array) -> str | None:
     """The safetensors dtype tag ("F32", "BF16" ...), or None if safetensors cannot store it."""
-    dtype = torch_dtype(array)
-    return None if dtype is None else _SAFETENSORS_NAMES.get(str(dtype).removeprefix("torch."))
+    return safetensors_tag(array.dtype)
+
+
+def safetensors_tag(dtype: torch.dtype | np.dtype) -> str | None:
+    """safetensors_dtype() for a torch or numpy dtype."""
+    if isinstance(dtype, np.dtype):
+        if dtype.hasobject:
+            return None
+        found = _NUMPY_TO_TORCH.get(dtype.newbyteorder("="))
+        return None if found is None else _SAFETENSORS_TAGS.get(found)
+    return _SAFETENSORS_TAGS.get(dtype)
 
 
 def torch_dtype(array: Array) -> torch.dtype | None:

@@ -12,13 +12,13 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
-from .arrays import is_plain_host, nbytes
+from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
 from .commit import Committer, find_symlink
 from .engine import Engine, FileJob, FileOutcome, PythonEngine, engine_class
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError
-from .formats import BufferFormat, Container, FileEntry, Format, format_for
+from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import WriteFuture
 from .manifest import Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
@@ -289,8 +289,9 @@ class AsyncWriter:
                 pending.staged.release()
             raise
         self._stats.blocked(blocked + (pending.staged.blocked_seconds if pending.staged is not None else 0.0))
-        if ready is None and self._encodes_here(pending):
-            self._submit(pending, pending.entries, None)
+        encoded = self._encoded_here(pending) if ready is None else None
+        if encoded is not None or (ready is None and pending.nbytes < self._inline_below):
+            self._submit(pending, pending.entries, None, encoded)  # the Python engine's inline writes too
         else:
             entries = pending.entries
             self._pipeline.prepare(lambda: self._prepare(pending, ready or (lambda: (entries, None))))
@@ -307,7 +308,11 @@ class AsyncWriter:
         self._submit(pending, entries, savers)
 
     def _submit(
-        self, pending: _Write, entries: list[FileEntry], savers: list[Callable[[int, str], None]] | None
+        self,
+        pending: _Write,
+        entries: list[FileEntry],
+        savers: list[Callable[[int, str], None]] | None,
+        encoded: list[list[Buffer]] | None = None,
     ) -> None:
         """The files as the engine takes them: the format's buffers, or a temporary that a custom writer
         (or kvikio) has written already. A failure before the engine has them fails the write."""
@@ -321,7 +326,9 @@ class AsyncWriter:
                 if writer is None:
                     directory, _, name = entry.path.rpartition("/")
                     temporary = self._committer.temporary_for(directory, name)
-                    buffers = cast(BufferFormat, self._format).encode(entry)
+                    buffers = (
+                        encoded[k] if encoded is not None else cast(BufferFormat, self._format).encode(entry)
+                    )
                     files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number))
                     backends.append("posix")
                     continue
@@ -350,15 +357,19 @@ class AsyncWriter:
         fmt = self._format
         return lambda fd, temporary: fmt.write(fd, entry)
 
-    def _encodes_here(self, pending: _Write) -> bool:
-        """Whether the caller's thread may hand these files to the engine itself: their buffers are
-        views of host memory as it is (no copy, no serializer), so that costs microseconds; or the
-        Python engine writes them inline anyway (small, no fsync)."""
-        if pending.nbytes < self._inline_below:
-            return True
-        return isinstance(self._format, BufferFormat) and all(
-            is_plain_host(array) for entry in pending.entries for array in entry.arrays
-        )
+    def _encoded_here(self, pending: _Write) -> list[list[Buffer]] | None:
+        """The files' buffers, where the caller's thread may hand them to the engine itself: a header
+        and views of host memory as it is (no copy, no serializer: microseconds). None otherwise."""
+        fmt = self._format
+        if not isinstance(fmt, HeaderFormat):
+            return None
+        encoded = []
+        for entry in pending.entries:
+            buffers = fmt.encode_plain(entry)
+            if buffers is None:
+                return None
+            encoded.append(buffers)
+        return encoded
 
     def _completed(self, batches: list[tuple[object, list[FileOutcome]]]) -> None:
         """Finished batches from the engine (several at once where it can): stats, journal records,

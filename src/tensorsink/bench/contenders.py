@@ -26,6 +26,12 @@ from ..options import Backend, DictMode, Durability, SaveFormat
 from ..writer import AsyncWriter
 from .workloads import Item, item_bytes
 
+native_loop: Callable[[list[str], list[str], list[Sequence[object]], int, int], None] | None
+try:
+    from ..engine.native import bare_loop as native_loop
+except ImportError:  # the native engine was not built: the Python loop is the ceiling
+    native_loop = None
+
 __all__ = ["SAVERS", "Contender", "PoolWriter", "Sample", "Saver", "contenders_for"]
 
 
@@ -51,9 +57,17 @@ def contenders_for(
 ) -> list[Contender]:
     """The contenders of one run, ceilings first."""
     cores = min(os.cpu_count() or 1, 8)
-    chosen = [Contender("ceiling: bare loop, 1 thread", "ceiling", bare_loop(1))]
-    if cores > 1:
-        chosen.append(Contender(f"ceiling: bare loop, {cores} threads", "ceiling", bare_loop(cores)))
+    threads = [1, cores] if cores > 1 else [1]
+    if native_loop is not None:  # the physical ceiling: the loop in C; the same loop in Python is a peer
+        chosen = [
+            Contender(f"ceiling: bare loop in C, {_threads(n)}", "ceiling", native_bare_loop(n))
+            for n in threads
+        ]
+        chosen += [
+            Contender(f"peer: bare loop in Python, {_threads(n)}", "peer", bare_loop(n)) for n in threads
+        ]
+    else:
+        chosen = [Contender(f"ceiling: bare loop, {_threads(n)}", "ceiling", bare_loop(n)) for n in threads]
     if device.type == "cuda":
         chosen.append(Contender("ceiling: pinned cudaMemcpy", "ceiling", pinned_copy_peak))
     tensorsink = tensorsink_writer(save_format, dict_mode, workers, backend)
@@ -134,6 +148,27 @@ def bare_loop(threads: int) -> Callable[[Path, Sequence[Item], Durability], Samp
             worker.start()
         for worker in workers:
             worker.join()
+        return Sample(time.perf_counter() - start)
+
+    return run
+
+
+def _threads(count: int) -> str:
+    return "1 thread" if count == 1 else f"{count} threads"
+
+
+def native_bare_loop(threads: int) -> Callable[[Path, Sequence[Item], Durability], Sample]:
+    """The same loop as bare_loop, in C with the GIL released: what the machine itself can do."""
+    assert native_loop is not None
+    loop = native_loop
+    levels = {Durability.NONE: 0, Durability.FILE: 1, Durability.FULL: 2}
+
+    def run(root: Path, items: Sequence[Item], durability: Durability) -> Sample:
+        buffers: list[Sequence[object]] = list(_host_buffers(items))
+        finals = [str(root / f"{index}.bin") for index in range(len(items))]
+        temporaries = [str(root / f".{index}.tmp") for index in range(len(items))]
+        start = time.perf_counter()
+        loop(finals, temporaries, buffers, levels[durability], threads)
         return Sample(time.perf_counter() - start)
 
     return run

@@ -87,8 +87,12 @@ static int table_init(Table *t, size_t nbuckets) {
     return t->buckets ? 0 : -1;
 }
 
+/* Buckets take other bits of the hash than the stripes (h % STRIPES), or a stripe's table would
+ * keep all its keys in one bucket. */
+static size_t bucket_of(Table *t, uint64_t h) { return (size_t)((h >> 16) % t->nbuckets); }
+
 static Slot *table_find(Table *t, const char *key, uint64_t h, int create) {
-    Slot **head = &t->buckets[h % t->nbuckets];
+    Slot **head = &t->buckets[bucket_of(t, h)];
     for (Slot *s = *head; s; s = s->next)
         if (strcmp(s->key, key) == 0) return s;
     if (!create) return NULL;
@@ -102,7 +106,7 @@ static Slot *table_find(Table *t, const char *key, uint64_t h, int create) {
 }
 
 static void table_remove(Table *t, Slot *slot, uint64_t h) {
-    for (Slot **p = &t->buckets[h % t->nbuckets]; *p; p = &(*p)->next)
+    for (Slot **p = &t->buckets[bucket_of(t, h)]; *p; p = &(*p)->next)
         if (*p == slot) { *p = slot->next; free(slot->key); free(slot); return; }
 }
 
@@ -726,20 +730,28 @@ static PyTypeObject EngineType = {
 
 typedef struct {
     char **finals, **temporaries;
-    Py_buffer *views;
-    Py_ssize_t nviews, first, count, step;
+    Py_buffer **views; /* per file */
+    Py_ssize_t *nviews;
+    Py_ssize_t first, count, step;
     int durability, error;
 } Stripe;
 
 static void *bare_stripe(void *arg) {
     Stripe *s = arg;
     for (Py_ssize_t i = s->first; i < s->count; i += s->step) {
-        int fd = open(s->temporaries[i], O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
-        if (fd < 0 || write_all(fd, s->views, s->nviews) != 0 ||
+        int fd = open(s->temporaries[i], O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (fd < 0 || write_all(fd, s->views[i], s->nviews[i]) != 0 ||
             (s->durability != DURABILITY_NONE && fsync(fd) != 0) || close(fd) != 0 ||
             rename(s->temporaries[i], s->finals[i]) != 0) {
             s->error = errno ? errno : EIO;
             return NULL;
+        }
+        if (s->durability == DURABILITY_FULL) {
+            char *slash = strrchr(s->finals[i], '/');
+            *slash = '\0';
+            int rc = fsync_path(s->finals[i]);
+            *slash = '/';
+            if (rc != 0) { s->error = errno; return NULL; }
         }
     }
     return NULL;
@@ -748,32 +760,40 @@ static void *bare_stripe(void *arg) {
 static PyObject *bare_loop(PyObject *module, PyObject *args) {
     PyObject *finals, *temporaries, *buffers;
     int durability, threads;
-    if (!PyArg_ParseTuple(args, "O!O!Oii", &PyList_Type, &finals, &PyList_Type, &temporaries, &buffers,
-                          &durability, &threads))
+    if (!PyArg_ParseTuple(args, "O!O!O!ii", &PyList_Type, &finals, &PyList_Type, &temporaries, &PyList_Type,
+                          &buffers, &durability, &threads))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(finals);
-    if (PyList_GET_SIZE(temporaries) != n || threads < 1) {
-        PyErr_SetString(PyExc_ValueError, "as many temporaries as finals, and threads >= 1");
+    if (PyList_GET_SIZE(temporaries) != n || PyList_GET_SIZE(buffers) != n || threads < 1) {
+        PyErr_SetString(PyExc_ValueError, "as many temporaries and buffer lists as finals, and threads >= 1");
         return NULL;
     }
-    PyObject *sequence = PySequence_Fast(buffers, "buffers must be a sequence");
-    if (!sequence) return NULL;
-    Py_ssize_t nviews = PySequence_Fast_GET_SIZE(sequence), got = 0;
-    Py_buffer *views = PyMem_RawCalloc((size_t)(nviews ? nviews : 1), sizeof(Py_buffer));
     char **paths = PyMem_RawCalloc((size_t)(2 * n + 1), sizeof(char *));
+    Py_buffer **views = PyMem_RawCalloc((size_t)(n + 1), sizeof(Py_buffer *));
+    Py_ssize_t *nviews = PyMem_RawCalloc((size_t)(n + 1), sizeof(Py_ssize_t));
     Stripe *stripes = PyMem_RawCalloc((size_t)threads, sizeof(Stripe));
     pthread_t *ids = PyMem_RawCalloc((size_t)threads, sizeof(pthread_t));
     PyObject *result = NULL;
-    if (!views || !paths || !stripes || !ids) { PyErr_NoMemory(); goto done; }
-    for (; got < nviews; got++)
-        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sequence, got), &views[got], PyBUF_SIMPLE) != 0)
-            goto done;
+    int error = 0, started = 0;
+    if (!paths || !views || !nviews || !stripes || !ids) { PyErr_NoMemory(); goto done; }
     for (Py_ssize_t i = 0; i < n; i++) {
         paths[i] = copy_path(PyList_GET_ITEM(finals, i));
         paths[n + i] = paths[i] ? copy_path(PyList_GET_ITEM(temporaries, i)) : NULL;
         if (!paths[n + i]) goto done;
+        PyObject *sequence = PySequence_Fast(PyList_GET_ITEM(buffers, i), "each file's buffers: a sequence");
+        if (!sequence) goto done;
+        Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+        views[i] = PyMem_RawCalloc((size_t)(count ? count : 1), sizeof(Py_buffer));
+        if (!views[i]) { Py_DECREF(sequence); PyErr_NoMemory(); goto done; }
+        for (Py_ssize_t k = 0; k < count; k++) {
+            if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sequence, k), &views[i][k], PyBUF_SIMPLE) != 0) {
+                Py_DECREF(sequence);
+                goto done;
+            }
+            nviews[i]++;
+        }
+        Py_DECREF(sequence);
     }
-    int error = 0, started = 0;
     Py_BEGIN_ALLOW_THREADS
     for (int t = 0; t < threads; t++) {
         stripes[t] = (Stripe){paths, paths + n, views, nviews, t, n, threads, durability, 0};
@@ -789,13 +809,16 @@ static PyObject *bare_loop(PyObject *module, PyObject *args) {
     result = Py_None;
     Py_INCREF(result);
 done:
-    for (Py_ssize_t k = 0; k < got; k++) PyBuffer_Release(&views[k]);
+    for (Py_ssize_t i = 0; views && i < n; i++) {
+        for (Py_ssize_t k = 0; k < nviews[i]; k++) PyBuffer_Release(&views[i][k]);
+        PyMem_RawFree(views[i]);
+    }
     if (paths) for (Py_ssize_t i = 0; i < 2 * n; i++) free(paths[i]);
-    PyMem_RawFree(views);
     PyMem_RawFree(paths);
+    PyMem_RawFree(views);
+    PyMem_RawFree(nviews);
     PyMem_RawFree(stripes);
     PyMem_RawFree(ids);
-    Py_DECREF(sequence);
     return result;
 }
 
@@ -813,7 +836,8 @@ static PyObject *module_crc32(PyObject *module, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"bare_loop", bare_loop, METH_VARARGS,
-     "bare_loop(finals, temporaries, buffers, durability, threads): open, write, fsync, close, rename each."},
+     "bare_loop(finals, temporaries, buffers, durability, threads): for each file, with its own list of "
+     "buffers: open, writev, fsync (FILE, FULL), close, rename, fsync the folder (FULL); GIL released."},
     {"crc32", module_crc32, METH_VARARGS, "crc32(data, start=0): the engine's CRC-32, as zlib.crc32 computes it."},
     {NULL, NULL, 0, NULL},
 };

@@ -10,7 +10,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import ClassVar, NamedTuple, TypeAlias
 
-from ..arrays import Array, byte_view, dtype_name
+from ..arrays import Array, byte_view, dtype_name, plain_byte_view
 from ..errors import UnsupportedValueError
 from ..options import SaveFormat
 
@@ -115,6 +115,18 @@ class HeaderFormat(BufferFormat):
 
     def encode(self, entry: FileEntry) -> list[Buffer]:
         return [self.header(entry), *(byte_view(array, native=self.native_payload) for array in entry.arrays)]
+
+    def encode_plain(self, entry: FileEntry) -> list[Buffer] | None:
+        """encode(), where every array's bytes can be viewed as they are (costing microseconds, so the
+        caller's thread may do it); None where one needs a copy first."""
+        buffers: list[Buffer] = [b""]
+        for array in entry.arrays:
+            view = plain_byte_view(array, native=self.native_payload)
+            if view is None:
+                return None
+            buffers.append(view)
+        buffers[0] = self.header(entry)
+        return buffers
 
 
 def check_zip(path: str) -> None:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from functools import lru_cache
 
-from ..arrays import Array, nbytes, safetensors_dtype
+import numpy as np
+import torch
+
+from ..arrays import Array, safetensors_dtype, safetensors_tag
 from ..errors import InvalidKeyError
 from ..options import SaveFormat
 from .base import Container, FileEntry, HeaderFormat
@@ -34,6 +38,20 @@ def safetensors_header(
     return struct.pack("<Q", padded) + text + b" " * (padded - len(text))
 
 
+@lru_cache(maxsize=1024)  # keyed by what write() has at hand: names, dtypes, shapes
+def _header_of(
+    names: tuple[str, ...],
+    dtypes: tuple[torch.dtype | np.dtype, ...],
+    shapes: tuple[tuple[int, ...], ...],
+    alignment: int,
+) -> bytes:
+    layout = tuple(
+        (name, str(safetensors_tag(dtype)), tuple(shape), math.prod(shape) * dtype.itemsize)
+        for name, dtype, shape in zip(names, dtypes, shapes, strict=True)
+    )
+    return safetensors_header(layout, alignment)
+
+
 class SafetensorsFormat(HeaderFormat):
     save_format = SaveFormat.SAFETENSORS
     native_payload = True  # its dtype tags are little-endian
@@ -55,13 +73,11 @@ class SafetensorsFormat(HeaderFormat):
             )
 
     def header(self, entry: FileEntry) -> bytes:
-        return safetensors_header(
-            tuple(
-                (name, str(safetensors_dtype(array)), tuple(array.shape), nbytes(array))
-                for name, array in zip(entry.names, entry.arrays, strict=True)
-            ),
-            self.alignment,
-        )
+        if len(entry.arrays) == 1:  # the common case, without building a key per array
+            (array,) = entry.arrays
+            return _header_of(entry.names, (array.dtype,), (array.shape,), self.alignment)
+        dtypes = tuple(array.dtype for array in entry.arrays)
+        return _header_of(entry.names, dtypes, tuple(array.shape for array in entry.arrays), self.alignment)
 
     def check_file(self, path: str) -> None:
         with open(path, "rb") as file:
