@@ -352,3 +352,27 @@ def test_write_racing_close_never_succeeds_after_close_returned(tmp_path: Path) 
         report = verify(root)
         assert report.ok, report
         assert report.checked == len(returned)
+
+
+def test_a_journal_line_nested_too_deep_is_damage_not_a_crash(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, "npy", manifest=True) as writer:
+        writer.write("a", torch.zeros(3))
+    (journal,) = _journals(tmp_path)
+    with journal.open("ab") as file:
+        file.write(b"[" * 100_000 + b"\n")
+    manifest = Manifest.load(tmp_path)
+    assert list(manifest.records) == ["a.npy"]
+    assert len(manifest.damaged) == 1
+    assert not verify(tmp_path).ok
+
+
+def test_a_second_close_waits_for_the_first(tmp_path: Path) -> None:
+    writer = AsyncWriter(tmp_path, "npy", workers=1, durability="full", manifest=True)
+    futures = [writer.write(f"k{i}", torch.zeros(1 << 18)) for i in range(30)]
+    first = threading.Thread(target=writer.close)
+    first.start()
+    writer.close()
+    assert all(future.done() for future in futures)
+    assert not [link for link in _open_files() if JOURNAL_DIR in link]
+    first.join(timeout=30)
+    assert verify(tmp_path).ok

@@ -125,7 +125,7 @@ def test_extension_is_appended_never_substituted(writer: AsyncWriter) -> None:
     [
         ("a" * 300, "255 bytes"),
         ("d/" + "b" * 256 + "/x", "255 bytes"),
-        ("/".join(["c" * 200] * 22), "4095 fit"),
+        ("/".join(["c" * 200] * 22), "at most 4047 fit"),
         ("a\ud800b", "not valid Unicode"),
         ("x\udc80y", "not valid Unicode"),  # a surrogate escape of a non-UTF-8 byte
         (".tensorsink/x", "journals"),
@@ -220,3 +220,81 @@ def test_nested_tensors_round_trip_as_pt(tmp_path: Path) -> None:
         warnings.simplefilter("ignore", UserWarning)
         loaded = torch.load(tmp_path / "n.pt", weights_only=True)
         assert [t.tolist() for t in loaded.unbind()] == [t.tolist() for t in nested.unbind()]
+
+
+@pytest.mark.parametrize(("key", "suffix"), [(".out.tsink-0.partial\n", ""), (".out2.tsink-1", ".partial\n")])
+def test_a_name_like_a_temporary_but_for_a_trailing_newline_is_kept_by_sweep(
+    tmp_path: Path, key: str, suffix: str
+) -> None:
+    from tensorsink import sweep
+
+    with AsyncWriter(tmp_path) as writer:
+        writer.write_batch([key], [b"x"], save=lambda p, v: p.write_bytes(v), suffix=suffix).result()
+    assert sweep(tmp_path) == []
+    assert _listing(tmp_path) == [key + suffix]
+
+
+def test_a_path_just_under_path_max_leaves_room_for_its_temporary(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY) as writer:
+        parts: list[str] = []
+        while 4090 - len(f"{tmp_path}/{'/'.join(parts)}/.npy") > 250:
+            parts.append("d" * 250)
+        parts.append("f" * (4090 - len(f"{tmp_path}/{'/'.join(parts)}/.npy")))
+        key = "/".join(parts)  # a final path of 4,090 bytes: its temporary would not fit PATH_MAX
+        with pytest.raises(InvalidKeyError, match="room for the temporary"):
+            writer.write(key, torch.zeros(2))
+        writer.write("fine", torch.zeros(2)).result()
+
+
+def test_a_key_ending_in_dot_names_a_folder(writer: AsyncWriter) -> None:
+    with pytest.raises(InvalidKeyError, match="names a folder"):
+        writer.write("a/.", torch.zeros(2))
+
+
+@pytest.mark.parametrize("name", ["a\0b", "n" * 70_000])
+def test_npz_member_names_a_zip_cannot_hold_are_refused(tmp_path: Path, name: str) -> None:
+    with (
+        AsyncWriter(tmp_path, SaveFormat.NUMPY_NPZ) as writer,
+        pytest.raises(InvalidKeyError, match="member"),
+    ):
+        writer.write("x", {name: torch.zeros(2)})
+
+
+def test_structured_dtypes_with_non_latin1_fields_are_written_as_npy_version_3(tmp_path: Path) -> None:
+    value = np.zeros(3, dtype=[("测", "<f4"), ("b", "<i2")])
+    value["测"] = [1, 2, 3]
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY) as writer:
+        writer.write("s", value).result()
+    loaded = np.load(tmp_path / "s.npy")
+    assert loaded.dtype == value.dtype
+    assert loaded.tobytes() == value.tobytes()
+
+
+def test_an_empty_mapping_batch_is_a_layout_error(writer: AsyncWriter) -> None:
+    with pytest.raises(InvalidLayoutError, match="empty mapping"):
+        writer.write_batch(["a", "b"], {})
+
+
+def test_jagged_nested_tensors_round_trip_as_pt(tmp_path: Path) -> None:
+    jagged = torch.nested.nested_tensor([torch.arange(2.0), torch.arange(3.0)], layout=torch.jagged)
+    with AsyncWriter(tmp_path, SaveFormat.PYTORCH_PT) as writer:
+        writer.write("j", jagged).result()
+    loaded = torch.load(tmp_path / "j.pt", weights_only=True)
+    assert [t.tolist() for t in loaded.unbind()] == [[0.0, 1.0], [0.0, 1.0, 2.0]]
+
+
+def test_safetensors_headers_the_reader_refuses_are_refused_at_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorsink.formats import safetensors as module
+
+    monkeypatch.setattr(module, "_MAX_HEADER", 1000)
+    with (
+        AsyncWriter(tmp_path, SaveFormat.SAFETENSORS) as writer,
+        pytest.raises(InvalidKeyError, match="header"),
+    ):
+        writer.write("x", {"n" * 2000: torch.zeros(1)})
+    path = tmp_path / "crafted.safetensors"
+    path.write_bytes((5000).to_bytes(8, "little") + b"{}" + b" " * 4998)
+    with pytest.raises(ValueError, match="over the 1,000"):
+        module.SafetensorsFormat().check_file(str(path))

@@ -47,6 +47,10 @@ def split_batch(batch: object, count: int) -> Batch:
         _check_rows("the batch", array, count)
         return Batch(Container.TENSOR, ("arr_0",), (array,), ())
     if isinstance(batch, Mapping):
+        if not batch:
+            raise InvalidLayoutError(
+                "the batch is an empty mapping; give tensors whose first dimension indexes the samples"
+            )
         names, arrays = [], []
         for name, value in batch.items():
             entry = as_array(value)

@@ -26,7 +26,7 @@ from .options import Durability
 
 __all__ = ["Committer", "DirectorySync", "KeyOrder", "find_symlink", "is_temporary", "sweep"]
 
-_TEMP_PATTERN = re.compile(r"^\..+\.tsink-[0-9a-f]+\.partial$", re.DOTALL)
+_TEMP_PATTERN = re.compile(r"\..+\.tsink-[0-9a-f]+\.partial", re.DOTALL)
 # Bytes of the final name kept in its temporary's name: with the rest (at most 47 bytes) it fits NAME_MAX.
 _NAME_KEPT = 200
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -34,7 +34,7 @@ _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of tensorsink's temporaries."""
-    return _TEMP_PATTERN.match(name) is not None
+    return _TEMP_PATTERN.fullmatch(name) is not None  # fullmatch: "$" would allow a trailing newline
 
 
 def sweep(root: str | os.PathLike[str]) -> list[Path]:

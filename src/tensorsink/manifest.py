@@ -125,9 +125,11 @@ class Journal:
         with self._lock:
             self._closed = True
             if self._fd is not None:
-                os.fsync(self._fd)
-                os.close(self._fd)
-                self._fd = None
+                fd, self._fd = self._fd, None
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
 
 
 @dataclass
@@ -205,8 +207,8 @@ def _read_journal(path: Path, damaged: list[str]) -> list[dict[str, Any]]:
                 for name, kind in _RECORD_FIELDS.items():
                     if not isinstance(record.get(name), kind):
                         raise ValueError(f"no valid {name!r}")
-            except ValueError as exc:
-                damaged.append(f"{path}:{number}: {exc}")
+            except (ValueError, RecursionError) as exc:  # RecursionError: JSON nested beyond reason
+                damaged.append(f"{path}:{number}: {exc or type(exc).__name__}")
                 continue
             records.append(record)
     return records

@@ -23,6 +23,8 @@ __all__ = ["file_path", "plan_files", "validate_key", "validate_suffix"]
 
 _NAME_MAX = 255  # bytes in one file or folder name (Linux, and most filesystems)
 _PATH_MAX = 4095  # bytes in a whole path
+#: A temporary's name is the final one plus at most this many bytes: final paths leave room for it.
+_TEMPORARY_EXTRA = 48
 
 _ACCEPTED = (
     "a torch.Tensor, a numpy.ndarray, a DLPack or CUDA-array-interface array (CuPy ...), "
@@ -49,6 +51,8 @@ def validate_key(key: object) -> str:
         raise InvalidKeyError(
             f"key {key!r} must stay under the output root: relative, without '..' (e.g. 'preds/scene_42')"
         )
+    if parts[-1] == ".":
+        raise InvalidKeyError(f"key {key!r} names a folder, not a file; give a file name after the last '/'")
     if "" in parts or "." in parts:
         parts = [part for part in parts if part not in ("", ".")]
         if not parts:
@@ -89,11 +93,13 @@ def file_path(root: str, key: str, tail: str) -> str:
             f"key {key!r} makes the file name {name[:40]!r}... of {len(name.encode())} bytes; "
             f"a file name holds at most {_NAME_MAX} bytes (UTF-8), its suffix included"
         )
-    if len(path) > _PATH_MAX // 4 and len(path.encode()) > _PATH_MAX:
+    limit = _PATH_MAX - _TEMPORARY_EXTRA
+    if len(path) > limit // 4 and len(path.encode()) > limit:
         raise InvalidKeyError(
-            f"key {key!r} makes a path of {len(path.encode())} bytes under {root}; at most {_PATH_MAX} fit"
+            f"key {key!r} makes a path of {len(path.encode())} bytes under {root}; at most {limit} fit "
+            f"(PATH_MAX, less room for the temporary beside it)"
         )
-    if name.endswith(".partial") and is_temporary(name):
+    if ".partial" in name and is_temporary(name):
         raise InvalidKeyError(
             f"key {key!r} makes the file name {name!r}, which is how tensorsink names its temporaries "
             "(sweep() would delete it); choose another name"
@@ -179,7 +185,7 @@ def _checked(where: str, given: object, fmt: Format) -> Array:
         raise UnsupportedValueError(f"{where} has dtype object, which cannot be stored without pickle")
     fmt.check(where, value)
     if isinstance(value, torch.Tensor):
-        if value.layout is not torch.strided:
+        if value.layout is not torch.strided and not (value.layout is torch.jagged and fmt.holds_nested):
             raise UnsupportedValueError(
                 f"{where} has layout {value.layout}; convert it with .to_dense() first"
             )

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import queue
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,6 +106,7 @@ class AsyncWriter:
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._gate = Gate()
+        self._closed = threading.Event()
         self._journal = Journal(self._root) if o.manifest else None
         self._done = Manifest.load(self._root) if o.skip_existing else None
         self._engine = self._make_engine()
@@ -477,10 +479,14 @@ class AsyncWriter:
             try:
                 self._pipeline.drain()
             finally:
-                self._pipeline.shutdown()
-                self._engine.close()
-                if self._journal is not None:
-                    self._journal.close()
+                try:
+                    self._pipeline.shutdown()
+                    self._engine.close()
+                    if self._journal is not None:
+                        self._journal.close()
+                finally:
+                    self._closed.set()
+        self._closed.wait()  # a close() racing the first one returns only once that one is done
         self._pipeline.raise_if_failed()
 
     def stats(self) -> WriterStats:

@@ -27,9 +27,11 @@ def npy_header(dtype: np.dtype, shape: tuple[int, ...], alignment: int = NPY_ALI
         np.lib.format.dtype_to_descr(dtype),
         tuple(shape),
     )
-    encoded = text.encode("latin1")
-    version, length_format = 1, "<H"
-    if _padded(10 + len(encoded) + 1, alignment) - 10 > 0xFFFF:  # too long for version 1.0
+    try:
+        encoded, version, length_format = text.encode("latin1"), 1, "<H"
+    except UnicodeEncodeError:  # field names beyond Latin-1: version 3.0 is UTF-8, as np.save writes
+        encoded, version, length_format = text.encode("utf-8"), 3, "<I"
+    if version == 1 and _padded(10 + len(encoded) + 1, alignment) - 10 > 0xFFFF:  # too long for 1.0
         version, length_format = 2, "<I"
     fixed = len(_MAGIC) + 2 + struct.calcsize(length_format)
     header_len = _padded(fixed + len(encoded) + 1, alignment) - fixed
@@ -60,13 +62,11 @@ class NpyFormat(HeaderFormat):
     def check_file(self, path: str) -> None:
         with open(path, "rb") as file:
             version = np.lib.format.read_magic(file)
-            read_header = {
-                (1, 0): np.lib.format.read_array_header_1_0,
-                (2, 0): np.lib.format.read_array_header_2_0,
-            }
-            if version not in read_header:
+            # 3.0 is 2.0 with a UTF-8 header: read as Latin-1, field names blur, sizes do not.
+            read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            if version not in ((1, 0), (2, 0), (3, 0)):
                 raise ValueError(f".npy version {version} is not one tensorsink writes")
-            shape, _, dtype = read_header[version](file)
+            shape, _, dtype = read.get(version, np.lib.format.read_array_header_2_0)(file)
             expected = file.tell() + math.prod(shape) * dtype.itemsize
         size = os.path.getsize(path)
         if size != expected:

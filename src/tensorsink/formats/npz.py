@@ -12,7 +12,7 @@ import zlib
 import numpy as np
 
 from ..arrays import Array, byte_view, host_array, numpy_dtype
-from ..errors import InvalidLayoutError
+from ..errors import InvalidKeyError, InvalidLayoutError
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, Container, FileEntry, check_zip
 from .npy import npy_header
@@ -34,6 +34,12 @@ class NpzFormat(BufferFormat):
         return numpy_dtype(array)
 
     def check_collection(self, key: str, container: Container, names: tuple[str, ...]) -> None:
+        for name in names:
+            if "\0" in name or len(name.encode()) > _MAX16 - 4:
+                raise InvalidKeyError(
+                    f"mapping key {name[:40]!r} of {key!r} cannot name an .npz member: no NUL, and at most "
+                    f"{_MAX16 - 4} bytes"
+                )
         if not names:
             raise InvalidLayoutError(
                 f"the {container.value} for key {key!r} is empty: np.load cannot read an .npz without "

@@ -21,6 +21,8 @@ __all__ = ["SAFETENSORS_ALIGNMENT", "SafetensorsFormat", "safetensors_header"]
 #: safetensors pads its header so the data starts on a multiple of this.
 SAFETENSORS_ALIGNMENT = 8
 _METADATA = "__metadata__"
+#: The safetensors reader refuses larger headers.
+_MAX_HEADER = 100_000_000
 
 
 @lru_cache(maxsize=256)  # outputs of a stream mostly share names, dtypes and shapes
@@ -66,11 +68,22 @@ class SafetensorsFormat(HeaderFormat):
         return "SaveFormat.PYTORCH_PT"
 
     def check_collection(self, key: str, container: Container, names: tuple[str, ...]) -> None:
+        if sum(len(name) for name in names) > _MAX_HEADER // 8 and self.header_size(names) > _MAX_HEADER:
+            raise InvalidKeyError(
+                f"the mapping keys of {key!r} would make a safetensors header over {_MAX_HEADER:,} bytes, "
+                "which the safetensors reader refuses"
+            )
         if _METADATA in names:
             raise InvalidKeyError(
                 f"mapping key {_METADATA!r} of {key!r} is reserved by safetensors for the file's metadata; "
                 "rename the entry"
             )
+
+    @staticmethod
+    def header_size(names: tuple[str, ...]) -> int:
+        """About the header's size for these names (as JSON strings, with a generous 100 bytes each
+        for dtype, shape and offsets)."""
+        return sum(len(json.dumps(name)) + 100 for name in names)
 
     def header(self, entry: FileEntry) -> bytes:
         if len(entry.arrays) == 1:  # the common case, without building a key per array
@@ -85,6 +98,10 @@ class SafetensorsFormat(HeaderFormat):
             if len(prefix) < 8:
                 raise ValueError("shorter than a safetensors length prefix")
             (length,) = struct.unpack("<Q", prefix)
+            if length > _MAX_HEADER:
+                raise ValueError(
+                    f"its header of {length:,} bytes is over the {_MAX_HEADER:,} the reader takes"
+                )
             try:
                 layout = json.loads(file.read(min(length, 100 << 20)))
             except ValueError as exc:
