@@ -192,10 +192,18 @@ class Committer:
         return self.open_temporary(directory, temporary), temporary
 
     def finish(
-        self, final: str, number: int, temporary: str, fd: int, write: Callable[[int, str], None] | None
+        self,
+        final: str,
+        number: int,
+        temporary: str,
+        fd: int,
+        write: Callable[[int, str], None] | None,
+        journaled: Callable[[bool, float], None] | None = None,
     ) -> float | None:
         """The rest of commit() for a temporary open at `fd`: write it (unless `write` is None), fsync,
-        close, rename in order, fsync the folder; on failure the temporary is removed."""
+        close, rename in order, fsync the folder; on failure the temporary is removed. Under the
+        path's lock, `journaled(True, now)` runs just before the rename, `journaled(False, renamed_at)`
+        just after (its failure is raised; the file stays renamed)."""
         directory = final.rpartition("/")[0]
         renamed_at = None
         try:
@@ -209,8 +217,12 @@ class Committer:
             with self.order.lock(final):
                 latest = self.order.should_replace(final, number)
                 if latest:
+                    if journaled is not None:
+                        journaled(True, time.time())
                     os.replace(temporary, final)
                     renamed_at = time.time()
+                    if journaled is not None:
+                        journaled(False, renamed_at)
             if not latest:
                 os.unlink(temporary)
         except OSError as exc:

@@ -37,6 +37,7 @@ from .options import SaveFormat
 __all__ = ["JOURNAL_DIR", "Journal", "Manifest", "VerifyReport", "crc32_of", "crc32_of_path", "verify"]
 
 JOURNAL_DIR = ".tensorsink"
+RENAMING_TAIL = ',"renaming":true'  # marks the line written just before a file's rename
 _READ_CHUNK = 8 << 20
 
 log = logging.getLogger("tensorsink")
@@ -72,10 +73,13 @@ def arrays_of(entry: FileEntry) -> list[list[Any]]:
 
 
 class Journal:
-    """One writer's append-only journal; opened on the first record.
+    """One writer's append-only journal, opened (and its folder made) at construction.
 
-    A record is written whole or not at all: a short write is completed, and a failed one is cut off
-    again (the journal truncated to its last whole record) before its OSError reaches the writer.
+    Each committed file gets two lines, both written by the engine under its path's lock: a
+    "renaming" line once the file is whole and just before its rename, and its record just after.
+    A kill between the two leaves the renaming line, which verify and resume accept for the file
+    that is there. A line is written whole or not at all: a short write is completed, a failed one
+    is cut off again (the journal truncated to its last whole line) before its OSError is raised.
     """
 
     def __init__(self, root: str) -> None:
@@ -83,38 +87,42 @@ class Journal:
         self.path = os.path.join(
             root, JOURNAL_DIR, f"journal-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         )
-        self._fd: int | None = None
-        self._size = 0  # bytes of whole records in the journal
-        self._closed = False
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self._fd: int | None = os.open(
+            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
+        )
         self._lock = threading.Lock()
 
-    def append(
-        self, key: str, path: str, nbytes: int, crc: int, fmt: str, arrays: list[list[Any]], renamed_at: float
-    ) -> None:
-        """Record a committed file; `renamed_at` (its rename's time.time()) orders rewrites of a path."""
-        record = {
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise WriterClosedError(f"journal {self.path} is closed")
+        return self._fd
+
+    def prefix(self, key: str, path: str, fmt: str, arrays: list[list[Any]]) -> bytes:
+        """The start of a file's lines, all but what the write itself tells: size, CRC, time."""
+        head = {
             "key": key,
             "path": os.path.relpath(path, self._root).replace(os.sep, "/"),
-            "bytes": nbytes,
-            "crc32": f"{crc:08x}",
             "format": fmt,
             "arrays": arrays,
-            "time": round(renamed_at, 6),
         }
-        line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+        return json.dumps(head, separators=(",", ":"))[:-1].encode()
+
+    def write_line(self, prefix: bytes, nbytes: int, crc: int, when: float, *, renaming: bool) -> None:
+        """Append one line (what the native engine does in C, for the Python engine)."""
+        tail = (
+            f',"bytes":{nbytes},"crc32":"{crc:08x}","time":{when:.6f}{RENAMING_TAIL if renaming else ""}}}\n'
+        )
         with self._lock:
-            if self._closed:
-                raise WriterClosedError(f"journal {self.path} is closed; no record for {path}")
-            if self._fd is None:
-                os.makedirs(os.path.dirname(self.path), exist_ok=True)
-                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = self.fd
+            end = os.lseek(fd, 0, os.SEEK_END)
             try:
-                write_buffers(self._fd, [line])  # one write() of a whole line, unless it comes up short
-            except OSError as exc:
+                write_buffers(fd, [prefix, tail.encode()])  # one write() of a whole line, unless short
+            except OSError:
                 with contextlib.suppress(OSError):
-                    os.ftruncate(self._fd, self._size)
-                raise OSError(exc.errno, f"{exc.strerror} (recording {path} in {self.path})", path) from exc
-            self._size += len(line)
+                    os.ftruncate(fd, end)
+                raise
 
     def sync(self) -> None:
         with self._lock:
@@ -123,7 +131,6 @@ class Journal:
 
     def close(self) -> None:
         with self._lock:
-            self._closed = True
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 try:
@@ -138,6 +145,9 @@ class Manifest:
 
     root: Path
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: "renaming" lines later than a path's latest record, newest first: a kill between a file's
+    #: rename and its record leaves one, describing the file that is there.
+    renaming: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: "<journal>:<line>: why" for each line that is not a record (a torn last line is not counted).
     damaged: list[str] = field(default_factory=list)
 
@@ -152,19 +162,31 @@ class Manifest:
         for problem in manifest.damaged:
             log.warning("tensorsink: damaged journal line, skipped: %s", problem)
         for record in sorted(records, key=lambda r: r["time"]):
-            manifest.records[record["path"]] = record
+            path = record["path"]
+            if record.get("renaming"):
+                manifest.renaming.setdefault(path, []).insert(0, record)
+            else:
+                manifest.records[path] = record
+                manifest.renaming.pop(path, None)
         return manifest
 
+    def candidates(self, path: str) -> list[dict[str, Any]]:
+        """What the file at `path` may be: its latest record, then any renaming line after it."""
+        record = self.records.get(path)
+        return ([record] if record is not None else []) + self.renaming.get(path, [])
+
+    def paths(self) -> set[str]:
+        """Every path the journals name (with a record, or only a renaming line)."""
+        return self.records.keys() | self.renaming.keys()
+
     def paths_done(self, paths: Sequence[str]) -> bool:
-        """Whether every one of `paths` (relative) is recorded and still on disk at its recorded size."""
+        """Whether every one of `paths` (relative) is recorded and still on disk at a recorded size."""
         for path in paths:
-            record = self.records.get(path)
-            if record is None:
-                return False
             try:
-                if os.stat(self.root / path).st_size != record["bytes"]:
-                    return False
+                size = os.stat(self.root / path).st_size
             except OSError:
+                return False
+            if not any(candidate["bytes"] == size for candidate in self.candidates(path)):
                 return False
         return True
 
@@ -172,8 +194,8 @@ class Manifest:
     def _paths_by_key(self) -> dict[str, list[str]]:
         """Recorded paths under each key, indexed once: done() is asked once per sample on resume."""
         index: dict[str, list[str]] = {}
-        for path, record in self.records.items():
-            index.setdefault(record["key"], []).append(path)
+        for path in self.paths():
+            index.setdefault(self.candidates(path)[0]["key"], []).append(path)
         return index
 
     def done(self, key: str) -> bool:
@@ -258,17 +280,20 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
     manifest = Manifest.load(root)
     report = VerifyReport(damaged_journal=list(manifest.damaged))
     on_disk = _files_under(manifest.root)
-    report.extra = sorted(on_disk - manifest.records.keys())
-    recorded = sorted(manifest.records)
+    recorded = manifest.paths()
+    report.extra = sorted(on_disk - recorded)
+    recorded_paths = sorted(recorded)
     formats = {f.value: format_for(f) for f in SaveFormat}
 
     def check(path: str) -> tuple[str, str] | None:
-        record = manifest.records[path]
+        candidates = manifest.candidates(path)
         full = manifest.root / path  # followed if it is a symlink: the file it names is what was written
         try:
-            if os.stat(full).st_size != record["bytes"]:
+            size = os.stat(full).st_size
+            matching = [c for c in candidates if c["bytes"] == size]
+            if not matching:
                 return "size", ""
-            fmt = formats.get(record["format"])
+            fmt = formats.get(candidates[0]["format"])
             if fmt is not None:
                 try:
                     fmt.check_file(os.fspath(full))
@@ -276,8 +301,10 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
                     raise
                 except Exception as exc:
                     return "unreadable", f"{path}: {exc}"
-            if checksums and f"{crc32_of_path(full)[0]:08x}" != record["crc32"]:
-                return "checksum", ""
+            if checksums:
+                crc = f"{crc32_of_path(full)[0]:08x}"
+                if not any(c["crc32"] == crc for c in matching):
+                    return "checksum", ""
         except FileNotFoundError:
             return "missing", ""
         return None
@@ -289,10 +316,10 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
         "unreadable": report.unreadable,
     }
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for path, problem in zip(recorded, pool.map(check, recorded), strict=True):
+        for path, problem in zip(recorded_paths, pool.map(check, recorded_paths), strict=True):
             if problem is not None:
                 kind, why = problem
                 problems[kind].append(why or path)
-    report.checked = len(recorded) - len(report.missing)
+    report.checked = len(recorded_paths) - len(report.missing)
     report.seconds = time.perf_counter() - start
     return report

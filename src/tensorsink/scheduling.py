@@ -125,14 +125,15 @@ class Pipeline:
         """A write is done: give back its room, complete its future; a failure fails the writer."""
         self.budget.release(nbytes)
         if error is not None:
-            self._record(error)
+            self.record(error)
             future.set_exception(error)
         else:
             future.set_result(result or [])
         with self._in_flight_lock:
             self._in_flight.discard(future)
 
-    def _record(self, exc: BaseException) -> None:
+    def record(self, exc: BaseException) -> None:
+        """Keep `exc` as the writer's failure, unless it failed already (then it is logged)."""
         with self._error_lock:
             if self._error is None:
                 self._error = exc

@@ -128,9 +128,17 @@ class AsyncWriter:
                 self._root,
                 self._completed,
                 follow_symlinks=o.follow_symlinks,
+                journal=self._journal,
                 inline_below=o.small_sync_bytes,
             )
-        return kind(o.workers, o.durability, self._root, self._completed, follow_symlinks=o.follow_symlinks)
+        return kind(
+            o.workers,
+            o.durability,
+            self._root,
+            self._completed,
+            follow_symlinks=o.follow_symlinks,
+            journal=self._journal,
+        )
 
     # The original AsyncWriter's attributes.
     @property
@@ -318,12 +326,17 @@ class AsyncWriter:
     ) -> None:
         """The files as the engine takes them: the format's buffers, or a temporary that a custom writer
         (or kvikio) has written already. A failure before the engine has them fails the write."""
-        checksum = self._journal is not None
+        journal = self._journal
         kind = self._format.save_format.value
         files: list[FileJob] = []
         backends: list[str] = []
         try:
             for k, (entry, number) in enumerate(zip(entries, pending.numbers, strict=True)):
+                record = None
+                if journal is not None:
+                    fmt = Path(entry.path).suffix[1:] if savers is not None else kind
+                    record = journal.prefix(pending.keys[k], entry.path, fmt, arrays_of(entry))
+                checksum = record is not None
                 writer = savers[k] if savers is not None else self._file_writer(entry)
                 if writer is None:
                     directory, _, name = entry.path.rpartition("/")
@@ -331,17 +344,14 @@ class AsyncWriter:
                     buffers = (
                         encoded[k] if encoded is not None else cast(BufferFormat, self._format).encode(entry)
                     )
-                    files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number))
+                    files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number, record))
                     backends.append("posix")
                     continue
                 fd, temporary = self._committer.create(entry.path)
-                files.append(FileJob(entry.path, temporary, None, fd, checksum, number))
+                files.append(FileJob(entry.path, temporary, None, fd, checksum, number, record))
                 writer(fd, temporary)
                 backends.append("posix" if savers is not None else "kvikio")
             pending.entries, pending.backends = entries, backends
-            pending.kinds = (
-                [Path(e.path).suffix[1:] for e in entries] if savers is not None else [kind] * len(entries)
-            )
             self._engine.submit(pending, files)
         except BaseException as exc:
             for job in files:
@@ -374,31 +384,21 @@ class AsyncWriter:
         return encoded
 
     def _completed(self, batches: list[tuple[object, list[FileOutcome]]]) -> None:
-        """Finished batches from the engine (several at once where it can): stats, journal records,
-        the upload queue, the budget, the futures."""
-        journal, uploads = self._journal, self.options.upload_queue
+        """Finished batches from the engine (several at once where it can): stats, the upload queue,
+        the budget, the futures. (The engine journals each file itself, around its rename.)"""
+        uploads = self.options.upload_queue
         for token, outcomes in batches:
             pending = cast(_Write, token)
             paths: list[Path] = []
             error: BaseException | None = None
-            for entry, key, backend, kind, outcome in zip(
-                pending.entries, pending.keys, pending.backends, pending.kinds, outcomes, strict=True
-            ):
+            for entry, backend, outcome in zip(pending.entries, pending.backends, outcomes, strict=True):
                 if outcome.error is not None:
                     error = error or outcome.error
                     continue
                 self._stats.file_committed(entry.nbytes, backend)
                 path = Path(entry.path)
                 paths.append(path)
-                if not outcome.replaced:
-                    continue
-                if journal is not None:
-                    try:
-                        journal.append(key, entry.path, outcome.size, outcome.crc, kind,
-                                       arrays_of(entry), outcome.renamed_at)  # fmt: skip
-                    except OSError as exc:
-                        error = error or exc
-                if uploads is not None:
+                if outcome.replaced and uploads is not None:
                     uploads.put(path)
             self._finish(pending, paths, error)
 
@@ -483,7 +483,9 @@ class AsyncWriter:
                     self._pipeline.shutdown()
                     self._engine.close()
                     if self._journal is not None:
-                        self._journal.close()
+                        self._journal.close()  # its fsync may fail: a failure like any other, below
+                except Exception as exc:
+                    self._pipeline.record(exc)
                 finally:
                     self._closed.set()
         self._closed.wait()  # a close() racing the first one returns only once that one is done
@@ -561,7 +563,7 @@ _Ready = Callable[[], "tuple[list[FileEntry], list[Callable[[int, str], None]] |
 class _Write:
     """One write() or write_batch() on its way: what its completion needs."""
 
-    __slots__ = ("backends", "entries", "future", "keys", "kinds", "nbytes", "numbers", "staged")
+    __slots__ = ("backends", "entries", "future", "keys", "nbytes", "numbers", "staged")
 
     def __init__(
         self, future: WriteFuture, entries: list[FileEntry], keys: list[str], staged: Staged | None
@@ -574,4 +576,3 @@ class _Write:
         self.nbytes = max(sum(entry.nbytes for entry in entries) - pooled, 0)
         self.numbers: list[int] = []
         self.backends: list[str] = []
-        self.kinds: list[str] = []

@@ -131,7 +131,9 @@ typedef struct Job {
     Py_ssize_t nviews;
     int fd; /* >= 0: a temporary Python already wrote; the engine syncs, closes and renames it */
     int checksum;
-    int64_t number; /* order of submission: the latest number renamed wins */
+    char *record; /* the journal line's start ({"key":...,"arrays":[...]), or NULL: no journal */
+    size_t record_length;
+    int64_t number; /* order of reserve(): the latest number renamed wins */
     /* outcome */
     int replaced, error;
     const char *operation;
@@ -171,6 +173,9 @@ typedef struct {
     /* folders made or checked: a != 0 */
     pthread_mutex_t folder_lock;
     Table folders;
+    /* the journal: records appended whole (cut back on failure) */
+    int journal;
+    pthread_mutex_t journal_lock;
 } Engine;
 
 static void fail(Job *job, const char *operation) {
@@ -321,6 +326,34 @@ static void release_order(Engine *e, const char *path) {
     pthread_mutex_unlock(&e->order_locks[stripe]);
 }
 
+/* Append the job's journal line: `renaming` before its rename (the rename may follow), else after it.
+ * A line is written whole or cut back off; 0, or -1 with errno. */
+static int journal_line(Engine *e, Job *job, int renaming, double when) {
+    char tail[160];
+    int n = snprintf(tail, sizeof tail, ",\"bytes\":%llu,\"crc32\":\"%08x\",\"time\":%.6f%s}\n",
+                     (unsigned long long)job->size, job->crc, when, renaming ? ",\"renaming\":true" : "");
+    Py_buffer views[2];
+    memset(views, 0, sizeof views);
+    views[0].buf = job->record;
+    views[0].len = (Py_ssize_t)job->record_length;
+    views[1].buf = tail;
+    views[1].len = n;
+    pthread_mutex_lock(&e->journal_lock);
+    off_t end = lseek(e->journal, 0, SEEK_END);
+    int rc = end < 0 ? -1 : write_all(e->journal, views, 2);
+    int saved = errno;
+    if (rc != 0 && end >= 0) (void)!ftruncate(e->journal, end);
+    pthread_mutex_unlock(&e->journal_lock);
+    errno = saved;
+    return rc;
+}
+
+static double wall_clock(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_REALTIME, &now);
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
 static void run_job(Engine *e, Job *job) {
     char *folder = strndup(job->final, job->directory_length);
     int fd = job->fd;
@@ -373,17 +406,21 @@ static void run_job(Engine *e, Job *job) {
     Slot *s = table_find(&e->order[stripe], job->final, h, 0);
     int latest = !s || s->b <= job->number;
     if (latest) {
+        if (job->record && journal_line(e, job, 1, wall_clock()) != 0) {
+            fail(job, "journal");
+            pthread_mutex_unlock(&e->order_locks[stripe]);
+            goto unlink;
+        }
         if (rename(job->temporary, job->final) != 0) {
             fail(job, "rename");
             pthread_mutex_unlock(&e->order_locks[stripe]);
             goto unlink;
         }
         if (s) s->b = job->number;
-        struct timespec now;
-        clock_gettime(CLOCK_REALTIME, &now);
-        job->renamed_at = (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+        job->renamed_at = wall_clock();
         job->replaced = 1;
         created = 0;
+        if (job->record && journal_line(e, job, 0, job->renamed_at) != 0) fail(job, "journal");
     }
     pthread_mutex_unlock(&e->order_locks[stripe]);
     if (!latest) goto unlink;
@@ -433,6 +470,7 @@ static void free_batch(Batch *batch) { /* with the GIL */
         Job *job = &batch->jobs[i];
         for (Py_ssize_t k = 0; k < job->nviews; k++) PyBuffer_Release(&job->views[k]);
         PyMem_RawFree(job->views);
+        free(job->record);
         free(job->final);
         free(job->temporary);
     }
@@ -460,10 +498,11 @@ static void stop_threads(Engine *e) {
 }
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"threads", "durability", "root", "follow_symlinks", NULL};
-    int threads, durability, follow = 0;
+    static char *names[] = {"threads", "durability", "root", "follow_symlinks", "journal", NULL};
+    int threads, durability, follow = 0, journal = -1;
     PyObject *root;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiU|p", names, &threads, &durability, &root, &follow))
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiU|pi", names, &threads, &durability, &root, &follow,
+                                     &journal))
         return -1;
     if (e->threads) { PyErr_SetString(PyExc_RuntimeError, "Engine already initialised"); return -1; }
     if (threads < 1 || durability < 0 || durability > 2) {
@@ -474,6 +513,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwargs) {
     if (!e->root) return -1;
     e->durability = durability;
     e->follow_symlinks = follow;
+    e->journal = journal;
+    pthread_mutex_init(&e->journal_lock, NULL);
     pthread_mutex_init(&e->lock, NULL);
     pthread_cond_init(&e->work, NULL);
     pthread_cond_init(&e->done, NULL);
@@ -515,20 +556,30 @@ static PyObject *Engine_submit(Engine *e, PyObject *args) {
     batch->token = token;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(files, i);
-        PyObject *final, *temporary, *buffers;
+        PyObject *final, *temporary, *buffers, *record;
         int fd, checksum;
         long long number;
         Job *job = &jobs[i];
         job->batch = batch;
         job->fd = -1;
-        if (!PyTuple_Check(item) ||
-            !PyArg_ParseTuple(item, "UUOipL", &final, &temporary, &buffers, &fd, &checksum, &number)) {
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "UUOipLO", &final, &temporary, &buffers, &fd,
+                                                      &checksum, &number, &record)) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError,
-                                "each file is (final, temporary, buffers, fd, checksum, number)");
+                                "each file is (final, temporary, buffers, fd, checksum, number, record)");
             goto error;
         }
         job->number = number;
+        if (record != Py_None) {
+            if (!PyBytes_Check(record) || e->journal < 0) {
+                PyErr_SetString(PyExc_TypeError, "a record is bytes, for an engine with a journal");
+                goto error;
+            }
+            job->record_length = (size_t)PyBytes_GET_SIZE(record);
+            job->record = malloc(job->record_length + 1);
+            if (!job->record) { PyErr_NoMemory(); goto error; }
+            memcpy(job->record, PyBytes_AS_STRING(record), job->record_length);
+        }
         job->final = copy_path(final);
         job->temporary = job->final ? copy_path(temporary) : NULL;
         if (!job->temporary) goto error;
@@ -718,7 +769,8 @@ static PyTypeObject EngineType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "tensorsink.engine._native.Engine",
     .tp_basicsize = sizeof(Engine),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Engine(threads, durability, root, follow_symlinks=False): the commit protocol in threads.",
+    .tp_doc = "Engine(threads, durability, root, follow_symlinks=False, journal=-1): the commit protocol in "
+              "threads; with a journal descriptor, files given a record are journaled around their rename.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Engine_init,
     .tp_dealloc = (destructor)Engine_dealloc,

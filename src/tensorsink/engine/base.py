@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import ClassVar, NamedTuple
 
 from ..formats import Buffer
+from ..manifest import Journal
 from ..options import Durability
 
 __all__ = ["Completion", "Engine", "FileJob", "FileOutcome"]
@@ -23,6 +24,8 @@ class FileJob(NamedTuple):
     checksum: bool
     #: From reserve(): the file is renamed only if no later number for its path was renamed already.
     number: int
+    #: Journal.prefix() of the file's journal lines, written around its rename; None: not journaled.
+    record: bytes | None = None
 
 
 class FileOutcome(NamedTuple):
@@ -59,7 +62,9 @@ class Engine(ABC):
         on_complete: Completion,
         *,
         follow_symlinks: bool = False,
+        journal: Journal | None = None,
     ) -> None:
+        self.journal = journal
         self.threads = threads
         self.durability = durability
         self.root = root

@@ -10,6 +10,7 @@ from typing import cast
 
 from ..commit import find_symlink
 from ..errors import SymlinkError
+from ..manifest import Journal
 from ..options import Durability
 from ._native import Engine as _Native
 from ._native import bare_loop
@@ -33,9 +34,13 @@ class NativeEngine(Engine):
         on_complete: Completion,
         *,
         follow_symlinks: bool = False,
+        journal: Journal | None = None,
     ) -> None:
-        super().__init__(threads, durability, root, on_complete, follow_symlinks=follow_symlinks)
-        self._engine = _Native(threads, _DURABILITY[durability], root, follow_symlinks)
+        super().__init__(
+            threads, durability, root, on_complete, follow_symlinks=follow_symlinks, journal=journal
+        )
+        fd = journal.fd if journal is not None else -1
+        self._engine = _Native(threads, _DURABILITY[durability], root, follow_symlinks, fd)
         self._reaper = threading.Thread(target=self._reap, name="tensorsink-reaper", daemon=True)
         self._reaper.start()
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..commit import Committer
 from ..formats import write_buffers
-from ..manifest import crc32_of, crc32_of_path
+from ..manifest import Journal, crc32_of, crc32_of_path
 from ..options import Durability
 from .base import Completion, Engine, FileJob, FileOutcome
 
@@ -30,9 +30,12 @@ class PythonEngine(Engine):
         on_complete: Completion,
         *,
         follow_symlinks: bool = False,
+        journal: Journal | None = None,
         inline_below: int = 0,
     ) -> None:
-        super().__init__(threads, durability, root, on_complete, follow_symlinks=follow_symlinks)
+        super().__init__(
+            threads, durability, root, on_complete, follow_symlinks=follow_symlinks, journal=journal
+        )
         self.committer = Committer(durability, root, follow_symlinks=follow_symlinks)
         self._inline_below = inline_below if durability is Durability.NONE else 0
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tensorsink")
@@ -69,14 +72,20 @@ class PythonEngine(Engine):
             else:
                 size = _size(fd)
 
-        committer = self.committer
+        committer, journal, record = self.committer, self.journal, job.record
+        journaled = None
+        if journal is not None and record is not None:
+
+            def journaled(renaming: bool, when: float) -> None:
+                journal.write_line(record, size, crc, when, renaming=renaming)
+
         try:
             if job.buffers is None:
-                renamed_at = committer.finish(job.final, job.number, job.temporary, job.fd, write)
+                renamed_at = committer.finish(job.final, job.number, job.temporary, job.fd, write, journaled)
             else:
                 directory = job.final.rpartition("/")[0]
                 fd = committer.open_temporary(directory, job.temporary)
-                renamed_at = committer.finish(job.final, job.number, job.temporary, fd, write)
+                renamed_at = committer.finish(job.final, job.number, job.temporary, fd, write, journaled)
         except Exception as exc:
             return FileOutcome(False, size, crc, 0.0, exc)
         finally:
