@@ -110,6 +110,9 @@ class AsyncWriter:
         self._journal = Journal(self._root) if o.manifest else None
         self._done = Manifest.load(self._root) if o.skip_existing else None
         self._engine = self._make_engine()
+        self._handoff: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
+        self._submitting = threading.Thread(target=self._submitter, name="tensorsink-submit", daemon=True)
+        self._submitting.start()
         inline = self._engine.name == "python" and o.durability is Durability.NONE
         self._inline_below = o.small_sync_bytes if inline else 0
         log.info(
@@ -299,13 +302,23 @@ class AsyncWriter:
                 pending.staged.release()
             raise
         self._stats.blocked(blocked + (pending.staged.blocked_seconds if pending.staged is not None else 0.0))
-        encoded = self._encoded_here(pending) if ready is None else None
-        if encoded is not None or (ready is None and pending.nbytes < self._inline_below):
-            self._submit(pending, pending.entries, None, encoded)  # the Python engine's inline writes too
+        if ready is None and pending.nbytes < self._inline_below:
+            self._submit(pending, pending.entries, None)  # the Python engine's inline writes
+        elif ready is None:
+            self._handoff.put(pending)  # the submitter encodes and submits it, off the caller's thread
         else:
-            entries = pending.entries
-            self._pipeline.prepare(lambda: self._prepare(pending, ready or (lambda: (entries, None))))
+            self._pipeline.prepare(lambda: self._prepare(pending, ready))
         return pending.future
+
+    def _submitter(self) -> None:
+        """Encodes and submits writes whose bytes are in host memory already, several at a time: the
+        caller's write() only numbers and queues them. Views cost nothing; others are copied here."""
+        handoff = self._handoff
+        while (pending := handoff.get()) is not None:
+            try:
+                self._submit(pending, pending.entries, None, self._encoded_here(pending))
+            except BaseException as exc:  # _submit finishes its write on failure; this is a last resort
+                log.exception("tensorsink: submitting a write failed: %r", exc)
 
     def _prepare(self, pending: _Write, ready: _Ready) -> None:
         """In a worker: wait for the staged bytes (or run custom writers), then submit."""
@@ -480,6 +493,8 @@ class AsyncWriter:
                 self._pipeline.drain()
             finally:
                 try:
+                    self._handoff.put(None)
+                    self._submitting.join()
                     self._pipeline.shutdown()
                     self._engine.close()
                     if self._journal is not None:
