@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 
 .PHONY: install lint typecheck test bench clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py src/tensorsink/engine/_native.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[ci]"
