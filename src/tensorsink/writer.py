@@ -122,26 +122,17 @@ class AsyncWriter:
     def _make_engine(self) -> Engine:
         o = self.options
         kind = engine_class(o.engine)
-        if kind is PythonEngine:
-            # A small write is cheaper on the caller than a queue hop in Python, unless it waits for an
-            # fsync (~1 ms): then the caller would stall on the disk, and workers can fsync several at once.
-            return PythonEngine(
-                o.workers,
-                o.durability,
-                self._root,
-                self._completed,
-                follow_symlinks=o.follow_symlinks,
+        if kind is not PythonEngine:
+            return kind(
+                o.workers, o.durability, self._root, self._completed, follow_symlinks=o.follow_symlinks,
                 journal=self._journal,
-                inline_below=o.small_sync_bytes,
-            )
-        return kind(
-            o.workers,
-            o.durability,
-            self._root,
-            self._completed,
-            follow_symlinks=o.follow_symlinks,
-            journal=self._journal,
-        )
+            )  # fmt: skip
+        # A small write is cheaper on the caller than a queue hop in Python, unless it waits for an fsync
+        # (~1 ms): then the caller would stall on the disk, and workers can fsync several at once.
+        return PythonEngine(
+            o.workers, o.durability, self._root, self._completed, follow_symlinks=o.follow_symlinks,
+            journal=self._journal, inline_below=o.small_sync_bytes,
+        )  # fmt: skip
 
     # The original AsyncWriter's attributes.
     @property

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import struct
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "HeaderFormat",
     "check_zip",
     "write_buffers",
+    "zip_end_records",
 ]
 
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
@@ -127,6 +129,24 @@ class HeaderFormat(BufferFormat):
             buffers.append(view)
         buffers[0] = self.header(entry)
         return buffers
+
+
+ZIP_MAX32 = 0xFFFFFFFF
+ZIP_MAX16 = 0xFFFF
+
+
+def zip_end_records(
+    count: int, directory_size: int, directory_offset: int, *, made_by: int, needed: int, end_offset: int
+) -> bytes:
+    """A ZIP's closing records, ZIP64 always: its end record, locator, and the classic end record
+    (whose directory offset each writer fills its own way: `end_offset`)."""
+    zip64_end = struct.pack(
+        "<IQHHIIQQQQ", 0x06064B50, 44, made_by, needed, 0, 0, count, count, directory_size, directory_offset
+    )
+    locator = struct.pack("<IIQI", 0x07064B50, 0, directory_offset + directory_size, 1)
+    count16, size32 = min(count, ZIP_MAX16), min(directory_size, ZIP_MAX32)
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, count16, count16, size32, end_offset, 0)
+    return zip64_end + locator + end
 
 
 def check_zip(path: str) -> None:

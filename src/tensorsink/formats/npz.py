@@ -14,7 +14,7 @@ import numpy as np
 from ..arrays import Array, byte_view, host_array, numpy_dtype
 from ..errors import InvalidKeyError, InvalidLayoutError
 from ..options import SaveFormat
-from .base import Buffer, BufferFormat, Container, FileEntry, check_zip
+from .base import Buffer, BufferFormat, Container, FileEntry, check_zip, zip_end_records
 from .npy import npy_header
 
 __all__ = ["NpzFormat"]
@@ -114,30 +114,11 @@ def _central_header(name: bytes, crc: int, size: int, offset: int) -> bytes:
 
 
 def _end_records(count: int, directory_size: int, directory_offset: int) -> bytes:
-    zip64_end_offset = directory_offset + directory_size
-    zip64_end = struct.pack(
-        "<IQHHIIQQQQ",
-        0x06064B50,
-        44,
-        (3 << 8) | _VERSION,
-        _VERSION,
-        0,
-        0,
-        count,
+    return zip_end_records(
         count,
         directory_size,
         directory_offset,
+        made_by=(3 << 8) | _VERSION,
+        needed=_VERSION,
+        end_offset=_MAX32,
     )
-    locator = struct.pack("<IIQI", 0x07064B50, 0, zip64_end_offset, 1)
-    end = struct.pack(
-        "<IHHHHIIH",
-        0x06054B50,
-        0,
-        0,
-        min(count, _MAX16),
-        min(count, _MAX16),
-        min(directory_size, _MAX32),
-        _MAX32,
-        0,
-    )
-    return zip64_end + locator + end

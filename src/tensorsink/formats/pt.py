@@ -23,7 +23,7 @@ import torch.serialization
 
 from ..arrays import Array, compact_tensor, dtype_name, torch_dtype, torch_tensor
 from ..options import SaveFormat
-from .base import Buffer, BufferFormat, Container, FileEntry, check_zip
+from .base import Buffer, BufferFormat, Container, FileEntry, check_zip, zip_end_records
 
 __all__ = ["PtFormat"]
 
@@ -31,7 +31,6 @@ _ARCHIVE = b"archive/"  # the folder torch's writer uses for a file object (it n
 _VERSION_RECORD = b"3\n"  # the format version torch.save's writer records (kProducedFileFormatVersion)
 _DEFAULT_ALIGNMENT = 64  # where torch writes no .storage_alignment record, its writer aligns to 64
 _MAX32 = 0xFFFFFFFF
-_MAX16 = 0xFFFF
 _UTF8_NAMES = 0x0800
 _HAS_DESCRIPTOR = 0x0008  # sizes and CRC follow the data, as miniz writes every non-empty record
 _ZIP64_MADE_BY = (3 << 8) | 30
@@ -262,30 +261,11 @@ def _central_header(name: bytes, size: int, crc: int, offset: int) -> bytes:
 
 
 def _end_records(count: int, directory_size: int, directory_offset: int) -> bytes:
-    zip64_end_offset = directory_offset + directory_size
-    zip64_end = struct.pack(
-        "<IQHHIIQQQQ",
-        0x06064B50,
-        44,
-        _ZIP64_MADE_BY,
-        _ZIP64_NEEDED,
-        0,
-        0,
-        count,
+    return zip_end_records(
         count,
         directory_size,
         directory_offset,
+        made_by=_ZIP64_MADE_BY,
+        needed=_ZIP64_NEEDED,
+        end_offset=min(directory_offset, _MAX32),
     )
-    locator = struct.pack("<IIQI", 0x07064B50, 0, zip64_end_offset, 1)
-    end = struct.pack(
-        "<IHHHHIIH",
-        0x06054B50,
-        0,
-        0,
-        min(count, _MAX16),
-        min(count, _MAX16),
-        min(directory_size, _MAX32),
-        min(directory_offset, _MAX32),
-        0,
-    )
-    return zip64_end + locator + end
