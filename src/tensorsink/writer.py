@@ -295,15 +295,16 @@ class AsyncWriter:
         self._stats.blocked(blocked + (pending.staged.blocked_seconds if pending.staged is not None else 0.0))
         if ready is None and pending.nbytes < self._inline_below:
             self._submit(pending, pending.entries, None)  # the Python engine's inline writes
-        elif ready is None:
-            self._handoff.put(pending)  # the submitter encodes and submits it, off the caller's thread
-        else:
-            self._pipeline.prepare(lambda: self._prepare(pending, ready))
+        elif ready is None and isinstance(self._format, HeaderFormat):
+            self._handoff.put(pending)  # a header and views: the submitter thread hands it on
+        else:  # a serializer to run (.pt, .npz, a copy, a staging wait): the pool's threads, in parallel
+            entries = pending.entries
+            self._pipeline.prepare(lambda: self._prepare(pending, ready or (lambda: (entries, None))))
         return pending.future
 
     def _submitter(self) -> None:
-        """Encodes and submits writes whose bytes are in host memory already, several at a time: the
-        caller's write() only numbers and queues them. Views cost nothing; others are copied here."""
+        """Builds the headers of host writes in a header format and submits them: the caller's write()
+        only numbers and queues them. Views cost nothing; an array that needs a copy is copied here."""
         handoff = self._handoff
         while (pending := handoff.get()) is not None:
             try:
