@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import queue
 import random
 import socket
@@ -480,3 +481,32 @@ def test_a_queued_file_gone_before_its_first_upload_is_still_a_failure(
     uploads.put(tmp_path / "never-there.npy")
     with pytest.raises(UploadError, match="never-there"):
         uploader.close()
+
+
+def test_a_rewrite_landing_while_its_predecessor_is_removed_is_kept(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The removal after a confirmed upload cannot take a newer version with it, whenever it lands."""
+    import tensorsink.upload as upload_module
+
+    path = tmp_path / "k.bin"
+    path.write_bytes(b"version 1")
+    real_rename = os.rename
+
+    def rewrite_first(source: Any, target: Any) -> None:
+        if Path(source) == path:  # a rewrite lands just before the uploaded file is moved aside
+            newer = tmp_path / "newer.tmp"
+            newer.write_bytes(b"version 2, larger")
+            os.replace(newer, path)
+        real_rename(source, target)
+
+    monkeypatch.setattr(upload_module.os, "rename", rewrite_first)
+    uploads: queue.Queue[Path] = queue.Queue()
+    uploader = S3Uploader(uploads, tmp_path, bucket, endpoint_url=endpoint, delete_local=True)
+    uploads.put(path)
+    uploader.close()
+    monkeypatch.undo()
+    assert path.read_bytes() == b"version 2, larger"  # kept, for its own queue entry to upload
+    assert objects(s3, bucket) == {"k.bin": b"version 1"}
+    assert uploader.stats().deleted == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.bin"]

@@ -11,11 +11,13 @@ boto3 is imported only when an uploader is built, so `import tensorsink` works w
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
 import queue
 import random
+import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -220,10 +222,7 @@ class S3Uploader(_ClosedOnExit):
             size = self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
             if size != before.st_size:
                 raise _Unconfirmed(f"s3://{self.bucket}/{key} has {size} bytes, {path} {before.st_size}")
-            after = os.stat(path)
-            # A newer version committed (renamed in) during the upload is queued again: leave it for then.
-            if (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns):
-                os.unlink(path)
+            if self._remove_if_unchanged(path, before):
                 with self._lock:
                     self._deleted += 1
                     self._recently_deleted[path] = None
@@ -232,6 +231,26 @@ class S3Uploader(_ClosedOnExit):
         with self._lock:
             self._uploaded += 1
             self._bytes += before.st_size
+
+    @staticmethod
+    def _remove_if_unchanged(path: Path, uploaded: os.stat_result) -> bool:
+        """Remove `path` if it is still the file that was uploaded. It is first renamed aside (to a
+        name sweep() removes, should we be killed here), so that no rewrite can land between the check
+        and the removal; a newer version found aside is put back, unless an even newer one is there."""
+        aside = path.with_name(f".{path.name[:200]}.tsink-{secrets.token_hex(4)}0.partial")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        moved = os.stat(aside)
+        if (moved.st_ino, moved.st_mtime_ns) == (uploaded.st_ino, uploaded.st_mtime_ns):
+            os.unlink(aside)
+            return True
+        # A newer version committed during the upload: it is queued again by its own rename.
+        with contextlib.suppress(FileExistsError):  # an even newer one is in place: this one is stale
+            os.link(aside, path)
+        os.unlink(aside)
+        return False
 
     def _already_uploaded(self, path: Path, key: str) -> bool:
         """Whether a path found missing was uploaded and removed by this uploader: every rewrite of a
