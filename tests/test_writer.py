@@ -286,3 +286,17 @@ def test_no_temporaries_after_close(tmp_path: Path) -> None:
             writer.write(f"d{i % 5}/x{i}", {"a": _tensor(i)})
     assert not [p for p in tmp_path.rglob("*") if is_temporary(p.name)]
     assert len(_files(tmp_path)) == 50
+
+
+@pytest.mark.usefixtures("each_engine")
+def test_an_upload_queue_that_refuses_fails_the_write_instead_of_hanging(tmp_path: Path) -> None:
+    class Full(queue.Queue[Path]):
+        def put(self, item: Path, block: bool = True, timeout: float | None = None) -> None:
+            raise queue.Full("no room for uploads")
+
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, upload_queue=Full())
+    with pytest.raises(queue.Full, match="no room"):
+        writer.write("x", torch.zeros(3)).result(timeout=30)
+    with pytest.raises(queue.Full):
+        writer.close()
+    assert (tmp_path / "x.npy").exists()  # committed; only its hand-off to the uploads failed

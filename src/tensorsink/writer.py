@@ -396,15 +396,18 @@ class AsyncWriter:
             pending = cast(_Write, token)
             paths: list[Path] = []
             error: BaseException | None = None
-            for entry, backend, outcome in zip(pending.entries, pending.backends, outcomes, strict=True):
-                if outcome.error is not None:
-                    error = error or outcome.error
-                    continue
-                self._stats.file_committed(entry.nbytes, backend)
-                path = Path(entry.path)
-                paths.append(path)
-                if outcome.replaced and uploads is not None:
-                    uploads.put(path)
+            try:
+                for entry, backend, outcome in zip(pending.entries, pending.backends, outcomes, strict=True):
+                    if outcome.error is not None:
+                        error = error or outcome.error
+                        continue
+                    self._stats.file_committed(entry.nbytes, backend)
+                    path = Path(entry.path)
+                    paths.append(path)
+                    if outcome.replaced and uploads is not None:
+                        uploads.put(path)
+            except Exception as exc:  # an upload queue that refuses, say: the write fails, nothing hangs
+                error = error or exc
             self._finish(pending, paths, error)
 
     def _finish(self, pending: _Write, paths: list[Path] | None, error: BaseException | None) -> None:
