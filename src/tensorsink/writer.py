@@ -37,11 +37,12 @@ class AsyncWriter:
     """Asynchronous, crash-safe writer of tensors, mappings and sequences of tensors under `out_root`.
 
     `write(key, value)` checks the key and the value, waits while the budget (`max_inflight` writes,
-    `max_inflight_bytes` bytes) is full, and returns a WriteFuture; a worker writes the file into a
-    temporary sibling and renames it into place. With durability NONE, payloads under `small_sync_bytes`
-    are written on the caller's thread instead, where a queue hop would cost more than the write. A
-    failed write, wherever it ran, is raised by the next write(), by flush() and by close(): a writer
-    that failed stays failed. Keys are checked at write() (see plan.validate_key); by default no key
+    `max_inflight_bytes` bytes) is full, and returns a WriteFuture; the write engine (`engine`: native
+    C threads, or their pure-Python twin) writes the file into a temporary sibling and renames it into
+    place. With the Python engine and durability NONE, payloads under `small_sync_bytes` are written on
+    the caller's thread instead, where a queue hop would cost more than the write. A failed write,
+    wherever it ran, is raised by the next write(), by flush() and by close(): a writer that failed
+    stays failed. Keys are checked at write() (see plan.validate_key); by default no key
     may lead through a symlinked folder (`follow_symlinks`).
 
     CPU tensors and numpy arrays are not copied: do not modify them in place until the write's future
