@@ -132,8 +132,9 @@ def test_failed_write_leaves_no_temporary_and_no_final(tmp_path: Path) -> None:
         os.write(fd, b"half a file")
         raise OSError(28, "No space left on device")
 
+    fd, temporary = committer.create(final)
     with pytest.raises(OSError, match="No space"):
-        committer.commit(final, number, explode)
+        committer.finish(final, number, temporary, fd, explode)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -145,8 +146,9 @@ def test_existing_final_file_survives_a_failed_overwrite(tmp_path: Path) -> None
     def explode(fd: int, path: str) -> None:
         raise RuntimeError("encoder failed")
 
+    fd, temporary = committer.create(str(final))
     with pytest.raises(RuntimeError):
-        committer.commit(str(final), committer.order.reserve(str(final)), explode)
+        committer.finish(str(final), committer.order.reserve(str(final)), temporary, fd, explode)
     assert final.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [final]
 
@@ -210,7 +212,7 @@ def test_the_committer_refuses_a_symlink_the_caller_did_not_see(tmp_path: Path) 
     (tmp_path / "out" / "d").symlink_to(elsewhere)
     final = str(tmp_path / "out" / "d" / "x.npy")
     with pytest.raises(SymlinkError):
-        committer.commit(final, committer.order.reserve(final), lambda fd, path: None)
+        committer.create(final)
     assert list(elsewhere.iterdir()) == []
 
 

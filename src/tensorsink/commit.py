@@ -177,14 +177,6 @@ class Committer:
             name = name.encode("utf-8", "surrogateescape")[:_NAME_KEPT].decode("utf-8", "ignore")
         return f"{directory}/.{name}.tsink-{self._token}{next(self._counter):x}.partial"
 
-    def commit(self, final: str, number: int, write: Callable[[int, str], None]) -> float | None:
-        """Write `final` through a temporary, by `write(fd, temporary_path)`; returns the time.time()
-        of its rename, or None if a later write to it had been committed already."""
-        directory, _, name = final.rpartition("/")
-        temporary = self.temporary_for(directory, name)
-        fd = self.open_temporary(directory, temporary)
-        return self.finish(final, number, temporary, fd, write)
-
     def create(self, final: str) -> tuple[int, str]:
         """A new temporary for `final`, open for writing: its descriptor and path."""
         directory, _, name = final.rpartition("/")
@@ -200,8 +192,8 @@ class Committer:
         write: Callable[[int, str], None] | None,
         journaled: Callable[[bool, float], None] | None = None,
     ) -> float | None:
-        """The rest of commit() for a temporary open at `fd`: write it (unless `write` is None), fsync,
-        close, rename in order, fsync the folder; on failure the temporary is removed. Under the
+        """Commit a temporary open at `fd` (from create()) as `final`: write it (unless `write` is
+        None), fsync, close, rename in order, fsync the folder; on failure the temporary is removed. Under the
         path's lock, `journaled(True, now)` runs just before the rename, `journaled(False, renamed_at)`
         just after (its failure is raised; the file stays renamed)."""
         directory = final.rpartition("/")[0]

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import numpy as np
 import torch
@@ -173,6 +173,16 @@ def _timed(
         shutil.rmtree(root, ignore_errors=True)
 
 
+_C = TypeVar("_C")
+
+
+def _rotated(contenders: Sequence[_C], round_: int) -> list[_C]:
+    """The contenders in this round's order: each round starts one further on, so no contender is
+    always first (a cold cache) or always last."""
+    shift = round_ % len(contenders)
+    return [*contenders[shift:], *contenders[:shift]]
+
+
 def _ceiling_seconds(medians: dict[str, float], contenders: Sequence[Contender]) -> float:
     """The fastest bare loop; on a GPU no faster than the pinned copies that must come first."""
     disk = min(medians[c.name] for c in contenders if c.kind == "ceiling" and "bare loop" in c.name)
@@ -218,8 +228,7 @@ def measure(config: BenchConfig, folder: Path, progress: Progress) -> list[Row]:
             label = f"{workload.name} | {durability.value}"
             started = time.perf_counter()
             for round_ in range(config.rounds):
-                shift = round_ % len(contenders)
-                for contender in contenders[shift:] + contenders[:shift]:
+                for contender in _rotated(contenders, round_):
                     progress.step(f"{label} | {contender.name}")
                     sample, count = _timed(contender, folder, items, durability)
                     samples[contender.name].append(sample)
@@ -278,8 +287,7 @@ def measure_producer(config: BenchConfig, folder: Path, progress: Progress) -> l
         label = f"{workload.name} | {durability.value}"
         started = time.perf_counter()
         for round_ in range(config.rounds):
-            shift = round_ % len(contenders)
-            for contender in contenders[shift:] + contenders[:shift]:
+            for contender in _rotated(contenders, round_):
                 progress.step(f"{label} | {contender.name}")
                 sample, count = _timed_producer(contender, folder, workload, outputs, durability)
                 samples[contender.name].append(sample)

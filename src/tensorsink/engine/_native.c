@@ -874,23 +874,10 @@ done:
     return result;
 }
 
-static PyObject *module_crc32(PyObject *module, PyObject *args) {
-    Py_buffer view;
-    unsigned long start = 0;
-    if (!PyArg_ParseTuple(args, "y*|k", &view, &start)) return NULL;
-    uint32_t crc;
-    Py_BEGIN_ALLOW_THREADS
-    crc = crc_update((uint32_t)start, view.buf, (size_t)view.len);
-    Py_END_ALLOW_THREADS
-    PyBuffer_Release(&view);
-    return PyLong_FromUnsignedLong(crc);
-}
-
 static PyMethodDef module_methods[] = {
     {"bare_loop", bare_loop, METH_VARARGS,
      "bare_loop(finals, temporaries, buffers, durability, threads): for each file, with its own list of "
      "buffers: open, writev, fsync (FILE, FULL), close, rename, fsync the folder (FULL); GIL released."},
-    {"crc32", module_crc32, METH_VARARGS, "crc32(data, start=0): the engine's CRC-32, as zlib.crc32 computes it."},
     {NULL, NULL, 0, NULL},
 };
 
