@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, wait
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError, wait
+from concurrent.futures._base import FINISHED, PENDING
+from os import PathLike
 from pathlib import Path
 
 __all__ = ["WriteFuture"]
+
+#: Orders the first use of a future's Condition against a completion that found none (see WriteFuture).
+_WAKING = threading.Lock()
 
 
 class WriteFuture(Future[list[Path]]):
@@ -17,11 +23,32 @@ class WriteFuture(Future[list[Path]]):
     are written, so for them the two coincide; device tensors are staged once their copy to host
     memory has finished, and with write(..., copy=True) at once. Writes cannot be cancelled: cancel()
     returns False.
+
+    Most futures are completed before anyone looks at them, so the Condition every Future carries is
+    made on first use (by result(), done(), wait(), a callback), not by write(): it was the largest
+    cost left on the caller's thread. A completion that finds no Condition sets the result bare;
+    `_WAKING` orders the two, so a waiter either sees the result or is woken by it.
     """
 
     def __init__(self, *, staged_apart: bool = False) -> None:
-        super().__init__()
+        # Future.__init__ without its Condition (made by the `_condition` property below).
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters = []
+        self._done_callbacks: list[Callable[[Future[list[Path]]], object]] = []
+        self._made_condition: threading.Condition | None = None
         self._staged = threading.Event() if staged_apart else None
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]  # Future's, made on first use
+        condition = self._made_condition
+        if condition is None:
+            with _WAKING:
+                if self._made_condition is None:
+                    self._made_condition = threading.Condition()
+                condition = self._made_condition
+        return condition
 
     def staged(self) -> bool:
         """Whether the source tensors may be modified again."""
@@ -37,15 +64,36 @@ class WriteFuture(Future[list[Path]]):
         assert self._staged is not None, "only a future created with staged_apart=True is staged apart"
         self._staged.set()
 
-    def set_result(self, result: list[Path]) -> None:
+    def result(self, timeout: float | None = None) -> list[Path]:
+        """The committed files' Paths (kept as strings until asked for: most results are never read)."""
+        return [Path(path) for path in super().result(timeout)]
+
+    def set_result(self, result: Sequence[str | PathLike[str]]) -> None:
         if self._staged is not None:
             self._staged.set()
-        super().set_result(result)
+        if self._settled_bare(result, None):
+            return
+        super().set_result(result)  # type: ignore[arg-type]
 
     def set_exception(self, exception: BaseException | None) -> None:
         if self._staged is not None:
             self._staged.set()
+        if self._settled_bare(None, exception):
+            return
         super().set_exception(exception)
+
+    def _settled_bare(
+        self, result: Sequence[str | PathLike[str]] | None, exception: BaseException | None
+    ) -> bool:
+        """Settle without a Condition where none was made: then nobody waits, and no callback is set."""
+        with _WAKING:
+            if self._made_condition is not None:
+                return False
+            if self._state == FINISHED:
+                raise InvalidStateError("this write's future is settled already")
+            self._result = result  # type: ignore[assignment]  # strings: result() makes the Paths
+            self._exception, self._state = exception, FINISHED
+            return True
 
     def cancel(self) -> bool:
         return False

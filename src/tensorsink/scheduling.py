@@ -7,14 +7,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from pathlib import Path
 
 from .errors import WriterClosedError
 from .future import WriteFuture
 
-__all__ = ["Budget", "Gate", "Pipeline"]
+__all__ = ["Budget", "Finished", "Gate", "Pipeline"]
 
 log = logging.getLogger("tensorsink")
+
+
+#: A finished write as Pipeline.finish takes it: its budgeted bytes, its future, its files' paths or
+#: its error.
+Finished = tuple[int, WriteFuture, "list[str] | None", "BaseException | None"]
 
 
 class Budget:
@@ -47,9 +51,10 @@ class Budget:
             self.bytes += nbytes
             return waited
 
-    def release(self, nbytes: int) -> None:
+    def release(self, nbytes: int, count: int = 1) -> None:
+        """Give back the room of `count` writes of `nbytes` bytes in all (a reap's worth at once)."""
         with self._cond:
-            self.count -= 1
+            self.count -= count
             self.bytes -= nbytes
             self._cond.notify_all()
 
@@ -96,8 +101,10 @@ class Pipeline:
     def __init__(self, workers: int, max_count: int, max_bytes: int) -> None:
         self.budget = Budget(max_count, max_bytes)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tensorsink")
+        # Added by callers and discarded by completions without a lock: set.add, set.discard and list(set)
+        # are each one step under the GIL, and a lock here would be one a completion can hold while it
+        # waits for the GIL, stalling the caller's next write().
         self._in_flight: set[WriteFuture] = set()
-        self._in_flight_lock = threading.Lock()
         self._error: BaseException | None = None
         self._error_lock = threading.Lock()
 
@@ -108,8 +115,7 @@ class Pipeline:
     def admit(self, nbytes: int, future: WriteFuture) -> float:
         """Take room for a write once the budget has it; returns the seconds spent blocked."""
         blocked = self.budget.acquire(nbytes)
-        with self._in_flight_lock:
-            self._in_flight.add(future)
+        self._in_flight.add(future)
         return blocked
 
     def prepare(self, job: Callable[[], None]) -> None:
@@ -119,18 +125,18 @@ class Pipeline:
         except RuntimeError as exc:  # the executor was shut down: cannot happen while close() waits
             raise WriterClosedError("the writer was closed while this write() was starting") from exc
 
-    def finish(
-        self, nbytes: int, future: WriteFuture, result: list[Path] | None, error: BaseException | None
-    ) -> None:
-        """A write is done: give back its room, complete its future; a failure fails the writer."""
-        self.budget.release(nbytes)
-        if error is not None:
-            self.record(error)
-            future.set_exception(error)
-        else:
-            future.set_result(result or [])
-        with self._in_flight_lock:
-            self._in_flight.discard(future)
+    def finish(self, done: list[Finished]) -> None:
+        """Writes are done: give back their room at once, complete their futures; a failure fails the
+        writer."""
+        self.budget.release(sum(nbytes for nbytes, _, _, _ in done), len(done))
+        in_flight = self._in_flight
+        for _, future, result, error in done:
+            if error is not None:
+                self.record(error)
+                future.set_exception(error)
+            else:
+                future.set_result(result or [])
+            in_flight.discard(future)
 
     def record(self, exc: BaseException) -> None:
         """Keep `exc` as the writer's failure, unless it failed already (then it is logged)."""
@@ -148,9 +154,7 @@ class Pipeline:
 
     def drain(self) -> None:
         """Wait for every write admitted before this call."""
-        with self._in_flight_lock:
-            pending = list(self._in_flight)
-        wait(pending)
+        wait(list(self._in_flight))
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)

@@ -71,20 +71,25 @@ class StatsRecorder:
                 if self._first is None:
                     self._first = time.perf_counter()
 
-    def file_committed(self, nbytes: int, backend: str = "posix") -> None:
+    def files_committed(self, count: int, bytes_by_backend: dict[str, int]) -> None:
+        """`count` files committed, their payload bytes per backend (a reap's worth at once)."""
+        if not count:
+            return
         with self._lock:
-            self._files += 1
-            self._bytes += nbytes
-            self._by_backend[backend] = self._by_backend.get(backend, 0) + nbytes
+            self._files += count
+            for backend, nbytes in bytes_by_backend.items():
+                self._bytes += nbytes
+                self._by_backend[backend] = self._by_backend.get(backend, 0) + nbytes
             self._last = time.perf_counter()
 
     def skipped(self, count: int) -> None:
         with self._lock:
             self._skipped += count
 
-    def write_failed(self) -> None:
-        with self._lock:
-            self._errors += 1
+    def write_failed(self, count: int = 1) -> None:
+        if count:
+            with self._lock:
+                self._errors += count
 
     def blocked(self, seconds: float) -> None:
         if seconds:

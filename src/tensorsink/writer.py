@@ -319,7 +319,7 @@ class AsyncWriter:
             entries, savers = ready()
         except BaseException as exc:
             self._engine.release([entry.path for entry in pending.entries])
-            self._finish(pending, None, exc)
+            self._finish([(pending, None, exc)])
             return
         self._submit(pending, entries, savers)
 
@@ -364,7 +364,7 @@ class AsyncWriter:
                 if job.buffers is None:
                     _discard(job)
             self._engine.release([entry.path for entry in pending.entries])
-            self._finish(pending, None, exc)
+            self._finish([(pending, None, exc)])
 
     def _file_writer(self, entry: FileEntry) -> Callable[[int, str], None] | None:
         """None where the engine writes the format's buffers itself; else what writes the file
@@ -390,33 +390,40 @@ class AsyncWriter:
         return encoded
 
     def _completed(self, batches: list[tuple[object, list[FileOutcome]]]) -> None:
-        """Finished batches from the engine (several at once where it can): stats, the upload queue,
-        the budget, the futures. (The engine journals each file itself, around its rename.)"""
+        """Finished batches from the engine (several at once where it can): the upload queue, then the
+        statistics, the budget and the futures for all of them at once. (The engine journals each file
+        itself, around its rename.)"""
         uploads = self.options.upload_queue
+        done: list[tuple[_Write, list[str] | None, BaseException | None]] = []
+        files, by_backend = 0, dict[str, int]()
         for token, outcomes in batches:
             pending = cast(_Write, token)
-            paths: list[Path] = []
+            paths: list[str] = []
             error: BaseException | None = None
             try:
                 for entry, backend, outcome in zip(pending.entries, pending.backends, outcomes, strict=True):
                     if outcome.error is not None:
                         error = error or outcome.error
                         continue
-                    self._stats.file_committed(entry.nbytes, backend)
-                    path = Path(entry.path)
-                    paths.append(path)
+                    files += 1
+                    by_backend[backend] = by_backend.get(backend, 0) + entry.nbytes
+                    paths.append(entry.path)
                     if outcome.replaced and uploads is not None:
-                        uploads.put(path)
+                        uploads.put(Path(entry.path))
             except Exception as exc:  # an upload queue that refuses, say: the write fails, nothing hangs
                 error = error or exc
-            self._finish(pending, paths, error)
+            done.append((pending, paths, error))
+        self._stats.files_committed(files, by_backend)
+        self._finish(done)
 
-    def _finish(self, pending: _Write, paths: list[Path] | None, error: BaseException | None) -> None:
-        if pending.staged is not None:
-            pending.staged.release()
-        if error is not None:
-            self._stats.write_failed()
-        self._pipeline.finish(pending.nbytes, pending.future, paths, error)
+    def _finish(self, done: list[tuple[_Write, list[str] | None, BaseException | None]]) -> None:
+        finished = []
+        for pending, paths, error in done:
+            if pending.staged is not None:
+                pending.staged.release()
+            finished.append((pending.nbytes, pending.future, paths, error))
+        self._stats.write_failed(sum(error is not None for _, _, error in done))
+        self._pipeline.finish(finished)
 
     def _plan_sample(
         self, name: str, sample: object, save: Callable[[Path, Any], None] | None, suffix: str
