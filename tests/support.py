@@ -92,6 +92,7 @@ class GatedFormat(Format):
         self.entered = threading.Semaphore(0)
         self.save_format = inner.save_format  # type: ignore[misc]
         self.holds_collections = inner.holds_collections  # type: ignore[misc]
+        self.suffix = inner.suffix  # type: ignore[misc]
 
     def dtype_tag(self, array: Any) -> object | None:
         return self.inner.dtype_tag(array)

@@ -29,7 +29,7 @@ def gated(tmp_path: Path) -> Iterator[tuple[AsyncWriter, GatedFormat]]:
         tmp_path, SaveFormat.NUMPY_NPY, workers=2, max_inflight=2, durability="none", engine="python"
     )
     gate = GatedFormat(writer._format)
-    writer._format = gate
+    writer._use_format(gate)
     try:
         yield writer, gate
     finally:
@@ -81,7 +81,7 @@ def test_write_blocks_at_max_inflight_and_resumes(gated: tuple[AsyncWriter, Gate
 def test_byte_budget_blocks_and_admits_an_oversized_write_alone(tmp_path: Path) -> None:
     writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, workers=2, max_inflight_bytes=3 * BIG)
     gate = GatedFormat(writer._format)
-    writer._format = gate
+    writer._use_format(gate)
     try:
         writer.write("a", _tensor(0))
         writer.write("b", _tensor(1))
@@ -113,7 +113,7 @@ def test_small_writes_run_on_the_callers_thread_with_the_python_engine(tmp_path:
 def test_small_writes_that_fsync_go_to_the_workers(tmp_path: Path, durability: Durability) -> None:
     with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, small_sync_bytes=1000, durability=durability) as writer:
         gated = GatedFormat(writer._format)
-        writer._format = gated
+        writer._use_format(gated)
         future = writer.write("small", torch.zeros(10))  # held at the gate only on a worker
         assert not future.done()
         gated.gate.set()

@@ -142,6 +142,8 @@ def safetensors_dtype(array: Array) -> str | None:
 
 def safetensors_tag(dtype: torch.dtype | np.dtype) -> str | None:
     """safetensors_dtype() for a torch or numpy dtype."""
+    if type(dtype) is torch.dtype:  # the common case first: one dictionary lookup
+        return _SAFETENSORS_TAGS.get(dtype)
     if isinstance(dtype, np.dtype):
         if dtype.hasobject:
             return None

@@ -175,7 +175,7 @@ def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tu
 
 def _checked(where: str, given: object, fmt: Format) -> Array:
     """The entry as an array; UnsupportedValueError naming `where` if it cannot be stored."""
-    value = as_array(given)
+    value = given if type(given) is torch.Tensor else as_array(given)
     if value is None:
         nested = " (nested collections are not supported)" if isinstance(given, (Mapping, Sequence)) else ""
         raise UnsupportedValueError(

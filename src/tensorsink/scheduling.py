@@ -32,20 +32,27 @@ class Budget:
         self.max_bytes = max_bytes
         self.count = 0
         self.bytes = 0
-        self._cond = threading.Condition(threading.Lock())
+        # The lock itself where nobody waits (a Condition's `with` is Python code, its lock's is not).
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._waiting = 0
 
     def _fits(self, nbytes: int) -> bool:
         return self.count < self.max_count and (self.count == 0 or self.bytes + nbytes <= self.max_bytes)
 
     def acquire(self, nbytes: int) -> float:
         """Take room for one write of `nbytes`; returns the seconds spent waiting for it."""
-        with self._cond:
+        with self._lock:
             if self._fits(nbytes):
                 waited = 0.0
             else:
                 start = time.perf_counter()
-                while not self._fits(nbytes):
-                    self._cond.wait()
+                self._waiting += 1
+                try:
+                    while not self._fits(nbytes):
+                        self._cond.wait()
+                finally:
+                    self._waiting -= 1
                 waited = time.perf_counter() - start
             self.count += 1
             self.bytes += nbytes
@@ -53,10 +60,11 @@ class Budget:
 
     def release(self, nbytes: int, count: int = 1) -> None:
         """Give back the room of `count` writes of `nbytes` bytes in all (a reap's worth at once)."""
-        with self._cond:
+        with self._lock:
             self.count -= count
             self.bytes -= nbytes
-            self._cond.notify_all()
+            if self._waiting:
+                self._cond.notify_all()
 
 
 class Gate:
@@ -64,19 +72,20 @@ class Gate:
     nothing a late write() does can happen after close() has returned."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._inside = 0
         self.closed = False
 
     def enter(self) -> bool:
-        with self._cond:
+        with self._lock:
             if self.closed:
                 return False
             self._inside += 1
             return True
 
     def leave(self) -> None:
-        with self._cond:
+        with self._lock:
             self._inside -= 1
             if self._inside == 0 and self.closed:
                 self._cond.notify_all()

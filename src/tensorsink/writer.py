@@ -96,7 +96,7 @@ class AsyncWriter:
             engine=engine,
         )
         self._root = os.path.abspath(self.options.out_root)
-        self._format: Format = format_for(self.options.save_format, self.options.align)
+        self._use_format(format_for(self.options.save_format, self.options.align))
         self._route = Route(self.options, self._root, self._format)
         self._committer = Committer(  # names and creates temporaries; the engine commits them
             self.options.durability, self._root, follow_symlinks=self.options.follow_symlinks
@@ -119,6 +119,11 @@ class AsyncWriter:
         log.info(
             "tensorsink: %s engine, %d threads, writing into %s", self._engine.name, o.workers, self._root
         )
+
+    def _use_format(self, fmt: Format) -> None:
+        self._format = fmt
+        self._header_format = isinstance(fmt, HeaderFormat)  # once, not per write: ABCs' isinstance is slow
+        self._buffer_format = isinstance(fmt, BufferFormat)
 
     def _make_engine(self) -> Engine:
         o = self.options
@@ -296,7 +301,7 @@ class AsyncWriter:
         self._stats.blocked(blocked + (pending.staged.blocked_seconds if pending.staged is not None else 0.0))
         if ready is None and pending.nbytes < self._inline_below:
             self._submit(pending, pending.entries, None)  # the Python engine's inline writes
-        elif ready is None and isinstance(self._format, HeaderFormat):
+        elif ready is None and self._header_format:
             self._handoff.put(pending)  # a header and views: the submitter thread hands it on
         else:  # a serializer to run (.pt, .npz, a copy, a staging wait): the pool's threads, in parallel
             entries = pending.entries
@@ -343,7 +348,14 @@ class AsyncWriter:
                     fmt = Path(entry.path).suffix[1:] if savers is not None else kind
                     record = journal.prefix(pending.keys[k], entry.path, fmt, arrays_of(entry))
                 checksum = record is not None
-                writer = savers[k] if savers is not None else self._file_writer(entry)
+                # Encoded: a header and views of host memory, which only the engine can write.
+                writer = (
+                    None
+                    if encoded is not None
+                    else savers[k]
+                    if savers is not None
+                    else self._file_writer(entry)
+                )
                 if writer is None:
                     directory, _, name = entry.path.rpartition("/")
                     temporary = self._committer.temporary_for(directory, name)
@@ -370,7 +382,7 @@ class AsyncWriter:
         """None where the engine writes the format's buffers itself; else what writes the file
         (kvikio from device memory, or a format that is not a list of buffers)."""
         direct = self._route.writer_for(entry)
-        if direct is not None or isinstance(self._format, BufferFormat):
+        if direct is not None or self._buffer_format:
             return direct
         fmt = self._format
         return lambda fd, temporary: fmt.write(fd, entry)
@@ -378,9 +390,9 @@ class AsyncWriter:
     def _encoded_here(self, pending: _Write) -> list[list[Buffer]] | None:
         """The files' buffers, where the caller's thread may hand them to the engine itself: a header
         and views of host memory as it is (no copy, no serializer: microseconds). None otherwise."""
-        fmt = self._format
-        if not isinstance(fmt, HeaderFormat):
+        if not self._header_format:
             return None
+        fmt = cast(HeaderFormat, self._format)
         encoded = []
         for entry in pending.entries:
             buffers = fmt.encode_plain(entry)

@@ -79,7 +79,7 @@ def test_views_and_odd_shapes_stage_exactly(writer: AsyncWriter, make) -> None: 
 def test_the_pool_is_the_byte_budget_of_device_writes(tmp_path: Path) -> None:
     writer = _writer(tmp_path, pool_bytes=8 * ALIGNMENT, save_format=SaveFormat.NUMPY_NPY, workers=2)
     gate = GatedFormat(writer._format)
-    writer._format = gate
+    writer._use_format(gate)
     engine = _engine(writer)
     try:
         sources = [engine.put(torch.full((3 * ALIGNMENT // 4,), float(i))) for i in range(3)]
@@ -138,7 +138,7 @@ def test_copy_true_snapshots_so_the_source_may_change_at_once(writer: AsyncWrite
 def test_device_write_is_staged_before_it_is_done(tmp_path: Path) -> None:
     writer = _writer(tmp_path, save_format=SaveFormat.NUMPY_NPY)
     gate = GatedFormat(writer._format)
-    writer._format = gate
+    writer._use_format(gate)
     try:
         future = writer.write("s", _engine(writer).put(torch.ones(1000)))
         assert future.wait_staged(timeout=10)

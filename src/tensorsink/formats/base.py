@@ -60,9 +60,13 @@ class Format(ABC):
     #: Whether torch's nested (ragged) tensors can be stored.
     holds_nested: ClassVar[bool] = False
 
-    @property
-    def suffix(self) -> str:
-        return "." + self.save_format.value
+    #: The files' suffix, ".pt" ...: set for each format class from its save_format.
+    suffix: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "save_format" in cls.__dict__:
+            cls.suffix = "." + cls.save_format.value
 
     def check(self, name: str, array: Array) -> None:
         """Raise UnsupportedValueError if this format cannot store `array` exactly."""
