@@ -409,6 +409,27 @@ def test_a_kill_between_rename_and_record_leaves_a_renaming_line_that_vouches_fo
     assert verify(tmp_path).checksum_mismatch == ["k.npy"]
 
 
+def test_a_kill_between_renaming_line_and_rename_is_an_unfinished_write_not_a_missing_file(
+    tmp_path: Path,
+) -> None:
+    with AsyncWriter(tmp_path, "npy", manifest=True) as writer:
+        writer.write("done", torch.zeros(3)).result()
+        writer.write("cut", torch.ones(5)).result()
+    (journal,) = _journals(tmp_path)
+    lines = journal.read_bytes().splitlines(keepends=True)
+    journal.write_bytes(b"".join(lines[:3]))  # "cut": its renaming line, then the kill
+    (tmp_path / "cut.npy").unlink()  # the rename never happened
+    report = verify(tmp_path)
+    assert report.ok, report
+    assert report.missing == []
+    assert report.checked == 1
+    with AsyncWriter(tmp_path, "npy", manifest=True, skip_existing=True) as resumed:
+        assert resumed.is_done("done")
+        assert not resumed.is_done("cut")  # written again on resume
+    (tmp_path / "done.npy").unlink()
+    assert verify(tmp_path).missing == ["done.npy"]  # a recorded file that went missing still is
+
+
 @pytest.mark.usefixtures("each_engine")
 def test_a_journal_that_cannot_be_written_fails_the_write_before_its_rename(tmp_path: Path) -> None:
     writer = AsyncWriter(tmp_path, "npy", manifest=True)

@@ -29,6 +29,7 @@ def test_formats_and_modes_accept_their_values(tmp_path: Path) -> None:
         ("max_inflight", 2.5, "max_inflight=2.5 is not valid"),
         ("small_sync_bytes", -1, "small_sync_bytes=-1 is not valid; use an int >= 0"),
         ("max_inflight_bytes", True, "max_inflight_bytes=True is not valid"),
+        ("kvikio_task_size", 6000, "kvikio_task_size=6000 must be a multiple of 4096"),
     ],
 )
 def test_bad_settings_name_the_value(tmp_path: Path, argument: str, value: object, message: str) -> None:

@@ -306,7 +306,9 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
                 if not any(c["crc32"] == crc for c in matching):
                     return "checksum", ""
         except FileNotFoundError:
-            return "missing", ""
+            # Only a renaming line and no file: killed before its rename, a write that never
+            # finished (resume writes it again), not a committed file that went missing.
+            return ("missing", "") if path in manifest.records else None
         return None
 
     problems = {
@@ -320,6 +322,6 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
             if problem is not None:
                 kind, why = problem
                 problems[kind].append(why or path)
-    report.checked = len(recorded_paths) - len(report.missing)
+    report.checked = sum(1 for path in recorded_paths if (manifest.root / path).exists())
     report.seconds = time.perf_counter() - start
     return report

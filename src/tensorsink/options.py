@@ -143,6 +143,11 @@ class WriterOptions:
         set_(self, "backend", Backend.coerce(self.backend, argument="backend"))
         _positive_int("kvikio_threads", self.kvikio_threads, 1)
         _positive_int("kvikio_task_size", self.kvikio_task_size, 4096)
+        if self.kvikio_task_size % 4096:
+            raise ValueError(
+                f"kvikio_task_size={self.kvikio_task_size} must be a multiple of 4096, so that no two "
+                "of kvikio's tasks share a block of the file"
+            )
         _positive_int("workers", self.workers, 1)
         _positive_int("max_inflight", self.max_inflight, 1)
         _positive_int("small_sync_bytes", self.small_sync_bytes, 0)

@@ -13,6 +13,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+import torch
+
 from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
@@ -105,6 +107,9 @@ class AsyncWriter:
         self._stats = StatsRecorder()
         o = self.options
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # a job on a GPU: pin and probe now, off the caller's thread
+            self._stager.prepare()
+            self._route.start_probe()
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._gate = Gate()
         self._closed = threading.Event()
@@ -368,7 +373,7 @@ class AsyncWriter:
                 fd, temporary = self._committer.create(entry.path)
                 files.append(FileJob(entry.path, temporary, None, fd, checksum, number, record))
                 writer(fd, temporary)
-                backends.append("posix" if savers is not None else "kvikio")
+                backends.append("posix" if savers is not None else self._route.kvikio_label)
             pending.entries, pending.backends = entries, backends
             self._engine.submit(pending, files)
         except BaseException as exc:
@@ -490,6 +495,16 @@ class AsyncWriter:
                 if link is not None:
                     raise SymlinkError(link, os.path.realpath(link), self._root)
                 checked.add(folder)
+
+    def wait_backend(self, timeout: float | None = None) -> str:
+        """Wait until the backend for CUDA tensors is decided ("kvikio" or "posix"), and return it.
+
+        write() never waits for that decision (with backend='auto' a probe makes it in the background,
+        and until then CUDA tensors take the pinned path); call this to start timing after it, say.
+        Returns the backend of the moment if `timeout` passes first.
+        """
+        self._route.wait(timeout)
+        return self._route.name
 
     def flush(self) -> None:
         """Wait for every write made so far; raise the first background failure, if any."""

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from tensorsink import AsyncWriter, BackendUnavailableError, SaveFormat
+from tensorsink.backends import Route, probe_kvikio
 from tensorsink.backends import probe as probe_module
-from tensorsink.backends import probe_kvikio
+from tensorsink.staging import pool as pool_module
 
 needs_no_driver = pytest.mark.skipif(
     probe_module.driver_problem() is None, reason="a CUDA driver is present: these test the fallbacks"
@@ -36,6 +38,7 @@ def test_auto_falls_back_to_posix_at_once_and_says_why(
     start = time.monotonic()
     with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, backend="auto") as writer:
         assert writer._route.device_direct() is False
+        assert writer.wait_backend(5) == "posix"
         writer.write("x", torch.ones(100_000))
     assert time.monotonic() - start < 5
     assert writer.stats().bytes_by_backend == {"posix": 400_000}
@@ -155,3 +158,129 @@ def test_with_run_udev_present_nothing_hangs(tmp_path: Path) -> None:
     assert auto_line.split()[:2] == ["auto", "False"]
     assert int(auto_line.split()[2]) <= 5
     assert refused_line.startswith("kvikio refused")
+
+
+# What cuFile says decides GDS; kvikio's own counters cannot tell libcufile's compat mode from GDS.
+@pytest.mark.parametrize(
+    ("report", "gds", "label", "why"),
+    [
+        ({"ok": False, "error": "OSError: nope"}, False, None, "cannot write here: OSError: nope"),
+        ({"ok": True, "kvikio_posix": True, "nvfs_loaded": True}, False, "kvikio-posix", "own POSIX path"),
+        (
+            {"ok": True, "nvfs_loaded": False, "allow_compat_mode": True},
+            False,
+            "kvikio-posix",
+            "allow_compat_mode",
+        ),
+        ({"ok": True, "nvfs_loaded": None}, False, "kvikio-posix", "nvidia-fs driver is not loaded"),
+        ({"ok": True, "nvfs_loaded": True, "nvfs_writes": 0}, False, "kvikio-posix", "counted no write"),
+        ({"ok": True, "nvfs_loaded": True, "nvfs_writes": 3}, True, "gds", "carried the probe's bytes"),
+        ({"ok": True, "nvfs_loaded": True, "nvfs_writes": None}, True, "gds", "carried the probe's bytes"),
+    ],
+)
+def test_judging_a_probe_report(report: dict[str, object], gds: bool, label: str | None, why: str) -> None:
+    verdict = probe_module.judge(report)
+    assert verdict.gds is gds
+    assert verdict.label == label
+    assert why in verdict.reason
+
+
+def test_the_probe_child_reads_nvidia_fs_write_counts(tmp_path: Path) -> None:
+    stats = tmp_path / "stats"
+    stats.write_text(
+        "GDS Version: 1.10.0.4\nNVFS statistics(ver: 4.0)\n"
+        "Reads                          : n=5 ok=5 err=0 readMiB=10 io_state_err=0\n"
+        "Writes                         : n=12 ok=12 err=0 writeMiB=48 io_state_err=0\n"
+    )
+    prelude = probe_module._CHILD.split("try:\n    import kvikio")[0]
+    namespace: dict[str, object] = {}
+    exec(prelude.replace("sys.argv[1]", repr(str(tmp_path))), namespace)  # our own source
+    namespace["STATS"] = str(stats)
+    assert namespace["nvfs_writes"]() == 12  # type: ignore[operator]
+    namespace["STATS"] = str(tmp_path / "absent")
+    assert namespace["nvfs_writes"]() is None  # type: ignore[operator]
+
+
+class _GatedProbe:
+    """verdict_for that answers only once released, counting its calls and their threads."""
+
+    def __init__(self, verdict: probe_module.Verdict) -> None:
+        self.verdict = verdict
+        self.release = threading.Event()
+        self.threads: list[str] = []
+
+    def __call__(self, directory: str, timeout: float = 30.0) -> probe_module.Verdict:
+        self.threads.append(threading.current_thread().name)
+        assert self.release.wait(10), "the test never released the probe"
+        return self.verdict
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("gds", [True, False])
+def test_auto_never_waits_for_the_probe(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gds: bool) -> None:
+    gated = _GatedProbe(probe_module.judge({"ok": True, "nvfs_loaded": gds, "nvfs_writes": 1}))
+    monkeypatch.setattr(probe_module, "verdict_for", gated)
+    monkeypatch.setattr(Route, "_kvikio_writer", lambda self: object())  # no kvikio needed
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, backend="auto") as writer:
+        start = time.monotonic()
+        assert writer._route.device_direct() is False  # the pinned path until the verdict
+        assert writer._route.device_direct() is False
+        assert time.monotonic() - start < 1
+        assert writer.wait_backend(timeout=0.2) == "posix"  # not decided yet
+        gated.release.set()
+        assert writer.wait_backend(timeout=10) == ("kvikio" if gds else "posix")
+        assert writer._route.device_direct() is gds
+        assert writer._route.kvikio_label == ("gds" if gds else "kvikio-posix")
+    assert gated.threads == ["tensorsink-probe"]  # once, and never on the caller's thread
+
+
+def test_a_failing_probe_leaves_the_pinned_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(directory: str, timeout: float = 30.0) -> probe_module.Verdict:
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(probe_module, "verdict_for", broken)
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS) as writer:
+        assert writer.wait_backend(10) == "posix"
+        assert "probe broke" in str(writer._route.reason)
+
+
+def test_explicit_kvikio_on_its_posix_path_is_counted_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compat = probe_module.judge({"ok": True, "nvfs_loaded": False, "allow_compat_mode": True})
+    monkeypatch.setattr(probe_module, "verdict_for", lambda directory, timeout=30.0: compat)
+    monkeypatch.setattr(Route, "_kvikio_writer", lambda self: object())
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, backend="kvikio") as writer:
+        assert writer._route.name == "kvikio"
+        assert writer._route.kvikio_label == "kvikio-posix"  # never "gds" where nvidia-fs is absent
+
+
+def test_a_process_using_cuda_pins_and_probes_at_construction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gated = _GatedProbe(probe_module.judge({"ok": False}))
+    gated.release.set()
+    monkeypatch.setattr(probe_module, "verdict_for", gated)
+    pinned: list[tuple[int, str]] = []
+
+    def fake_pin(nbytes: int) -> torch.Tensor:
+        pinned.append((nbytes, threading.current_thread().name))
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    monkeypatch.setattr(pool_module, "pinned_buffer", fake_pin)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    size = 3 * (1 << 20) + 3 * 4096  # not a power of two: pinned exactly
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, pinned_pool_bytes=size) as writer:
+        assert writer.wait_backend(10) == "posix"
+        assert writer._stager.pool.capacity == size
+    assert pinned == [(size, "tensorsink-pin")]
+    assert gated.threads == ["tensorsink-probe"]
+    assert writer.stats().pinned_pool_bytes == size
+
+
+def test_a_cpu_process_neither_pins_nor_probes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(probe_module, "verdict_for", lambda *a, **k: pytest.fail("no CUDA tensor: no probe"))
+    monkeypatch.setattr(pool_module, "pinned_buffer", lambda n: pytest.fail("no CUDA tensor: nothing pinned"))
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS) as writer:
+        writer.write("cpu", torch.ones(8))
+    assert not writer._stager.pool_started

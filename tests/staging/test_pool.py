@@ -7,10 +7,12 @@ import random
 import threading
 
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tensorsink.staging import ALIGNMENT, Block, PinnedPool
+from tensorsink.staging import ALIGNMENT, Block, PinnedPool, Stager
+from tensorsink.staging.engine import CudaEngine
 from tests.support import wait_for_waiter
 
 
@@ -93,3 +95,37 @@ def test_property_blocks_never_overlap_and_all_memory_returns(
     for block in held:
         pool.free(block)
     assert pool.free_runs() == [(0, pool.capacity)]
+
+
+def test_a_prepared_pool_is_made_in_the_background_and_waited_for() -> None:
+    stager = Stager(5 * ALIGNMENT, pin=False)
+    stager.prepare()
+    stager.prepare()  # once only
+    assert stager.pool.capacity == 5 * ALIGNMENT
+    assert stager.pool is stager.pool
+
+
+def test_a_failed_preparation_is_raised_by_the_first_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    stager = Stager(ALIGNMENT // 2, pin=False)  # too small: PinnedPool refuses it
+    stager.prepare()
+    with pytest.raises(ValueError, match="too small"):
+        _ = stager.pool
+    with pytest.raises(ValueError, match="too small"):
+        _ = stager.pool  # every time, not a half-made pool
+
+
+def test_ready_markers_are_blocking_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker waits on them (fence): a default event's synchronize() would spin a core."""
+    made: list[dict[str, object]] = []
+
+    class Event:
+        def __init__(self, **flags: object) -> None:
+            made.append(flags)
+
+        def record(self, stream: object) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: object())
+    CudaEngine().ready(torch.ones(1))
+    assert made == [{"blocking": True}]

@@ -2,8 +2,10 @@
 
 A writer's Route decides once: backend="posix" never probes; backend="kvikio" probes at construction
 and raises BackendUnavailableError, with the reason, where kvikio cannot write; backend="auto" probes
-on the first CUDA tensor and uses kvikio only where GPUDirect Storage carried the probe's bytes. The
-decision is logged in one line.
+in a background thread (started at construction where the process uses CUDA already, else by the
+first CUDA tensor) and uses kvikio only where GPUDirect Storage carried the probe's bytes. write()
+never waits for the probe: until its verdict, CUDA tensors take the pinned path. The decision is
+logged in one line.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ class Route:
         self._root = root
         self._format = fmt
         self._lock = threading.Lock()
+        self._decided = threading.Event()
+        self._probing = False
         self.kvikio: KvikioWriter | None = None
         self.reason: str | None = None
+        self.verdict: Verdict | None = None
         if options.backend is Backend.POSIX:
             self._decide(None, "backend='posix' was asked for")
         elif options.backend is Backend.KVIKIO:
@@ -46,21 +51,40 @@ class Route:
                     "use backend='auto' (falls back by itself) or 'posix'"
                 )
             if isinstance(fmt, HeaderFormat):
-                self._decide(self._kvikio_writer(), verdict.reason)
+                self._decide(self._kvikio_writer(), verdict.reason, verdict)
             else:
                 self._decide(None, self._staged_format_reason())
+        elif not isinstance(fmt, HeaderFormat):
+            self._decide(None, self._staged_format_reason())
 
     @property
     def name(self) -> str:
         return "kvikio" if self.kvikio is not None else "posix"
 
+    @property
+    def kvikio_label(self) -> str:
+        """How this route's kvikio writes count in stats().bytes_by_backend: "gds" or "kvikio-posix"."""
+        return "gds" if self.verdict is not None and self.verdict.gds else "kvikio-posix"
+
+    def start_probe(self) -> None:
+        """Start the probe in the background (backend='auto'); nothing if decided or started already."""
+        with self._lock:
+            if self._decided.is_set() or self._probing:
+                return
+            self._probing = True
+        threading.Thread(target=self._resolve_auto, name="tensorsink-probe", daemon=True).start()
+
     def device_direct(self) -> bool:
-        """Whether CUDA tensors go to the file from device memory (probing first, for backend='auto')."""
-        if self.reason is None:
-            with self._lock:
-                if self.reason is None:
-                    self._resolve_auto()
+        """Whether CUDA tensors go to the file from device memory now. Never waits: the first call
+        starts the probe (backend='auto'), and until its verdict the answer is False."""
+        if not self._decided.is_set():
+            self.start_probe()
         return self.kvikio is not None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the backend is decided (starting the probe if needed); False on timeout."""
+        self.start_probe()
+        return self._decided.wait(timeout)
 
     def writer_for(self, entry: FileEntry) -> Callable[[int, str], None] | None:
         """kvikio's writer for a file whose device tensors were left on the device, else None."""
@@ -73,18 +97,23 @@ class Route:
         return f"{self._format.save_format.name} is written from host memory (pinned staging)"
 
     def _resolve_auto(self) -> None:
-        if not isinstance(self._format, HeaderFormat):
-            self._decide(None, self._staged_format_reason())
+        try:
+            verdict = probe.verdict_for(self._root)
+            kvikio = self._kvikio_writer() if verdict.gds else None
+        except Exception as exc:  # a probe that fails says so and leaves the pinned path
+            self._decide(None, f"the GDS probe failed: {exc!r}")
             return
-        verdict = probe.verdict_for(self._root)
-        self._decide(self._kvikio_writer() if verdict.gds else None, verdict.reason)
+        self._decide(kvikio, verdict.reason, verdict)
 
     def _kvikio_writer(self) -> KvikioWriter:
         o = self._options
         return KvikioWriter(o.kvikio_threads, o.kvikio_task_size, o.kvikio_direct_io)
 
-    def _decide(self, kvikio: KvikioWriter | None, reason: str) -> None:
+    def _decide(self, kvikio: KvikioWriter | None, reason: str, verdict: Verdict | None = None) -> None:
+        self.verdict = verdict
         self.kvikio = kvikio
         self.reason = reason
+        self._decided.set()
         if self._options.backend is not Backend.POSIX:
-            log.info("tensorsink: CUDA tensors into %s go by %s: %s", self._root, self.name, reason)
+            label = f" ({self.kvikio_label})" if kvikio is not None else ""
+            log.info("tensorsink: CUDA tensors into %s go by %s%s: %s", self._root, self.name, label, reason)

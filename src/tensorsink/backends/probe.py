@@ -2,12 +2,18 @@
 
 First, in this process and without kvikio: libcuda.so.1 loads, cuInit succeeds, a device exists.
 Then, in a child process under a hard timeout (libcufile can spin forever inside CuFile() when GDS
-is half set up), a 1 MiB write of device memory through kvikio into the directory, with kvikio's
-statistics saying which backend carried the bytes. The verdict is cached per filesystem.
+is half set up), a 1 MiB write of device memory through kvikio into the directory. kvikio's own
+counters cannot tell GDS from libcufile's compatibility mode (with `allow_compat_mode`, libcufile
+registers the file and quietly does POSIX I/O), so the verdict rests on what cuFile itself reports:
+whether kvikio runs its own POSIX path, whether the nvidia-fs driver is loaded (cuFile's driver
+properties), and where /proc/driver/nvidia-fs/stats exists, whether its write count grew. The
+verdict is cached per filesystem.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import functools
 import importlib.util
@@ -29,13 +35,34 @@ log = logging.getLogger("tensorsink")
 DEFAULT_TIMEOUT = 30.0
 
 _CHILD = r"""
-import json, os, sys
+import json, os, re, sys
 directory = sys.argv[1]
 path = os.path.join(directory, ".tensorsink-gds-probe-%d" % os.getpid())
 report = {"ok": False}
+STATS = "/proc/driver/nvidia-fs/stats"
+
+def nvfs_writes():  # the nvidia-fs driver's count of writes, or None where it cannot be read
+    try:
+        with open(STATS) as stats:
+            for line in stats:
+                found = re.match(r"\s*Writes\s*:.*?\bn=(\d+)", line)
+                if found:
+                    return int(found.group(1))
+    except OSError:
+        return None
+    return None
+
+def driver(name):  # a cuFile driver property, or None where libcufile cannot say
+    try:
+        return bool(kvikio.cufile_driver.get(name))
+    except Exception:
+        return None
+
 try:
     import kvikio
-    monitor = kvikio.SummaryMonitor()
+    import kvikio.cufile_driver
+    import kvikio.defaults
+    before = nvfs_writes()
     handle = kvikio.CuFile(path, "w")  # where a half-set-up libcufile spins
     try:
         import torch
@@ -44,11 +71,13 @@ try:
         written = handle.pwrite(buffer, buffer.nbytes, 0).get()
     finally:
         handle.close()
-    by_backend = {name: dict(totals) for name, totals in monitor.get().by_backend.items()}
+    after = nvfs_writes()
     report = {
         "ok": written == buffer.nbytes,
-        "gds": any("gds" in name.lower() and t["bytes_transferred"] > 0 for name, t in by_backend.items()),
-        "by_backend": by_backend,
+        "kvikio_posix": bool(kvikio.defaults.is_compat_mode_preferred()),
+        "nvfs_loaded": driver("is_gds_available"),
+        "allow_compat_mode": driver("allow_compat_mode"),
+        "nvfs_writes": None if before is None or after is None else after - before,
     }
 except BaseException as exc:
     lines = str(exc).strip().splitlines()
@@ -67,11 +96,30 @@ class Verdict:
     kvikio_works: bool
     gds: bool
     reason: str
-    by_backend: dict[str, dict[str, int]] = field(default_factory=dict, compare=False)
+    #: What cuFile and kvikio said about the probe's write (see judge()).
+    report: dict[str, object] = field(default_factory=dict, compare=False)
+
+    @property
+    def label(self) -> str | None:
+        """How kvikio's writes are counted in stats().bytes_by_backend: "gds", "kvikio-posix", or
+        None where kvikio cannot write here."""
+        if not self.kvikio_works:
+            return None
+        return "gds" if self.gds else "kvikio-posix"
 
 
 _lock = threading.Lock()
 _by_filesystem: dict[int, Verdict] = {}
+#: Probe children still running: killed when the process exits, so none is left spinning in
+#: libcufile after a job that ended before its writer's probe did.
+_children: set[subprocess.Popen[str]] = set()
+
+
+@atexit.register
+def _kill_children() -> None:
+    for child in list(_children):
+        with contextlib.suppress(OSError):
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 @functools.cache
@@ -126,21 +174,40 @@ def probe_kvikio(directory: str, timeout: float = DEFAULT_TIMEOUT) -> Verdict:
             text=True,
             start_new_session=True,
         )
+        _children.add(child)
         try:
             output, _ = child.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(child.pid, signal.SIGKILL)
             child.communicate()
             return Verdict(False, False, f"kvikio did not answer within {timeout:g} s (libcufile hangs here)")
+        finally:
+            _children.discard(child)
     try:
         report = json.loads(output.strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
         return Verdict(False, False, f"the kvikio probe exited with status {child.returncode} and no report")
+    return judge(report)
+
+
+def judge(report: dict[str, object]) -> Verdict:
+    """The verdict on a probe child's report. GDS only where kvikio did not run its own POSIX path,
+    the nvidia-fs driver is loaded (else libcufile's compat mode did POSIX I/O), and nvidia-fs counted
+    the write where its statistics can be read."""
     if not report.get("ok"):
-        return Verdict(False, False, f"kvikio cannot write here: {report.get('error', 'short write')}")
-    by_backend = report.get("by_backend", {})
-    if report.get("gds"):
-        return Verdict(True, True, "GPUDirect Storage carried the probe's bytes", by_backend)
-    return Verdict(
-        True, False, f"kvikio works but GDS did not carry the bytes (by backend: {by_backend})", by_backend
-    )
+        return Verdict(
+            False, False, f"kvikio cannot write here: {report.get('error', 'short write')}", report
+        )
+    if report.get("kvikio_posix"):
+        why = "kvikio runs its own POSIX path here (compat mode: no usable libcufile or nvidia-fs)"
+    elif not report.get("nvfs_loaded"):
+        why = (
+            "the nvidia-fs driver is not loaded, so libcufile wrote through POSIX (allow_compat_mode)"
+            if report.get("allow_compat_mode")
+            else "the nvidia-fs driver is not loaded"
+        )
+    elif report.get("nvfs_writes") == 0:
+        why = "nvidia-fs counted no write for the probe's bytes: libcufile fell back to POSIX I/O"
+    else:
+        return Verdict(True, True, "GPUDirect Storage carried the probe's bytes", report)
+    return Verdict(True, False, f"kvikio works, but not by GPUDirect Storage: {why}", report)

@@ -85,7 +85,9 @@ class CudaEngine:
         return stream
 
     def ready(self, source: torch.Tensor) -> torch.cuda.Event:
-        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        # Blocking: a worker may wait on it (fence) while the producer runs; a default event's
+        # synchronize() would spin a core at 100% for as long as the producer's kernels take.
+        event = torch.cuda.Event(blocking=True)  # type: ignore[no-untyped-call]
         event.record(torch.cuda.current_stream(source.device))
         return event
 

@@ -1,19 +1,26 @@
 """A pool of page-locked host memory, allocated once and sub-allocated per write.
 
-cudaHostAlloc costs milliseconds and serialises the device, so it happens once; writes then take
-blocks of exactly the size they need (rounded up to ALIGNMENT, never to a power of two) by first fit,
-and freed blocks merge with their neighbours. A full pool blocks the caller: it is the byte budget of
-CUDA writes.
+Pinning costs milliseconds per GiB and takes a driver-wide lock, so it happens once, and for exactly
+the size asked: anonymous memory mapped by the pool and registered with cudaHostRegister (torch's
+`pin_memory=True` allocator rounds up to a power of two: 1.5 GiB would pin 2 GiB for the process's
+life). Writes then take blocks of exactly the size they need (rounded up to ALIGNMENT) by first fit,
+and freed blocks merge with their neighbours. A full pool blocks the caller: it is the byte budget
+of CUDA writes.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
+import mmap
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("tensorsink")
 
 __all__ = ["ALIGNMENT", "Block", "PinnedPool", "default_pool_bytes"]
 
@@ -31,6 +38,29 @@ def default_pool_bytes() -> int:
     except (ValueError, OSError, AttributeError):
         return 1 << 30
     return max(64 << 20, min(1 << 30, physical // 8 // ALIGNMENT * ALIGNMENT))
+
+
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    """`nbytes` of page-locked host memory as a uint8 tensor: mapped here and registered with CUDA,
+    unregistered once the tensor is gone. Where torch offers no cudaHostRegister, torch's pinned
+    allocator (which rounds up to a power of two), with a log line saying so."""
+    cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
+    if not hasattr(cudart, "cudaHostRegister"):
+        log.warning("tensorsink: no cudaHostRegister in this torch; the pinned pool is rounded up")
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    memory = mmap.mmap(-1, nbytes)  # page-aligned, exactly nbytes
+    buffer = torch.frombuffer(memory, dtype=torch.uint8)
+    address = buffer.data_ptr()
+    error = cudart.cudaHostRegister(address, nbytes, 0)
+    if int(error) != 0:
+        raise RuntimeError(f"pinning {nbytes} bytes of host memory failed: CUDA error {int(error)}")
+    weakref.finalize(buffer, _unpin, cudart, address, memory)
+    return buffer
+
+
+def _unpin(cudart: object, address: int, memory: mmap.mmap) -> None:
+    cudart.cudaHostUnregister(address)  # type: ignore[attr-defined]
+    memory.close()
 
 
 @dataclass(frozen=True)
@@ -51,7 +81,7 @@ class PinnedPool:
         if capacity < ALIGNMENT:
             raise ValueError(f"pinned_pool_bytes={capacity} is too small; use at least {ALIGNMENT}")
         self.capacity = capacity // ALIGNMENT * ALIGNMENT
-        self.buffer = torch.empty(self.capacity, dtype=torch.uint8, pin_memory=pin)
+        self.buffer = pinned_buffer(self.capacity) if pin else torch.empty(self.capacity, dtype=torch.uint8)
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # (offset, size), sorted by offset
         self._cond = threading.Condition()
         self.in_use = 0

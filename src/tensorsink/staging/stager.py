@@ -113,6 +113,26 @@ class Stager:
         self._pin = pin
         self._pool: PinnedPool | None = None
         self._lock = threading.Lock()
+        self._preparing: threading.Thread | None = None
+        self._preparing_error: BaseException | None = None
+
+    def prepare(self) -> None:
+        """Pin the pool in a background thread now, so that no write() pays for it (a writer made in
+        a process that uses CUDA already calls this at construction)."""
+        with self._lock:
+            if self._pool is not None or self._preparing is not None:
+                return
+            self._preparing = threading.Thread(target=self._make_pool, name="tensorsink-pin", daemon=True)
+            self._preparing.start()
+
+    def _make_pool(self) -> None:
+        try:
+            pool = PinnedPool(self.pool_bytes, pin=self._pin)
+        except BaseException as exc:  # raised by the first write that needs the pool
+            self._preparing_error = exc
+            return
+        with self._lock:
+            self._pool = pool
 
     @property
     def engine(self) -> CopyEngine:
@@ -124,7 +144,13 @@ class Stager:
 
     @property
     def pool(self) -> PinnedPool:
+        """The pool, made at the first use unless prepare() started it (then its end is waited for)."""
         if self._pool is None:
+            preparing = self._preparing
+            if preparing is not None:
+                preparing.join()
+                if self._preparing_error is not None:
+                    raise self._preparing_error
             with self._lock:  # two threads' first CUDA writes must not make two pools
                 if self._pool is None:
                     self._pool = PinnedPool(self.pool_bytes, pin=self._pin)
