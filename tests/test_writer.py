@@ -300,3 +300,43 @@ def test_an_upload_queue_that_refuses_fails_the_write_instead_of_hanging(tmp_pat
     with pytest.raises(queue.Full):
         writer.close()
     assert (tmp_path / "x.npy").exists()  # committed; only its hand-off to the uploads failed
+
+
+@pytest.mark.usefixtures("each_engine")
+def test_a_failing_custom_writer_names_the_key_and_the_file(tmp_path: Path) -> None:
+    def save(path: Path, value: object) -> None:
+        raise RuntimeError("boom")
+
+    writer = AsyncWriter(tmp_path, durability="none")
+    writer.write_batch(["scans/7"], [torch.ones(3)], save=save, suffix=".bin")
+    with pytest.raises(RuntimeError, match="boom") as info:
+        writer.close()
+    notes = getattr(info.value, "__notes__", [])
+    assert notes == [f"tensorsink: while writing key 'scans/7' to {tmp_path}/scans/7.bin"]
+
+
+def test_an_engine_failure_names_the_key_too(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file where a folder must go")
+    writer = AsyncWriter(tmp_path, "npy", durability="none")
+    writer.write("taken/x", torch.ones(3))
+    with pytest.raises(OSError, match="taken") as info:
+        writer.close()
+    assert "tensorsink: while writing key 'taken/x'" in " ".join(getattr(info.value, "__notes__", []))
+
+
+def test_save_without_a_suffix_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("WARNING", logger="tensorsink")
+    with AsyncWriter(tmp_path, durability="none") as writer:
+        for i in range(3):
+            writer.write_batch([f"k{i}"], [torch.ones(1)], save=lambda path, value: path.write_bytes(b"x"))
+    warned = [r.getMessage() for r in caplog.records if "without suffix=" in r.getMessage()]
+    assert len(warned) == 1
+    assert "no extension" in warned[0]
+
+
+def test_is_done_knows_what_this_writer_wrote(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, "npy", manifest=True, skip_existing=True) as writer:
+        assert not writer.is_done("fresh")
+        writer.write("fresh", torch.ones(2))
+        writer.flush()
+        assert writer.is_done("fresh")

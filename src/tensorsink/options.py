@@ -133,6 +133,9 @@ class WriterOptions:
     #: The write engine: "native" (C threads, off the interpreter), "python" (its pure-Python twin), or
     #: "auto": native where it was built at install.
     engine: str = "auto"
+    #: Log one INFO line of progress (stats()) to the "tensorsink" logger at most this often, in
+    #: seconds, while files are committed, and one at close(); None: no progress lines.
+    progress_seconds: float | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -158,6 +161,13 @@ class WriterOptions:
             _positive_int("pinned_pool_bytes", self.pinned_pool_bytes, 4096)
         if self.engine not in ("auto", "native", "python"):
             raise ValueError(f"engine={self.engine!r} is not valid; use 'auto', 'native' or 'python'")
+        seconds = self.progress_seconds
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0
+        ):
+            raise ValueError(
+                f"progress_seconds={seconds!r} is not valid; use a number of seconds > 0, or None"
+            )
         if self.skip_existing and not self.manifest:
             raise ValueError("skip_existing=True needs manifest=True: skipping relies on the journals")
         if self.upload_queue is not None and not callable(getattr(self.upload_queue, "put", None)):

@@ -17,6 +17,8 @@ class WriterStats:
     bytes: int
     errors: int
     in_flight: int
+    #: The part of write_seconds spent waiting for room: the budget (max_inflight, max_inflight_bytes)
+    #: or the pinned pool.
     blocked_seconds: float
     elapsed_seconds: float
     #: Size of the pinned staging pool (0 until a device tensor was written) and the most of it in use.
@@ -28,6 +30,11 @@ class WriterStats:
     skipped: int = 0
     #: The write engine that commits the files: "native" or "python".
     engine: str = "python"
+    #: The callers' time inside write() and write_batch(), whole: checks, staging, any file written on
+    #: the caller's thread, and blocked_seconds.
+    write_seconds: float = 0.0
+    #: write() and write_batch() calls made.
+    writes: int = 0
 
     @property
     def bytes_per_second(self) -> float:
@@ -41,7 +48,8 @@ class WriterStats:
         return (
             f"{self.files:,} files, {self.bytes / 2**20:,.1f} MiB in {self.elapsed_seconds:.2f} s "
             f"({self.bytes_per_second / 2**20:,.1f} MiB/s, {self.files_per_second:,.0f} files/s), "
-            f"blocked {self.blocked_seconds:.2f} s, {self.in_flight} in flight, {self.errors} errors"
+            f"{self.write_seconds:.2f} s in {self.writes:,} write() calls ({self.blocked_seconds:.2f} s "
+            f"of it blocked), {self.in_flight} in flight, {self.errors} errors"
             + (self._pool_text() if self.pinned_pool_bytes else "")
             + (f", {self.skipped:,} skipped as already written" if self.skipped else "")
         )
@@ -61,6 +69,8 @@ class StatsRecorder:
         self._errors = 0
         self._skipped = 0
         self._blocked = 0.0
+        self._write_seconds = 0.0
+        self._writes = 0
         self._by_backend: dict[str, int] = {}
         self._first: float | None = None
         self._last: float | None = None
@@ -91,6 +101,12 @@ class StatsRecorder:
             with self._lock:
                 self._errors += count
 
+    def called(self, seconds: float) -> None:
+        """One write() or write_batch() call returned (or raised) after `seconds`."""
+        with self._lock:
+            self._write_seconds += seconds
+            self._writes += 1
+
     def blocked(self, seconds: float) -> None:
         if seconds:
             with self._lock:
@@ -120,4 +136,6 @@ class StatsRecorder:
                 dict(self._by_backend),
                 self._skipped,
                 engine,
+                self._write_seconds,
+                self._writes,
             )

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -75,6 +76,7 @@ class AsyncWriter:
         skip_existing: bool = False,
         follow_symlinks: bool = False,
         engine: str = "auto",
+        progress_seconds: float | None = None,
     ) -> None:
         self.options = WriterOptions(
             out_root=Path(out_root),
@@ -96,6 +98,7 @@ class AsyncWriter:
             skip_existing=skip_existing,
             follow_symlinks=follow_symlinks,
             engine=engine,
+            progress_seconds=progress_seconds,
         )
         self._root = os.path.abspath(self.options.out_root)
         self._use_format(format_for(self.options.save_format, self.options.align))
@@ -115,6 +118,9 @@ class AsyncWriter:
         self._closed = threading.Event()
         self._journal = Journal(self._root) if o.manifest else None
         self._done = Manifest.load(self._root) if o.skip_existing else None
+        self._written: set[str] = set()  # keys this writer committed (is_done() knows them too)
+        self._said_no_suffix = False
+        self._progress_at = time.monotonic()
         self._engine = self._make_engine()
         self._handoff: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._submitting = threading.Thread(target=self._submitter, name="tensorsink-submit", daemon=True)
@@ -187,7 +193,7 @@ class AsyncWriter:
         InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
         (RuntimeError), or the first background failure, before anything is queued.
         """
-        self._enter(relative_path_no_ext)
+        began = self._enter(relative_path_no_ext)
         try:
             name = validate_key(relative_path_no_ext)
             entries = plan_files(self._root, name, to_save, self._format, self.options.dict_mode)
@@ -210,7 +216,7 @@ class AsyncWriter:
 
             return self._start(pending, ready)
         finally:
-            self._gate.leave()
+            self._leave(began)
 
     def write_batch(
         self,
@@ -229,11 +235,11 @@ class AsyncWriter:
         same atomic commit: the temporary's name does not end in `suffix`, so name the format
         explicitly inside `save`. One future for the whole batch; its result lists every file.
         """
-        self._enter(keys)
+        began = self._enter(keys)
         try:
             return self._write_batch(keys, batch, save, suffix)
         finally:
-            self._gate.leave()
+            self._leave(began)
 
     def _write_batch(
         self,
@@ -250,6 +256,13 @@ class AsyncWriter:
             )
         if save is not None:
             validate_suffix(suffix)
+            if not suffix and not self._said_no_suffix:
+                self._said_no_suffix = True
+                log.warning(
+                    "tensorsink: write_batch(save=...) without suffix= writes files with no extension "
+                    "(%s/<key>); pass suffix='.png' or the like to name their format",
+                    self._root,
+                )
         layout = split_batch(batch, len(names))
         samples = layout.samples()
         planned = [
@@ -329,7 +342,7 @@ class AsyncWriter:
             entries, savers = ready()
         except BaseException as exc:
             self._engine.release([entry.path for entry in pending.entries])
-            self._finish([(pending, None, exc)])
+            self._finish([(pending, None, _naming(exc, pending.keys[0], pending.entries[0].path))])
             return
         self._submit(pending, entries, savers)
 
@@ -346,6 +359,7 @@ class AsyncWriter:
         kind = self._format.save_format.value
         files: list[FileJob] = []
         backends: list[str] = []
+        k = 0
         try:
             for k, (entry, number) in enumerate(zip(entries, pending.numbers, strict=True)):
                 record = None
@@ -381,7 +395,7 @@ class AsyncWriter:
                 if job.buffers is None:
                     _discard(job)
             self._engine.release([entry.path for entry in pending.entries])
-            self._finish([(pending, None, exc)])
+            self._finish([(pending, None, _naming(exc, pending.keys[k], entries[k].path))])
 
     def _file_writer(self, entry: FileEntry) -> Callable[[int, str], None] | None:
         """None where the engine writes the format's buffers itself; else what writes the file
@@ -418,9 +432,11 @@ class AsyncWriter:
             paths: list[str] = []
             error: BaseException | None = None
             try:
-                for entry, backend, outcome in zip(pending.entries, pending.backends, outcomes, strict=True):
+                for k, (entry, backend, outcome) in enumerate(
+                    zip(pending.entries, pending.backends, outcomes, strict=True)
+                ):
                     if outcome.error is not None:
-                        error = error or outcome.error
+                        error = error or _naming(outcome.error, pending.keys[k], entry.path)
                         continue
                     files += 1
                     by_backend[backend] = by_backend.get(backend, 0) + entry.nbytes
@@ -428,10 +444,16 @@ class AsyncWriter:
                     if outcome.replaced and uploads is not None:
                         uploads.put(Path(entry.path))
             except Exception as exc:  # an upload queue that refuses, say: the write fails, nothing hangs
-                error = error or exc
+                error = error or _naming(exc, pending.keys[0], pending.entries[0].path)
             done.append((pending, paths, error))
         self._stats.files_committed(files, by_backend)
+        if self._done is not None:
+            self._written.update(key for pending, _, error in done if error is None for key in pending.keys)
         self._finish(done)
+        every = self.options.progress_seconds
+        if every is not None and time.monotonic() - self._progress_at >= every:
+            self._progress_at = time.monotonic()
+            log.info("tensorsink: %s", self.stats())
 
     def _finish(self, done: list[tuple[_Write, list[str] | None, BaseException | None]]) -> None:
         finished = []
@@ -464,16 +486,20 @@ class AsyncWriter:
         return future
 
     def is_done(self, key: str | os.PathLike[str]) -> bool:
-        """Whether an earlier run's journal (loaded at construction) records `key` as written, with
-        every file still there at its recorded size. Needs skip_existing=True."""
+        """Whether `key` is written: committed by this writer, or recorded by an earlier run's journal
+        (loaded at construction) with every file still there at its recorded size. Needs
+        skip_existing=True."""
         if self._done is None:
             raise RuntimeError(
                 "is_done() needs AsyncWriter(..., skip_existing=True), which loads the manifest"
             )
-        return self._done.done(validate_key(key))
+        name = validate_key(key)
+        return name in self._written or self._done.done(name)
 
-    def _enter(self, key: object) -> None:
-        """Admit one write() or write_batch() call: close() waits for every call admitted."""
+    def _enter(self, key: object) -> float:
+        """Admit one write() or write_batch() call (close() waits for every call admitted); returns
+        when it began, for stats().write_seconds."""
+        began = time.perf_counter()
         if not self._gate.enter():
             raise WriterClosedError(f"write({key!r}) after close(); create a new AsyncWriter")
         try:
@@ -481,6 +507,11 @@ class AsyncWriter:
         except BaseException:
             self._gate.leave()
             raise
+        return began
+
+    def _leave(self, began: float) -> None:
+        self._stats.called(time.perf_counter() - began)
+        self._gate.leave()
 
     def _check_folders(self, entries: list[FileEntry]) -> None:
         """SymlinkError, on the caller's thread, if a folder on the way to a file is a symlink (the
@@ -532,6 +563,8 @@ class AsyncWriter:
                 except Exception as exc:
                     self._pipeline.record(exc)
                 finally:
+                    if self.options.progress_seconds is not None:
+                        log.info("tensorsink: closed after %s", self.stats())
                     self._closed.set()
         self._closed.wait()  # a close() racing the first one returns only once that one is done
         self._pipeline.raise_if_failed()
@@ -591,6 +624,15 @@ def _sample_values(host: list[list[FileEntry]], samples: list[Any]) -> list[Any]
 
 def _saving(save: Callable[[Path, Any], None], value: Any) -> Callable[[int, str], None]:
     return lambda fd, temporary: save(Path(temporary), value)
+
+
+def _naming(error: BaseException, key: str, path: str) -> BaseException:
+    """`error`, with a note naming the write's key and file: a background failure is raised later, by
+    another call, where its own message (a custom writer's "boom") may say neither."""
+    note = f"tensorsink: while writing key {key!r} to {path}"
+    if note not in getattr(error, "__notes__", ()) and hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
+    return error
 
 
 def _discard(job: FileJob) -> None:
