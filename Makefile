@@ -8,27 +8,36 @@ BIN := $(VENV)/bin
 
 .PHONY: install lint typecheck test bench clean
 
-$(VENV)/.installed: pyproject.toml setup.py src/tensorsink/engine/_native.c
+# One virtualenv; each target installs what its purpose needs, once: `make bench` the package and the
+# bench extra (matplotlib, tqdm), `make test` everything CI checks (every extra and the tools).
+$(VENV)/.made:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[ci]"
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.bench: $(VENV)/.made pyproject.toml setup.py src/tensorsink/engine/_native.c
+	$(BIN)/python -m pip install -q -e ".[bench]"
+	touch $@
 
-lint: install
+$(VENV)/.ci: $(VENV)/.made pyproject.toml setup.py src/tensorsink/engine/_native.c
+	$(BIN)/python -m pip install -q -e ".[ci]"
+	touch $@ $(VENV)/.bench
+
+install: $(VENV)/.ci
+
+lint: $(VENV)/.ci
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/hadolint docker/Dockerfile.gpu docker/Dockerfile.cpu
 	$(BIN)/python -m json.tool docker/cufile.json > /dev/null
 
-typecheck: install
+typecheck: $(VENV)/.ci
 	$(BIN)/mypy
 
 test: lint typecheck
 	$(BIN)/python -m pytest
 
-bench: install
+bench: $(VENV)/.bench
 	mkdir -p $(BENCH_OUT)
 	$(BIN)/tensorsink bench --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
 
