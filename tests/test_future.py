@@ -25,7 +25,7 @@ def test_a_write_makes_no_condition_until_someone_looks(tmp_path: Path) -> None:
 
 def test_settled_bare_then_looked_at() -> None:
     future = WriteFuture()
-    future.set_result(["/x/a.npy"])
+    future.set_result([Path("/x/a.npy")])
     assert future._made_condition is None  # nobody had looked
     assert future.done()
     assert future.result(timeout=0) == [Path("/x/a.npy")]
@@ -65,7 +65,7 @@ def test_waiters_and_callbacks_registered_before_settling_are_woken() -> None:
     other = WriteFuture()
     waited = threading.Thread(target=lambda: results.append(wait([other], 10, FIRST_COMPLETED).done))
     waited.start()
-    future.set_result(["/r/a.pt"])
+    future.set_result([Path("/r/a.pt")])
     other.set_result([])
     waiter.join(10)
     waited.join(10)

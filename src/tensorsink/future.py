@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, wait
 from concurrent.futures._base import FINISHED, PENDING
-from os import PathLike
 from pathlib import Path
 
 __all__ = ["WriteFuture"]
 
 #: Orders the first use of a future's Condition against a completion that found none (see WriteFuture).
-_WAKING = threading.Lock()
+#: Reentrant, and only ever held for a few bytecodes (the Condition is made before it is taken): a
+#: signal handler or a finalizer that looks at a future while this thread holds it must not deadlock.
+_WAKING = threading.RLock()
 
 
 class WriteFuture(Future[list[Path]]):
@@ -44,9 +45,10 @@ class WriteFuture(Future[list[Path]]):
     def _condition(self) -> threading.Condition:  # type: ignore[override]  # Future's, made on first use
         condition = self._made_condition
         if condition is None:
+            made = threading.Condition()
             with _WAKING:
                 if self._made_condition is None:
-                    self._made_condition = threading.Condition()
+                    self._made_condition = made
                 condition = self._made_condition
         return condition
 
@@ -64,16 +66,12 @@ class WriteFuture(Future[list[Path]]):
         assert self._staged is not None, "only a future created with staged_apart=True is staged apart"
         self._staged.set()
 
-    def result(self, timeout: float | None = None) -> list[Path]:
-        """The committed files' Paths (kept as strings until asked for: most results are never read)."""
-        return [Path(path) for path in super().result(timeout)]
-
-    def set_result(self, result: Sequence[str | PathLike[str]]) -> None:
+    def set_result(self, result: list[Path]) -> None:
         if self._staged is not None:
             self._staged.set()
         if self._settled_bare(result, None):
             return
-        super().set_result(result)  # type: ignore[arg-type]
+        super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
         if self._staged is not None:
@@ -82,17 +80,14 @@ class WriteFuture(Future[list[Path]]):
             return
         super().set_exception(exception)
 
-    def _settled_bare(
-        self, result: Sequence[str | PathLike[str]] | None, exception: BaseException | None
-    ) -> bool:
+    def _settled_bare(self, result: list[Path] | None, exception: BaseException | None) -> bool:
         """Settle without a Condition where none was made: then nobody waits, and no callback is set."""
         with _WAKING:
             if self._made_condition is not None:
                 return False
             if self._state == FINISHED:
                 raise InvalidStateError("this write's future is settled already")
-            self._result = result  # type: ignore[assignment]  # strings: result() makes the Paths
-            self._exception, self._state = exception, FINISHED
+            self._result, self._exception, self._state = result, exception, FINISHED
             return True
 
     def cancel(self) -> bool:

@@ -285,6 +285,8 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
     recorded_paths = sorted(recorded)
     formats = {f.value: format_for(f) for f in SaveFormat}
 
+    absent_unfinished = ("", "")  # only a renaming line, no file: not checked, not missing
+
     def check(path: str) -> tuple[str, str] | None:
         candidates = manifest.candidates(path)
         full = manifest.root / path  # followed if it is a symlink: the file it names is what was written
@@ -308,7 +310,7 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
         except FileNotFoundError:
             # Only a renaming line and no file: killed before its rename, a write that never
             # finished (resume writes it again), not a committed file that went missing.
-            return ("missing", "") if path in manifest.records else None
+            return ("missing", "") if path in manifest.records else absent_unfinished
         return None
 
     problems = {
@@ -317,11 +319,14 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
         "missing": report.missing,
         "unreadable": report.unreadable,
     }
+    absent = 0
     with ThreadPoolExecutor(max(1, workers)) as pool:
         for path, problem in zip(recorded_paths, pool.map(check, recorded_paths), strict=True):
-            if problem is not None:
+            if problem is absent_unfinished:
+                absent += 1
+            elif problem is not None:
                 kind, why = problem
                 problems[kind].append(why or path)
-    report.checked = sum(1 for path in recorded_paths if (manifest.root / path).exists())
+    report.checked = len(recorded_paths) - len(report.missing) - absent
     report.seconds = time.perf_counter() - start
     return report

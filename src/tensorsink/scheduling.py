@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
 
 from .errors import WriterClosedError
 from .future import WriteFuture
@@ -16,9 +17,8 @@ __all__ = ["Budget", "Finished", "Gate", "Pipeline"]
 log = logging.getLogger("tensorsink")
 
 
-#: A finished write as Pipeline.finish takes it: its budgeted bytes, its future, its files' paths or
-#: its error.
-Finished = tuple[int, WriteFuture, "list[str] | None", "BaseException | None"]
+#: A finished write as Pipeline.finish takes it: its budgeted bytes, its future, its files or its error.
+Finished = tuple[int, WriteFuture, "list[Path] | None", "BaseException | None"]
 
 
 class Budget:
@@ -140,12 +140,16 @@ class Pipeline:
         self.budget.release(sum(nbytes for nbytes, _, _, _ in done), len(done))
         in_flight = self._in_flight
         for _, future, result, error in done:
-            if error is not None:
-                self.record(error)
-                future.set_exception(error)
-            else:
-                future.set_result(result or [])
-            in_flight.discard(future)
+            try:
+                if error is not None:
+                    self.record(error)
+                    future.set_exception(error)
+                else:
+                    future.set_result(result or [])
+            except Exception:  # one future that cannot be settled must not strand the others
+                log.exception("tensorsink: settling a write's future failed")
+            finally:
+                in_flight.discard(future)
 
     def record(self, exc: BaseException) -> None:
         """Keep `exc` as the writer's failure, unless it failed already (then it is logged)."""

@@ -110,9 +110,8 @@ class AsyncWriter:
         self._stats = StatsRecorder()
         o = self.options
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
-        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # a job on a GPU: pin and probe now, off the caller's thread
-            self._stager.prepare()
-            self._route.start_probe()
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # a job on a GPU: pin now, off its thread
+            self._stager.prepare(torch.cuda.current_device())
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._gate = Gate()
         self._closed = threading.Event()
@@ -425,11 +424,11 @@ class AsyncWriter:
         statistics, the budget and the futures for all of them at once. (The engine journals each file
         itself, around its rename.)"""
         uploads = self.options.upload_queue
-        done: list[tuple[_Write, list[str] | None, BaseException | None]] = []
+        done: list[tuple[_Write, list[Path] | None, BaseException | None]] = []
         files, by_backend = 0, dict[str, int]()
         for token, outcomes in batches:
             pending = cast(_Write, token)
-            paths: list[str] = []
+            paths: list[Path] = []
             error: BaseException | None = None
             try:
                 for k, (entry, backend, outcome) in enumerate(
@@ -440,9 +439,10 @@ class AsyncWriter:
                         continue
                     files += 1
                     by_backend[backend] = by_backend.get(backend, 0) + entry.nbytes
-                    paths.append(entry.path)
+                    path = Path(entry.path)
+                    paths.append(path)
                     if outcome.replaced and uploads is not None:
-                        uploads.put(Path(entry.path))
+                        uploads.put(path)
             except Exception as exc:  # an upload queue that refuses, say: the write fails, nothing hangs
                 error = error or _naming(exc, pending.keys[0], pending.entries[0].path)
             done.append((pending, paths, error))
@@ -455,7 +455,7 @@ class AsyncWriter:
             self._progress_at = time.monotonic()
             log.info("tensorsink: %s", self.stats())
 
-    def _finish(self, done: list[tuple[_Write, list[str] | None, BaseException | None]]) -> None:
+    def _finish(self, done: list[tuple[_Write, list[Path] | None, BaseException | None]]) -> None:
         finished = []
         for pending, paths, error in done:
             if pending.staged is not None:

@@ -255,27 +255,46 @@ def test_explicit_kvikio_on_its_posix_path_is_counted_as_such(
         assert writer._route.kvikio_label == "kvikio-posix"  # never "gds" where nvidia-fs is absent
 
 
-def test_a_process_using_cuda_pins_and_probes_at_construction(
+def test_a_process_using_cuda_pins_at_construction_exactly(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    gated = _GatedProbe(probe_module.judge({"ok": False}))
-    gated.release.set()
-    monkeypatch.setattr(probe_module, "verdict_for", gated)
-    pinned: list[tuple[int, str]] = []
+    monkeypatch.setattr(probe_module, "verdict_for", lambda *a, **k: pytest.fail("no CUDA tensor: no probe"))
+    pinned: list[tuple[int, str, int | None]] = []
+    devices: list[int] = []
 
-    def fake_pin(nbytes: int) -> torch.Tensor:
-        pinned.append((nbytes, threading.current_thread().name))
-        return torch.empty(nbytes, dtype=torch.uint8)
+    def fake_pin(nbytes: int) -> tuple[torch.Tensor, object]:
+        pinned.append((nbytes, threading.current_thread().name, devices[-1] if devices else None))
+        return torch.empty(nbytes, dtype=torch.uint8), lambda: None
 
     monkeypatch.setattr(pool_module, "pinned_buffer", fake_pin)
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
     size = 3 * (1 << 20) + 3 * 4096  # not a power of two: pinned exactly
     with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, pinned_pool_bytes=size) as writer:
-        assert writer.wait_backend(10) == "posix"
         assert writer._stager.pool.capacity == size
-    assert pinned == [(size, "tensorsink-pin")]
-    assert gated.threads == ["tensorsink-probe"]
+    assert pinned == [(size, "tensorsink-pin", 3)]  # in the background, in the caller's device's context
     assert writer.stats().pinned_pool_bytes == size
+
+
+def test_a_failed_background_pinning_is_tried_again_by_the_first_cuda_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+
+    def flaky_pin(nbytes: int) -> tuple[torch.Tensor, object]:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error 2 (test)")
+        return torch.empty(nbytes, dtype=torch.uint8), lambda: None
+
+    monkeypatch.setattr(pool_module, "pinned_buffer", flaky_pin)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    with AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, pinned_pool_bytes=1 << 20) as writer:
+        assert writer._stager.pool.capacity == 1 << 20
+    assert calls == ["tensorsink-pin", threading.current_thread().name]
 
 
 def test_a_cpu_process_neither_pins_nor_probes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

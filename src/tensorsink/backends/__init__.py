@@ -2,8 +2,8 @@
 
 A writer's Route decides once: backend="posix" never probes; backend="kvikio" probes at construction
 and raises BackendUnavailableError, with the reason, where kvikio cannot write; backend="auto" probes
-in a background thread (started at construction where the process uses CUDA already, else by the
-first CUDA tensor) and uses kvikio only where GPUDirect Storage carried the probe's bytes. write()
+in a background thread started by the first CUDA tensor, and uses kvikio only where GPUDirect Storage
+carried the probe's bytes. write()
 never waits for the probe: until its verdict, CUDA tensors take the pinned path. The decision is
 logged in one line.
 """
@@ -100,8 +100,10 @@ class Route:
         try:
             verdict = probe.verdict_for(self._root)
             kvikio = self._kvikio_writer() if verdict.gds else None
-        except Exception as exc:  # a probe that fails says so and leaves the pinned path
+        except BaseException as exc:  # a probe that fails says so and leaves the pinned path
             self._decide(None, f"the GDS probe failed: {exc!r}")
+            if not isinstance(exc, Exception):
+                raise
             return
         self._decide(kvikio, verdict.reason, verdict)
 

@@ -65,7 +65,10 @@ class KvikioWriter:
                 continue
             if written != size and failure is None:
                 failure = OSError(f"kvikio wrote {written} of {size} bytes to {path}")
-        handle.close()
+        try:
+            handle.close()
+        except BaseException as exc:  # never instead of the failure that came first
+            failure = failure or exc
         if failure is not None:
             raise failure
 

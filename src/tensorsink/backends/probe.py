@@ -155,6 +155,8 @@ def verdict_for(directory: str, timeout: float = DEFAULT_TIMEOUT) -> Verdict:
         verdict = Verdict(False, False, "kvikio is not installed (pip install 'tensorsink[gpu]')")
     else:
         verdict = probe_kvikio(directory, timeout)
+        if not os.path.isdir(directory):  # removed while probing: no verdict on its filesystem
+            return verdict
     with _lock:
         _by_filesystem.setdefault(device, verdict)
     return verdict

@@ -16,6 +16,7 @@ import mmap
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,27 +41,30 @@ def default_pool_bytes() -> int:
     return max(64 << 20, min(1 << 30, physical // 8 // ALIGNMENT * ALIGNMENT))
 
 
-def pinned_buffer(nbytes: int) -> torch.Tensor:
-    """`nbytes` of page-locked host memory as a uint8 tensor: mapped here and registered with CUDA,
-    unregistered once the tensor is gone. Where torch offers no cudaHostRegister, torch's pinned
-    allocator (which rounds up to a power of two), with a log line saying so."""
+#: cudaHostRegister's flag for memory every CUDA context (every device) treats as pinned.
+_PORTABLE = 1
+
+
+def pinned_buffer(nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
+    """`nbytes` of page-locked host memory as a uint8 tensor, and what unpins it: private anonymous
+    memory mapped here and registered with CUDA for every device. Where that fails (or torch offers
+    no cudaHostRegister), torch's pinned allocator, which rounds up to a power of two, with a log
+    line saying so."""
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
-    if not hasattr(cudart, "cudaHostRegister"):
+    register = getattr(cudart, "cudaHostRegister", None)
+    if register is not None:
+        memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # page-aligned, exact
+        buffer = torch.frombuffer(memory, dtype=torch.uint8)  # keeps `memory` alive as long as any view
+        address = buffer.data_ptr()
+        error = int(register(address, nbytes, _PORTABLE))
+        if error == 0:
+            return buffer, lambda: cudart.cudaHostUnregister(address)
+        log.warning(
+            "tensorsink: pinning %d bytes failed (CUDA error %d); using torch's pinned memory", nbytes, error
+        )
+    else:
         log.warning("tensorsink: no cudaHostRegister in this torch; the pinned pool is rounded up")
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    memory = mmap.mmap(-1, nbytes)  # page-aligned, exactly nbytes
-    buffer = torch.frombuffer(memory, dtype=torch.uint8)
-    address = buffer.data_ptr()
-    error = cudart.cudaHostRegister(address, nbytes, 0)
-    if int(error) != 0:
-        raise RuntimeError(f"pinning {nbytes} bytes of host memory failed: CUDA error {int(error)}")
-    weakref.finalize(buffer, _unpin, cudart, address, memory)
-    return buffer
-
-
-def _unpin(cudart: object, address: int, memory: mmap.mmap) -> None:
-    cudart.cudaHostUnregister(address)  # type: ignore[attr-defined]
-    memory.close()
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), lambda: None
 
 
 @dataclass(frozen=True)
@@ -81,7 +85,13 @@ class PinnedPool:
         if capacity < ALIGNMENT:
             raise ValueError(f"pinned_pool_bytes={capacity} is too small; use at least {ALIGNMENT}")
         self.capacity = capacity // ALIGNMENT * ALIGNMENT
-        self.buffer = pinned_buffer(self.capacity) if pin else torch.empty(self.capacity, dtype=torch.uint8)
+        if pin:
+            self.buffer, unpin = pinned_buffer(self.capacity)
+            # Unpinned only once the pool itself is gone (staged writes hold it while their copies
+            # run), never at interpreter exit, when workers may still read it.
+            weakref.finalize(self, unpin).atexit = False
+        else:
+            self.buffer = torch.empty(self.capacity, dtype=torch.uint8)
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # (offset, size), sorted by offset
         self._cond = threading.Condition()
         self.in_use = 0

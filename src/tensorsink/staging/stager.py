@@ -9,6 +9,7 @@ worker, which stages it in chunks through the pool (`Staged.wait`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from .engine import Completion, CopyEngine, CudaEngine
 from .pool import ALIGNMENT, Block, PinnedPool
 
 __all__ = ["Staged", "Stager", "on_device"]
+
+log = logging.getLogger("tensorsink")
 
 #: Offsets of tensors inside a shared block: enough for any dtype's alignment.
 _TENSOR_ALIGNMENT = 64
@@ -114,25 +117,30 @@ class Stager:
         self._pool: PinnedPool | None = None
         self._lock = threading.Lock()
         self._preparing: threading.Thread | None = None
-        self._preparing_error: BaseException | None = None
 
-    def prepare(self) -> None:
+    def prepare(self, device: int | None = None) -> None:
         """Pin the pool in a background thread now, so that no write() pays for it (a writer made in
-        a process that uses CUDA already calls this at construction)."""
+        a process that uses CUDA already calls this at construction). `device`: the CUDA device whose
+        context pins it (the caller's: a new thread's would be device 0, making a context there)."""
         with self._lock:
             if self._pool is not None or self._preparing is not None:
                 return
-            self._preparing = threading.Thread(target=self._make_pool, name="tensorsink-pin", daemon=True)
+            self._preparing = threading.Thread(
+                target=self._make_pool, args=(device,), name="tensorsink-pin", daemon=True
+            )
             self._preparing.start()
 
-    def _make_pool(self) -> None:
+    def _make_pool(self, device: int | None) -> None:
         try:
+            if device is not None:
+                torch.cuda.set_device(device)
             pool = PinnedPool(self.pool_bytes, pin=self._pin)
-        except BaseException as exc:  # raised by the first write that needs the pool
-            self._preparing_error = exc
+        except Exception as exc:  # the first write that needs the pool tries again, and raises its own
+            log.warning("tensorsink: pinning the pool at construction failed: %r", exc)
             return
         with self._lock:
-            self._pool = pool
+            if self._pool is None:
+                self._pool = pool
 
     @property
     def engine(self) -> CopyEngine:
@@ -149,8 +157,6 @@ class Stager:
             preparing = self._preparing
             if preparing is not None:
                 preparing.join()
-                if self._preparing_error is not None:
-                    raise self._preparing_error
             with self._lock:  # two threads' first CUDA writes must not make two pools
                 if self._pool is None:
                     self._pool = PinnedPool(self.pool_bytes, pin=self._pin)
