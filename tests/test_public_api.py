@@ -43,6 +43,7 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
         "skip_existing": False,
         "follow_symlinks": False,
         "engine": "auto",
+        "progress_seconds": None,
     }
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])
 
