@@ -14,7 +14,7 @@ from tensorsink.sample_writers import SampleWriter, WriterRegistry, image_rows, 
 
 
 def test_built_ins() -> None:
-    assert writers.names() == ["image_2d", "image_3d", "npy", "npz", "safetensors", "tensor", "text"]
+    assert writers.names() == ["image_2d", "image_3d", "npy", "npz", "pt", "safetensors", "tensor", "text"]
     assert writers.get("tensor").save_format is SaveFormat.PYTORCH_PT
     assert writers.get("tensor").suffix == ".pt"
     assert writers.get("image_3d").suffix == ".png"
@@ -39,7 +39,7 @@ def test_register_get_and_duplicates() -> None:
     with pytest.raises(ValueError, match=r"no writer named 'tsv'; known: csv, raw"):
         registry.get("tsv")
     assert registry.resolve(write_raw).suffix == ""
-    with pytest.raises(TypeError, match="registered name, a SampleWriter or a callable"):
+    with pytest.raises(TypeError, match="registered name, a SaveFormat, a SampleWriter or a callable"):
         registry.resolve(3)  # type: ignore[arg-type]
 
 
@@ -95,3 +95,54 @@ def test_bad_shapes_are_named(name: str, shape: tuple[int, ...]) -> None:
     assert check is not None
     with pytest.raises(ValueError, match=rf"got shape \({shape[0]},"):
         check(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("save_format", list(SaveFormat))
+def test_every_save_format_is_a_writer_by_its_name(save_format: SaveFormat) -> None:
+    for given in (save_format.value, save_format):
+        writer = writers.resolve(given)
+        assert writer.save_format is save_format
+        assert writer.suffix == "." + save_format.value
+
+
+def test_text_writes_every_value(tmp_path: Path) -> None:
+    text = writers.get("text")
+    assert text.save is not None
+    text.save(tmp_path / "a", torch.arange(5000))
+    stored = (tmp_path / "a").read_text(encoding="utf-8")
+    assert "..." not in stored
+    assert stored.splitlines() == [str(i) for i in range(5000)]
+    np.testing.assert_array_equal(np.loadtxt(tmp_path / "a", dtype=np.int64), np.arange(5000))
+
+    floats = torch.tensor([[0.1, 1 / 3, -2.5], [1e20, float("nan"), float("-inf")]])
+    text.save(tmp_path / "b", floats)
+    assert (tmp_path / "b").read_text() == "0.1 0.33333334 -2.5\n1e+20 nan -inf\n"
+    back = np.loadtxt(tmp_path / "b", dtype=np.float32)
+    np.testing.assert_array_equal(back, floats.numpy())  # bit for bit, NaN where NaN
+
+    text.save(tmp_path / "c", "case.001")
+    assert (tmp_path / "c").read_text() == "case.001"
+    text.save(tmp_path / "d", torch.tensor(2.5, dtype=torch.bfloat16))
+    assert (tmp_path / "d").read_text() == "2.5\n"
+    text.save(tmp_path / "e", torch.tensor([True, False]))
+    assert (tmp_path / "e").read_text() == "True\nFalse\n"
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "message"),
+    [(torch.zeros(2, 3, 4), ValueError, r"at most 2 dimensions .* got shape \(2, 3, 4\).* writer='npy'"),
+     ({"a": 1}, TypeError, "the text writer takes a str, a number, .* got dict"),
+     (np.array(["x"]), TypeError, "got ndarray of dtype <U1"),
+     ([[1], [2, 3]], ValueError, "lists of rows of one length")],
+)  # fmt: skip
+def test_text_refuses_what_it_cannot_write_in_full(
+    tmp_path: Path, value: object, error: type[Exception], message: str
+) -> None:
+    text = writers.get("text")
+    assert text.check is not None
+    assert text.save is not None
+    with pytest.raises(error, match=message):
+        text.check(value)  # on the caller's thread, before the sample is queued
+    with pytest.raises(error, match=message):
+        text.save(tmp_path / "x", value)
+    assert not (tmp_path / "x").exists()

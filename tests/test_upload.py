@@ -6,8 +6,10 @@ a HEAD with the wrong size), and a TCP relay in front of the server can be cut t
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
+import json
 import math
 import os
 import queue
@@ -19,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +38,14 @@ from botocore.awsrequest import AWSResponse  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
 from tensorsink import AsyncWriter, SaveFormat  # noqa: E402
-from tensorsink.upload import S3SpoolingWriter, S3Uploader, UploadError  # noqa: E402
+from tensorsink.manifest import verify as manifest_verify  # noqa: E402
+from tensorsink.upload import (  # noqa: E402
+    S3SpoolingWriter,
+    S3Uploader,
+    UploadError,
+    split_s3_url,
+    verify_prefix,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -510,3 +520,258 @@ def test_a_rewrite_landing_while_its_predecessor_is_removed_is_kept(
     assert objects(s3, bucket) == {"k.bin": b"version 1"}
     assert uploader.stats().deleted == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k.bin"]
+
+
+def crc32_b64(data: bytes) -> str:
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def test_every_upload_stores_the_whole_files_crc32(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    """Multipart too: the store's CRC-32 is the whole object's, the one the manifest records."""
+    datas = {"small.bin": random.randbytes(3000), "big.bin": random.randbytes(11 * MiB)}
+    uploads: queue.Queue[Path] = queue.Queue()
+    with (
+        S3Uploader(
+            uploads, tmp_path, bucket, endpoint_url=endpoint,
+            multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB,
+        ),
+        AsyncWriter(tmp_path, upload_queue=uploads) as writer,
+    ):  # fmt: skip
+        writer.write_batch(
+            [k.removesuffix(".bin") for k in datas], list(datas.values()), save=save_bytes, suffix=".bin"
+        )
+    for key, data in datas.items():
+        head = s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED")
+        assert head["ChecksumCRC32"] == crc32_b64(data), key
+    assert (
+        s3.head_object(Bucket=bucket, Key="big.bin", ChecksumMode="ENABLED")["ChecksumType"] == "FULL_OBJECT"
+    )
+
+
+def test_one_set_of_upload_names_the_other_accepted(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    uploads: queue.Queue[Path] = queue.Queue()
+    with S3Uploader(
+        uploads, tmp_path, bucket, endpoint_url=endpoint, batch_size=3, workers=2, delete_local=True
+    ) as up:
+        assert (up.upload_batch_size, up.s3_upload_workers, up.remove_on_upload) == (3, 2, True)
+        assert (up.batch_size, up.delete_local) == (3, True)
+    with S3Uploader(
+        uploads, tmp_path, bucket, endpoint_url=endpoint, upload_batch_size=5, s3_upload_workers=1,
+        remove_on_upload=False,
+    ) as up:  # fmt: skip
+        assert (up.upload_batch_size, up.s3_upload_workers, up.remove_on_upload) == (5, 1, False)
+    with S3SpoolingWriter(
+        tmp_path / "spool", bucket, endpoint_url=endpoint, delete_local=True, batch_size=2
+    ) as sink:
+        assert (sink.uploader.remove_on_upload, sink.uploader.upload_batch_size) == (True, 2)
+        sink.write("a", torch.zeros(2))
+    assert local_files(tmp_path / "spool") == {}
+    assert list(objects(s3, bucket)) == ["a.pt"]
+
+
+OPTION_ERRORS = [  # (class, keyword arguments, exception, message)
+    (S3Uploader, {"workers": 2, "s3_upload_workers": 3}, TypeError,
+     r"^S3Uploader\(s3_upload_workers=\.\.\., workers=\.\.\.\): workers is another name for s3_upload_"),
+    (S3Uploader, {"delete_local": True, "remove_on_upload": False}, TypeError,
+     r"^S3Uploader\(remove_on_upload=\.\.\., delete_local=\.\.\.\)"),
+    (S3Uploader, {"batch_size": 0}, ValueError, r"^S3Uploader: batch_size=0 is not valid; use an int >= 1"),
+    (S3Uploader, {"s3_upload_workers": 0}, ValueError, r"^S3Uploader: s3_upload_workers=0 is not valid"),
+    (S3Uploader, {"delete_local": "yes"}, ValueError,
+     r"^S3Uploader: delete_local='yes' is not valid; use True or False"),
+    (S3Uploader, {"backoff_seconds": -1}, ValueError, r"^S3Uploader: backoff_seconds=-1"),
+    (S3Uploader, {"max_attempt": 3}, TypeError,
+     r"^S3Uploader\(\) got an unexpected keyword argument 'max_attempt'; did you mean 'max_attempts'"),
+    (S3SpoolingWriter, {"upload_batch_size": 2, "batch_size": 3}, TypeError,
+     r"^S3SpoolingWriter\(upload_batch_size=\.\.\., batch_size=\.\.\.\)"),
+    (S3SpoolingWriter, {"batch_size": 0}, ValueError, r"^S3SpoolingWriter: batch_size=0"),
+    (S3SpoolingWriter, {"workers": 2}, TypeError,
+     r"^S3SpoolingWriter\(workers=2\) is ambiguous: pass local_writer_workers=.* s3_upload_workers="),
+    (S3SpoolingWriter, {"local_writer_workers": 0}, ValueError,
+     r"^S3SpoolingWriter: local_writer_workers=0 is not valid"),
+    (S3SpoolingWriter, {"durability": "sometimes"}, ValueError,
+     r"^S3SpoolingWriter: durability='sometimes' is not valid"),
+    (S3SpoolingWriter, {"remove_on_uplaod": True}, TypeError,
+     r"^S3SpoolingWriter\(\) got an unexpected keyword argument 'remove_on_uplaod'; did you mean 'remove_"),
+    (S3SpoolingWriter, {"upload_queue": queue.Queue()}, TypeError,
+     r"^S3SpoolingWriter\(upload_queue=\.\.\.\)"),
+]  # fmt: skip
+
+
+def upload_threads() -> int:
+    return sum(t.name.startswith("tensorsink-upload") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize(("cls", "kwargs", "error", "message"), OPTION_ERRORS)
+def test_upload_option_errors_name_the_class_and_the_argument_typed(
+    tmp_path: Path, cls: type, kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    before = upload_threads()
+    spool = tmp_path / "spool"
+    with pytest.raises(error, match=message) as raised:
+        cls(queue.Queue(), spool, "b", **kwargs) if cls is S3Uploader else cls(spool, "b", **kwargs)
+    assert "WriterOptions" not in str(raised.value)
+    assert upload_threads() == before, "a refused uploader starts no thread"
+    assert not spool.exists()
+
+
+def write_with_manifest(sink: S3SpoolingWriter) -> dict[str, bytes]:
+    datas = {f"deep/er/{i}.bin": random.randbytes(500 + i) for i in range(5)}
+    datas |= {f"top{i}.bin": random.randbytes(100) for i in range(3)}
+    sink.write_batch(
+        [k.removesuffix(".bin") for k in datas], list(datas.values()), save=save_bytes, suffix=".bin"
+    )
+    sink.write("tensor", torch.arange(10.0))
+    return datas
+
+
+def test_the_journal_follows_its_files_and_the_spool_is_left_empty(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    client = make_client(endpoint)
+    puts: list[str] = []  # the keys of the upload requests, in the order they were sent
+    client.meta.events.register(
+        "before-send.s3",
+        lambda request, **_: puts.append(key_of(request, bucket)) if request.method == "PUT" else None,
+    )
+    spool = tmp_path / "spool"
+    with S3SpoolingWriter(spool, bucket, "run/", client=client, remove_on_upload=True, manifest=True) as sink:
+        datas = write_with_manifest(sink)
+    client.close()
+
+    assert list(spool.iterdir()) == [], "no file, no journal, no empty folder is left in the spool"
+    stored = objects(s3, bucket)
+    journals = [k for k in stored if k.startswith("run/.tensorsink/journal-") and k.endswith(".jsonl")]
+    assert len(journals) == 1
+    assert {f"run/{k}" for k in datas} | {"run/tensor.pt"} | set(journals) == set(stored)
+    assert puts.index(journals[0]) > max(puts.index(f"run/{k}") for k in [*datas, "tensor.pt"])
+    assert sink.uploader.stats().journals == 1
+    lines = stored[journals[0]].decode().splitlines()
+    assert {json.loads(line)["path"] for line in lines} == {*datas, "tensor.pt"}
+
+    report = verify_prefix(bucket, "run/", endpoint_url=endpoint)
+    assert report.ok, report
+    assert report.checked == len(datas) + 1
+
+
+def test_a_kept_spool_keeps_its_journal_and_both_verify(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    spool = tmp_path / "spool"
+    with S3SpoolingWriter(spool, bucket, "run/", endpoint_url=endpoint, manifest=True) as sink:
+        datas = write_with_manifest(sink)
+    local = local_files(spool)
+    assert {f"run/{k}": v for k, v in local.items()} == objects(s3, bucket)  # the journal too, byte for byte
+    assert manifest_verify(spool).ok
+    assert verify_prefix(bucket, "run/", endpoint_url=endpoint).checked == len(datas) + 1
+
+
+def test_a_failed_upload_keeps_the_journal_out_of_the_bucket(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    client = make_client(endpoint)
+
+    def deny_one(request: Any, **kwargs: Any) -> AWSResponse | None:
+        if request.method == "PUT" and key_of(request, bucket) == "top1.bin":
+            return reply(request, 403, {}, b"<Error><Code>AccessDenied</Code><Message>no</Message></Error>")
+        return None
+
+    client.meta.events.register("before-send.s3", deny_one)
+    spool = tmp_path / "spool"
+    sink = S3SpoolingWriter(spool, bucket, client=client, remove_on_upload=True, manifest=True)
+    write_with_manifest(sink)
+    with pytest.raises(
+        UploadError, match=r"1 file\(s\) .* the 1 journal\(s\) in .* were kept there, not uploaded"
+    ):
+        sink.close()
+    client.close()
+    assert not [k for k in objects(s3, bucket) if ".tensorsink" in k]
+    assert sorted(local_files(spool)) == [
+        f".tensorsink/{p.name}" for p in (spool / ".tensorsink").iterdir()
+    ] + ["top1.bin"]
+    assert not (spool / "deep").exists(), "the folders emptied by removals are gone"
+
+
+def test_verify_prefix_reports_what_the_bucket_lacks_or_got_wrong(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    spool = tmp_path / "spool"
+    with S3SpoolingWriter(spool, bucket, "run/", endpoint_url=endpoint, manifest=True) as sink:
+        write_with_manifest(sink)
+    s3.delete_object(Bucket=bucket, Key="run/top0.bin")
+    s3.put_object(Bucket=bucket, Key="run/stray.bin", Body=b"x", ChecksumAlgorithm="CRC32")
+    s3.put_object(Bucket=bucket, Key="run/top1.bin", Body=b"shorter", ChecksumAlgorithm="CRC32")
+    same_size = bytes(len(local_files(spool)["top2.bin"]))
+    s3.put_object(Bucket=bucket, Key="run/top2.bin", Body=same_size, ChecksumAlgorithm="CRC32")
+    # No checksum sent: the store keeps none.
+    bare = boto3.client(
+        "s3", endpoint_url=endpoint, config=Config(request_checksum_calculation="when_required")
+    )
+    bare.put_object(Bucket=bucket, Key="run/tensor.pt", Body=local_files(spool)["tensor.pt"])
+    bare.close()
+
+    client = make_client(endpoint)
+    sent: list[tuple[str, str]] = []
+    client.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append((request.method, key_of(request, bucket)))
+    )
+    report = verify_prefix(bucket, "run/", client=client)
+    client.close()
+    assert report.missing == ["top0.bin"]
+    assert report.extra == ["stray.bin"]
+    assert report.size_mismatch == ["top1.bin"]
+    assert report.checksum_mismatch == ["top2.bin"]
+    assert len(report.unreadable) == 1
+    assert report.unreadable[0].startswith("tensor.pt: the store keeps no CRC-32 of it")
+    assert not report.ok
+    assert report.checked == 8
+    gets = [key for method, key in sent if method == "GET" and key != f"/{bucket}"]  # but the listing
+    assert gets
+    assert all(key.startswith("run/.tensorsink/journal-") for key in gets), "no payload downloaded"
+    headed = ["top2.bin", "tensor.pt"] + [f"deep/er/{i}.bin" for i in range(5)]  # recorded, of their size
+    assert sorted(key for method, key in sent if method == "HEAD") == sorted(f"run/{k}" for k in headed)
+    sizes_only = verify_prefix(bucket, "run/", endpoint_url=endpoint, checksums=False)
+    assert (sizes_only.checksum_mismatch, sizes_only.unreadable) == ([], [])
+
+
+def test_verify_prefix_cannot_confirm_a_composite_checksum(
+    tmp_path: Path, bucket: str, endpoint: str
+) -> None:
+    """A multipart upload made without a full-object checksum keeps a CRC of its parts' CRCs ("-N"
+    on AWS): not the file's CRC-32, so verify says it cannot check it rather than calling it wrong."""
+    with S3SpoolingWriter(tmp_path, bucket, endpoint_url=endpoint, manifest=True) as sink:
+        sink.write_batch(["a"], [b"payload"], save=save_bytes, suffix=".bin")
+    client = make_client(endpoint)
+
+    def composite(request: Any, **kwargs: Any) -> AWSResponse | None:
+        if request.method != "HEAD":
+            return None
+        headers = {
+            "Content-Length": "7",
+            "x-amz-checksum-crc32": "AAAAAA==-2",
+            "x-amz-checksum-type": "COMPOSITE",
+        }
+        return reply(request, 200, headers)
+
+    client.meta.events.register("before-send.s3", composite)
+    report = verify_prefix(bucket, client=client)
+    client.close()
+    assert report.checksum_mismatch == []
+    assert len(report.unreadable) == 1
+    assert report.unreadable[0].startswith("a.bin: the store keeps a CRC-32 of its multipart upload's parts")
+
+
+def test_verify_prefix_without_journals_says_so(s3: Any, bucket: str, endpoint: str) -> None:
+    s3.put_object(Bucket=bucket, Key="run/a.bin", Body=b"a")
+    with pytest.raises(FileNotFoundError, match=r"no journals under s3://sink/run\.tensorsink/ .*'run/'"):
+        verify_prefix(bucket, "run", endpoint_url=endpoint)
+
+
+def test_split_s3_url() -> None:
+    assert split_s3_url("s3://bucket/run-7/") == ("bucket", "run-7/")
+    assert split_s3_url("s3://bucket") == ("bucket", "")
+    with pytest.raises(ValueError, match="not an S3 URL"):
+        split_s3_url("/local/path")

@@ -7,21 +7,23 @@ Needs the `lightning` extra; `import tensorsink` does not import Lightning.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from .options import DictMode, SaveFormat, WriterOptions
 from .sample_writers import SampleWriter, Save, WriterRegistry, writers
 from .stats import WriterStats
 from .writer import AsyncWriter
 
-__all__ = ["PredictionWriter", "SampleWriter", "WriterRegistry", "writers"]
+__all__ = ["PredictionWriter", "SampleWriter", "WriterRegistry", "progress_postfix", "writers"]
 
 log = logging.getLogger("tensorsink")
 
@@ -32,11 +34,18 @@ class PredictionWriter(BasePredictionWriter):
     - `value_key`: which entry of a dict prediction to write; None writes the whole prediction (a
       tensor, or a mapping of tensors, with the samples along the first dimension; or a list with
       one value per sample).
-    - `writer`: a name in `registry` ("tensor", "npy", "npz", "safetensors", "image_2d", "image_3d",
-      "text", or your own), a SampleWriter, or a function `save(path, value)`.
+    - `writer`: a name in `registry` (each SaveFormat's: "pt", "npy", "npz", "safetensors"; "tensor",
+      the same as "pt"; "image_2d", "image_3d", "text"; or your own), a SaveFormat, a SampleWriter, or
+      a function `save(path, value)`.
     - `name_key`: per-sample file names, taken from the prediction (when a dict) or else the batch
       (when a dict): a list of str or a tensor of ints. By default the dataset indices Lightning gives
       (`batch_indices`), under `dataloader_<i>/` when predict() has several dataloaders.
+    - `write_interval`: Lightning's own argument. "batch" (default) queues each batch as it ends;
+      "epoch" writes every batch at the end of the predict epoch, from the predictions Lightning kept
+      on the CPU until then (name_key must then be in the prediction: Lightning passes no batches).
+      "batch_and_epoch" would write every sample twice and is refused.
+    - `progress_bar`: show the writer's throughput (files, MiB/s, in flight, blocked time, errors) in
+      the postfix of Lightning's TQDM predict bar.
     - `writer_options`: AsyncWriter's options (workers, durability, max_inflight, dict_mode, ...).
 
     Pass `return_predictions=False` to `Trainer.predict`: otherwise Lightning keeps every prediction
@@ -47,24 +56,36 @@ class PredictionWriter(BasePredictionWriter):
         self,
         directory: str | Path,
         value_key: str | None = None,
-        writer: str | Save | SampleWriter = "tensor",
+        writer: str | SaveFormat | Save | SampleWriter = "tensor",
         name_key: str | None = None,
         *,
         registry: WriterRegistry = writers,
+        write_interval: str = "batch",
+        progress_bar: bool = True,
         **writer_options: Any,
     ) -> None:
-        super().__init__(write_interval="batch")
-        if "save_format" in writer_options:
-            raise TypeError("save_format comes from `writer` (e.g. writer='safetensors'); do not pass it")
+        super().__init__(write_interval=_write_interval(write_interval))
+        _check_option_names(writer_options)
         self.directory = Path(directory)
         self.value_key = value_key
         self.name_key = name_key
-        self.sample_writer = registry.resolve(writer)
+        self.progress_bar = progress_bar
+        try:
+            self.sample_writer = registry.resolve(writer)
+        except ValueError as exc:
+            raise ValueError(f"PredictionWriter(writer={writer!r}): {exc}") from None
+        except TypeError as exc:
+            raise TypeError(f"PredictionWriter(writer={writer!r}): {exc}") from None
         save_format = self.sample_writer.save_format or SaveFormat.PYTORCH_PT
         if save_format is SaveFormat.NUMPY_NPY:
             writer_options.setdefault("dict_mode", DictMode.SPLIT)  # .npy holds one array per file
         self._options = {"save_format": save_format, **writer_options}
-        WriterOptions(out_root=self.directory, **self._options)  # bad options fail here, not in predict()
+        try:  # bad options fail here, not in predict()
+            WriterOptions(out_root=self.directory, **self._options)
+        except ValueError as exc:
+            raise ValueError(f"PredictionWriter: {exc}") from None
+        except TypeError as exc:
+            raise TypeError(f"PredictionWriter: {exc}") from None
         self._writer: AsyncWriter | None = None
         self._last: AsyncWriter | None = None
 
@@ -75,9 +96,10 @@ class PredictionWriter(BasePredictionWriter):
         self._writer = self._last = AsyncWriter(self.directory, **self._options)
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_predict_epoch_end(trainer, pl_module)
+        super().on_predict_epoch_end(trainer, pl_module)  # with write_interval="epoch": the writes
         if self._writer is not None:
             self._writer.flush()  # a background failure fails predict() here
+            self._show_stats(trainer, refresh=True)  # the epoch's final counts
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close(raise_errors=True)
@@ -103,7 +125,20 @@ class PredictionWriter(BasePredictionWriter):
         """The current (or last) predict() call's writer statistics."""
         return self._last.stats() if self._last is not None else None
 
-    # Per batch.
+    # Per batch, or every batch at the epoch's end.
+
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        if self.interval.on_batch:
+            self._show_stats(trainer, refresh=False)  # shown at the bar's own next refresh
 
     def write_on_batch_end(
         self,
@@ -113,6 +148,32 @@ class PredictionWriter(BasePredictionWriter):
         batch_indices: Sequence[int] | None,
         batch: Any,
         batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        self._write(trainer, prediction, batch, batch_indices, dataloader_idx)
+
+    def write_on_epoch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        """With write_interval="epoch": every batch Lightning kept, per dataloader, at once."""
+        # Lightning gives one dataloader's predictions as a list of batches, several as a list of lists.
+        per_loader = [predictions] if len(trainer.num_predict_batches) <= 1 else predictions
+        for loader, batches in enumerate(per_loader):
+            indices = batch_indices[loader] if loader < len(batch_indices) else []
+            for i, prediction in enumerate(batches):
+                # No indices for a loader without a sampler that records them (an IterableDataset).
+                self._write(trainer, prediction, None, indices[i] if i < len(indices) else None, loader)
+
+    def _write(
+        self,
+        trainer: Trainer,
+        prediction: Any,
+        batch: Any,
+        batch_indices: Sequence[int] | None,
         dataloader_idx: int,
     ) -> None:
         if self._writer is None:
@@ -125,17 +186,37 @@ class PredictionWriter(BasePredictionWriter):
                 sample_writer.check(sample)
         self._writer.write_batch(names, value, save=sample_writer.save, suffix=sample_writer.suffix)
 
+    def _show_stats(self, trainer: Trainer, *, refresh: bool) -> None:
+        """The writer's counters in the postfix of Lightning's TQDM predict bar, where there is one.
+
+        Lightning refuses `self.log()` in predict hooks and its predict bars show no logged metrics
+        (RichProgressBar renders metrics only while fitting), so the postfix is the one place left.
+        """
+        if not self.progress_bar or self._writer is None:
+            return
+        callback = trainer.progress_bar_callback
+        if not isinstance(callback, TQDMProgressBar):
+            return
+        try:
+            bar = callback.predict_progress_bar
+        except TypeError:  # not made yet (it is made in the bar's own on_predict_start)
+            return
+        if bar is None or bar.disable:
+            return
+        bar.set_postfix(progress_postfix(self._writer.stats()), refresh=refresh)
+
     def _value(self, prediction: Any) -> Any:
         if self.value_key is None:
             return prediction
         if not isinstance(prediction, Mapping):
             raise TypeError(
-                f"value_key={self.value_key!r} needs a dict prediction, got {type(prediction).__name__}; "
-                "use value_key=None to write the whole prediction"
+                f"PredictionWriter(value_key={self.value_key!r}) needs a dict prediction, got "
+                f"{type(prediction).__name__}; use value_key=None to write the whole prediction"
             )
         if self.value_key not in prediction:
             raise KeyError(
-                f"value_key={self.value_key!r} is not in the prediction; it has {sorted(prediction)}"
+                f"PredictionWriter(value_key={self.value_key!r}) is not in the prediction; it has "
+                f"{sorted(prediction)}"
             )
         return prediction[self.value_key]
 
@@ -151,14 +232,20 @@ class PredictionWriter(BasePredictionWriter):
             for source in (prediction, batch):
                 if isinstance(source, Mapping) and self.name_key in source:
                     return _as_names(source[self.name_key], self.name_key)
+            if batch is None:  # write_interval="epoch": Lightning keeps no batches
+                raise KeyError(
+                    f"PredictionWriter(name_key={self.name_key!r}, write_interval='epoch'): the name must "
+                    "be an entry of the prediction (Lightning passes no batches at the epoch's end); "
+                    "return it from predict_step, or use write_interval='batch'"
+                )
             raise KeyError(
-                f"name_key={self.name_key!r} is in neither the prediction nor the batch "
-                "(both must be dicts to hold it)"
+                f"PredictionWriter(name_key={self.name_key!r}) is in neither the prediction nor the "
+                "batch (both must be dicts to hold it)"
             )
         if batch_indices is None:
             raise RuntimeError(
-                "Lightning gave no batch_indices for this batch (an IterableDataset or a custom batch "
-                "sampler?); pass name_key= to name the files"
+                "PredictionWriter: Lightning gave no batch_indices for this batch (an IterableDataset or "
+                "a custom batch sampler?); pass name_key= to name the files"
             )
         names = [str(int(i)) for i in batch_indices]
         if len(trainer.num_predict_batches) > 1:
@@ -166,15 +253,77 @@ class PredictionWriter(BasePredictionWriter):
         return names
 
 
+_INTERVALS = ("batch", "epoch")
+_OWN_OPTIONS = ("registry", "write_interval", "progress_bar")
+
+
+def _write_interval(write_interval: object) -> Literal["batch", "epoch"]:
+    """Lightning's write_interval, as a str ("batch" or "epoch"; its WriteInterval enum too)."""
+    value = getattr(write_interval, "value", write_interval)
+    if value == "batch_and_epoch":
+        raise ValueError(
+            "PredictionWriter(write_interval='batch_and_epoch') would write every sample twice; use "
+            "'batch' (each batch as it ends) or 'epoch' (every batch at the epoch's end)"
+        )
+    if value not in _INTERVALS:
+        raise ValueError(
+            f"PredictionWriter(write_interval={write_interval!r}) is not valid; use 'batch' (each batch as "
+            "it ends) or 'epoch' (every batch at the epoch's end)"
+        )
+    return cast(Literal["batch", "epoch"], str(value))
+
+
+def _asyncwriter_options() -> list[str]:
+    """The options PredictionWriter passes on to AsyncWriter: all of its own but the root and format."""
+    names = inspect.signature(AsyncWriter.__init__).parameters
+    return [name for name in names if name not in ("self", "out_root", "save_format")]
+
+
+def _check_option_names(options: Mapping[str, Any]) -> None:
+    known = _asyncwriter_options()
+    for name, value in options.items():
+        if name == "save_format":
+            raise TypeError(
+                f"PredictionWriter(save_format={value!r}): save_format comes from writer= (e.g. "
+                "writer='safetensors', or writer=SaveFormat.SAFETENSORS); leave save_format out"
+            )
+        if name == "out_root":
+            raise TypeError(
+                f"PredictionWriter(out_root={value!r}): the output folder is the first argument, directory"
+            )
+        if name not in known:
+            close = difflib.get_close_matches(name, [*known, *_OWN_OPTIONS], n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(
+                f"PredictionWriter() got an unexpected keyword argument {name!r}; {hint}besides directory, "
+                f"value_key, writer, name_key, {', '.join(_OWN_OPTIONS)} it takes AsyncWriter's options: "
+                f"{', '.join(known)}"
+            )
+
+
+def progress_postfix(stats: WriterStats) -> dict[str, str]:
+    """A writer's counters as the TQDM postfix shows them: files, MiB/s, in flight, blocked, errors."""
+    return {
+        "files": f"{stats.files:,}",
+        "MiB/s": f"{stats.bytes_per_second / 2**20:,.1f}",
+        "in flight": str(stats.in_flight),
+        "blocked": f"{stats.blocked_seconds:.2f}s",
+        "errors": str(stats.errors),
+    }
+
+
 def _as_names(found: Any, name_key: str) -> list[str]:
     if isinstance(found, torch.Tensor):
         if found.is_floating_point() or found.ndim != 1:
-            raise TypeError(f"name_key={name_key!r} must be a 1-D integer tensor or a list of str")
+            raise TypeError(
+                f"PredictionWriter(name_key={name_key!r}) must name a 1-D integer tensor or a list of str"
+            )
         return [str(i) for i in found.tolist()]
     if isinstance(found, (list, tuple)):
         return [str(name) for name in found]
     raise TypeError(
-        f"name_key={name_key!r} must be a list of str or a tensor of ints, got {type(found).__name__}"
+        f"PredictionWriter(name_key={name_key!r}) must name a list of str or a tensor of ints, got "
+        f"{type(found).__name__}"
     )
 
 

@@ -1,9 +1,10 @@
 """Named ways to write one sample: the writer's own formats, PNG images, text; and a registry of them.
 
-Format writers (tensor, npy, npz, safetensors) go through the AsyncWriter's own formats, with CUDA
-staging and zero-copy headers. Function writers are called as `save(path, value)` in the writer's pool
-with the same atomic commit; `path` is a temporary whose name does not end in the suffix, so a writer
-names its format itself (Pillow's `format="PNG"`, a file object for np.save).
+Format writers (each SaveFormat by its name: pt, npy, npz, safetensors; and tensor, the same as pt) go
+through the AsyncWriter's own formats, with CUDA staging and zero-copy headers. Function writers are
+called as `save(path, value)` in the writer's pool with the same atomic commit; `path` is a temporary
+whose name does not end in the suffix, so a writer names its format itself (Pillow's `format="PNG"`, a
+file object for np.save).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from .options import SaveFormat
 from .plan import validate_suffix
 
-__all__ = ["SampleWriter", "WriterRegistry", "image_rows", "writers"]
+__all__ = ["SampleWriter", "WriterRegistry", "image_rows", "text_of", "writers"]
 
 Save = Callable[[Path, Any], None]
 
@@ -74,15 +75,20 @@ class WriterRegistry:
         except KeyError:
             raise ValueError(f"no writer named {name!r}; known: {', '.join(sorted(self._writers))}") from None
 
-    def resolve(self, writer: str | Save | SampleWriter) -> SampleWriter:
-        """A name, a SampleWriter, or a bare `save(path, value)` function (suffix from its keyword)."""
+    def resolve(self, writer: str | SaveFormat | Save | SampleWriter) -> SampleWriter:
+        """A name, a SaveFormat, a SampleWriter, or a bare `save(path, value)` function (its suffix from
+        its `suffix=` keyword default)."""
         if isinstance(writer, SampleWriter):
             return writer
+        if isinstance(writer, SaveFormat):
+            return self.get(writer.value)
         if isinstance(writer, str):
             return self.get(writer)
         if callable(writer):
             return SampleWriter(getattr(writer, "__name__", "custom"), _suffix_of(writer, None), save=writer)
-        raise TypeError(f"writer must be a registered name, a SampleWriter or a callable, not {writer!r}")
+        raise TypeError(
+            f"writer must be a registered name, a SaveFormat, a SampleWriter or a callable, not {writer!r}"
+        )
 
     def __contains__(self, name: object) -> bool:
         return name in self._writers
@@ -180,23 +186,78 @@ def write_image_3d(path: Path, value: Any, *, suffix: str = ".png") -> None:
     _save_png(path, image_rows(volume.reshape(volume.shape[-3:])))
 
 
+# Text. A str is written as it is; a number, tensor or array with every value in full (never torch's or
+# numpy's summary with "..."), one value per line for 1-D, one row per line with its values separated by
+# spaces for 2-D, as np.savetxt lays them out and np.loadtxt reads them back. Floats are written in the
+# shortest form that reads back to the same value of their dtype.
+
+_TEXT_MAX_DIMS = 2
+
+
+def _text_array(value: Any) -> np.ndarray:
+    """The values of a number, tensor, array or list of numbers; a TypeError names what is not."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        if value.dtype == torch.bfloat16:
+            value = value.float()  # exact: every bfloat16 is a float32
+        array: np.ndarray = value.numpy()
+    elif isinstance(value, (np.ndarray, np.generic, int, float, complex, list, tuple)):
+        try:
+            array = np.asarray(value)
+        except ValueError as exc:  # a ragged list
+            raise ValueError(f"the text writer takes lists of rows of one length: {exc}") from None
+    else:
+        array = np.asarray(None)  # refused just below, naming the type
+    if array.dtype.kind not in "biufc":
+        raise TypeError(
+            "the text writer takes a str, a number, or a tensor, array or list of numbers of at most "
+            f"{_TEXT_MAX_DIMS} dimensions; got {type(value).__name__}"
+            + (f" of dtype {array.dtype}" if array.dtype.kind != "O" else "")
+        )
+    return array
+
+
+def _check_text(value: Any) -> None:
+    """Refuse, before anything is queued, what the text writer cannot write in full."""
+    if isinstance(value, str):
+        return
+    if isinstance(value, torch.Tensor) or (isinstance(value, np.ndarray) and value.dtype.kind in "biufc"):
+        shape = tuple(value.shape)  # a device tensor's shape, without copying it
+    else:
+        shape = _text_array(value).shape
+    if len(shape) > _TEXT_MAX_DIMS:
+        raise ValueError(
+            f"the text writer writes at most {_TEXT_MAX_DIMS} dimensions (one row per line); got shape "
+            f"{shape}: reshape each sample, or use writer='npy' for arrays of any shape"
+        )
+
+
+def text_of(value: Any) -> str:
+    """The text the `text` writer stores for `value` (see the rule above)."""
+    if isinstance(value, str):
+        return value
+    _check_text(value)
+    array = _text_array(value)
+    if array.ndim == 0:
+        return f"{array.astype(str)}\n"
+    if array.ndim == 1:
+        return "".join(f"{v}\n" for v in array.astype(str))
+    return "".join(" ".join(row) + "\n" for row in array.astype(str))
+
+
 def write_text(path: Path, value: Any, *, suffix: str = ".txt") -> None:
-    """str(value), UTF-8."""
-    path.write_text(str(value), encoding="utf-8")
+    """A str as it is, or every value of a number, tensor or array (up to 2-D) as text, UTF-8."""
+    path.write_text(text_of(value), encoding="utf-8")
 
 
 def _default_registry() -> WriterRegistry:
     registry = WriterRegistry()
-    for name, save_format in [
-        ("tensor", SaveFormat.PYTORCH_PT),
-        ("npy", SaveFormat.NUMPY_NPY),
-        ("npz", SaveFormat.NUMPY_NPZ),
-        ("safetensors", SaveFormat.SAFETENSORS),
-    ]:
+    # Every SaveFormat under its own name ("pt", "npy", "npz", "safetensors"), and "tensor" for .pt too.
+    for name, save_format in [("tensor", SaveFormat.PYTORCH_PT), *((f.value, f) for f in SaveFormat)]:
         registry.add(SampleWriter(name, "." + save_format.value, save_format=save_format))
     registry.register("image_2d", check=_check_image_2d)(write_image_2d)
     registry.register("image_3d", check=_check_image_3d)(write_image_3d)
-    registry.register("text")(write_text)
+    registry.register("text", check=_check_text)(write_text)
     return registry
 
 

@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
 from PIL import Image
 
+from tensorsink import SaveFormat
 from tensorsink.lightning import PredictionWriter
 from tests.lightning.models import Doubler, expected, loader
 
@@ -118,7 +120,7 @@ def test_a_background_failure_fails_predict(tmp_path: Path) -> None:
 
 
 def test_bad_options_fail_when_the_callback_is_made(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="no writer named 'jpeg'; known: image_2d, image_3d, npy"):
+    with pytest.raises(ValueError, match="no writer named 'jpeg'; known: image_2d, image_3d, npy, npz, pt"):
         PredictionWriter(tmp_path, writer="jpeg")
     with pytest.raises(ValueError, match="workers"):
         PredictionWriter(tmp_path, workers=0)
@@ -161,3 +163,111 @@ def test_ddp_on_two_processes_writes_each_sample_once(tmp_path: Path) -> None:
         assert torch.equal(
             load_file(tmp_path / "out" / "preds" / "y" / f"{i}.safetensors")["arr_0"], expected(i)
         )
+
+
+@pytest.mark.parametrize(("writer", "suffix"), [("pt", ".pt"), (SaveFormat.SAFETENSORS, ".safetensors")])
+def test_every_save_format_name_is_a_writer(tmp_path: Path, writer: Any, suffix: str) -> None:
+    _trainer(PredictionWriter(tmp_path, value_key="y", writer=writer)).predict(
+        Doubler(), loader(3), return_predictions=False
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}{suffix}" for i in range(3)]
+    if suffix == ".pt":
+        assert torch.equal(torch.load(tmp_path / "2.pt", weights_only=True), expected(2))
+
+
+def test_write_interval_epoch_writes_every_batch_at_the_epochs_end(tmp_path: Path) -> None:
+    seen: list[int] = []  # files on disk when each batch was predicted
+    model = Doubler()
+    original = model.predict_step
+
+    def predict_step(batch: dict[str, Any], *args: Any) -> dict[str, Any]:
+        seen.append(len(list(tmp_path.rglob("*.npy"))))
+        return original(batch, *args)
+
+    model.predict_step = predict_step  # type: ignore[method-assign]
+    callback = PredictionWriter(tmp_path, value_key="y", writer="npy", write_interval="epoch")
+    _trainer(callback).predict(model, [loader(5, batch_size=2), loader(3)], return_predictions=False)
+    assert seen == [0] * 4, "nothing is written before the epoch ends"
+    found = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.npy"))
+    assert found == [f"dataloader_0/{i}.npy" for i in range(5)] + [f"dataloader_1/{i}.npy" for i in range(3)]
+    np.testing.assert_array_equal(np.load(tmp_path / "dataloader_0" / "4.npy"), expected(4).numpy())
+
+
+def test_write_interval_epoch_takes_names_from_the_prediction(tmp_path: Path) -> None:
+    callback = PredictionWriter(tmp_path, value_key="y", name_key="id", write_interval="epoch")
+    _trainer(callback).predict(Doubler(), loader(3), return_predictions=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"case.{i:03d}.pt" for i in range(3)]
+
+    model = Doubler()
+    original = model.predict_step
+    model.predict_step = lambda batch, *a: {"y": original(batch, *a)["y"]}  # type: ignore[method-assign]
+    with pytest.raises(KeyError, match=r"PredictionWriter\(name_key='id', write_interval='epoch'\)"):
+        _trainer(
+            PredictionWriter(tmp_path / "b", value_key="y", name_key="id", write_interval="epoch")
+        ).predict(model, loader(3), return_predictions=False)
+
+
+def test_errors_name_prediction_writer_and_the_argument_typed(tmp_path: Path) -> None:
+    with pytest.raises(
+        TypeError, match="unexpected keyword argument 'worker'; did you mean 'workers'"
+    ) as bad:
+        PredictionWriter(tmp_path, worker=3)
+    assert "PredictionWriter()" in str(bad.value)
+    assert "WriterOptions" not in str(bad.value)
+    with pytest.raises(ValueError, match=r"^PredictionWriter: workers=0 is not valid; use an int >= 1"):
+        PredictionWriter(tmp_path, workers=0)
+    with pytest.raises(ValueError, match=r"^PredictionWriter: durability='sometimes' is not valid"):
+        PredictionWriter(tmp_path, durability="sometimes")
+    with pytest.raises(ValueError, match=r"^PredictionWriter\(writer='jpeg'\): no writer named 'jpeg'"):
+        PredictionWriter(tmp_path, writer="jpeg")
+    with pytest.raises(TypeError, match=r"^PredictionWriter\(save_format='npy'\): .* writer="):
+        PredictionWriter(tmp_path, save_format="npy")
+    with pytest.raises(TypeError, match=r"^PredictionWriter\(out_root=.*directory"):
+        PredictionWriter(tmp_path, out_root=tmp_path)
+    with pytest.raises(ValueError, match=r"PredictionWriter\(write_interval='batch_and_epoch'\) would write"):
+        PredictionWriter(tmp_path, write_interval="batch_and_epoch")
+    with pytest.raises(ValueError, match=r"PredictionWriter\(write_interval='step'\) is not valid"):
+        PredictionWriter(tmp_path, write_interval="step")
+    with pytest.raises(TypeError, match=r"PredictionWriter\(value_key='y'\) needs a dict prediction"):
+        _trainer(PredictionWriter(tmp_path, value_key="y")).predict(
+            _TensorModel(), loader(2), return_predictions=False
+        )
+
+
+class _TensorModel(Doubler):
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return super().predict_step(batch, batch_idx, dataloader_idx)["y"]
+
+
+def _tqdm_trainer(*callbacks: Any) -> tuple[Trainer, TQDMProgressBar]:
+    bar = TQDMProgressBar(refresh_rate=1)
+    trainer = Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_model_summary=False, enable_checkpointing=False,
+        callbacks=[*callbacks, bar],
+    )  # fmt: skip
+    return trainer, bar
+
+
+def test_the_progress_bar_shows_the_writers_throughput(tmp_path: Path) -> None:
+    trainer, bar = _tqdm_trainer(PredictionWriter(tmp_path, value_key="y"))
+    postfixes: list[str] = []
+    original = TQDMProgressBar.on_predict_batch_end
+
+    def record(self: TQDMProgressBar, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        postfixes.append(self.predict_progress_bar.postfix or "")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(TQDMProgressBar, "on_predict_batch_end", record)
+        trainer.predict(Doubler(), loader(10, batch_size=4), return_predictions=False)
+    assert len(postfixes) == 3
+    assert all("files=" in p and "MiB/s=" in p and "in flight=" in p and "blocked=" in p for p in postfixes)
+    final = bar.predict_progress_bar.postfix
+    assert "files=10," in final, final  # after the epoch's flush: every file
+    assert final.endswith("errors=0")
+
+
+def test_progress_bar_false_leaves_the_bar_alone(tmp_path: Path) -> None:
+    trainer, bar = _tqdm_trainer(PredictionWriter(tmp_path, value_key="y", progress_bar=False))
+    trainer.predict(Doubler(), loader(3), return_predictions=False)
+    assert not bar.predict_progress_bar.postfix
