@@ -775,3 +775,18 @@ def test_split_s3_url() -> None:
     assert split_s3_url("s3://bucket") == ("bucket", "")
     with pytest.raises(ValueError, match="not an S3 URL"):
         split_s3_url("/local/path")
+
+
+def test_the_command_line_verifies_a_bucket_prefix(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tensorsink.__main__ import main
+
+    with S3SpoolingWriter(tmp_path / "spool", bucket, "run/", endpoint_url=endpoint, manifest=True) as sink:
+        datas = write_with_manifest(sink)
+    assert main(["verify", f"s3://{bucket}/run/", "--endpoint-url", endpoint]) == 0
+    assert f"of {len(datas) + 1:,} files" in capsys.readouterr().out
+    s3.delete_object(Bucket=bucket, Key="tensor.pt".join(["run/", ""]))
+    assert main(["verify", f"s3://{bucket}/run/", "--endpoint-url", endpoint]) == 1
+    assert "missing: tensor.pt" in capsys.readouterr().out
+    assert main(["verify", f"s3://{bucket}/elsewhere/", "--endpoint-url", endpoint]) == 2

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing
+
 from .commit import sweep
 from .errors import (
     BackendUnavailableError,
@@ -15,9 +17,22 @@ from .errors import (
 from .future import WriteFuture
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .stats import WriterStats
-from .writer import AsyncWriter
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    """AsyncWriter on first use: it imports torch, which the command line's sweep and --help need not."""
+    if name == "AsyncWriter":
+        from .writer import AsyncWriter
+
+        globals()["AsyncWriter"] = AsyncWriter
+        return AsyncWriter
+    raise AttributeError(f"module 'tensorsink' has no attribute {name!r}")
+
+
+if typing.TYPE_CHECKING:
+    from .writer import AsyncWriter
 
 __all__ = [
     "AsyncWriter",

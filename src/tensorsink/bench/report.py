@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from itertools import groupby
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .runner import ProducerRow, Row
 
-__all__ = ["header", "producer_summary", "producer_table", "summary", "table", "write_json", "write_plot"]
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "chart",
+    "header",
+    "producer_summary",
+    "producer_table",
+    "summary",
+    "table",
+    "write_json",
+    "write_plot",
+]
 
 
 def header(environment: Mapping[str, Any], config: Mapping[str, Any]) -> str:
@@ -143,44 +155,180 @@ def write_json(
 
 
 _COLOURS = {"ceiling": "#9e9e9e", "baseline": "#9e9e9e", "tensorsink": "#1f77b4", "peer": "#ff7f0e"}
+#: Below this many bytes per output a panel's throughput is labelled in files/s: what limits small files
+#: is the files, not the bytes.
+SMALL_FILE_BYTES = 1 << 20
+
+
+#: Behind a bar's value: the dashed ceiling line and the grid do not run through the figures.
+_LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 0.4}
+
+
+def _seconds(value: float) -> str:
+    if value >= 1:
+        return f"{value:.2f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.3g} ms"
+    return f"{value * 1e6:.3g} us"
+
+
+def _throughput(row: Row, small: bool) -> str:
+    return f"{row.files_per_s:,.0f} files/s" if small else f"{row.gb_per_s:.2f} GB/s"
+
+
+@dataclass(frozen=True)
+class _Panel:
+    """One row of the chart: a workload at a durability, a bar per contender in each of two columns."""
+
+    heading: str
+    names: list[str]
+    kinds: list[str]
+    left: list[float]
+    left_labels: list[str]
+    right: list[float]
+    right_labels: list[str]
+    #: Panels with the same group share the right column's scale (one workload's durabilities).
+    group: str
+
+
+def _throughput_panel(group: Sequence[Row], describe: Mapping[str, str]) -> _Panel:
+    first = group[0]
+    heading = f"{describe.get(first.workload, first.workload)}, durability={first.durability}"
+    small = first.bytes / max(first.items, 1) < SMALL_FILE_BYTES  # one unit for the whole panel
+    return _Panel(
+        heading=heading,
+        names=[r.contender for r in group],
+        kinds=[r.kind for r in group],
+        left=[r.x_ceiling for r in group],
+        left_labels=[f"{r.x_ceiling:.2f}x  ({_throughput(r, small)})" for r in group],
+        right=[r.blocked_seconds for r in group],
+        right_labels=[
+            f"{_seconds(r.blocked_seconds)} ({min(1.0, r.blocked_seconds / r.median_seconds):.0%})"
+            for r in group
+        ],
+        group=f"throughput:{first.workload}",
+    )
+
+
+def _producer_panel(group: Sequence[ProducerRow], describe: Mapping[str, str]) -> _Panel:
+    first = group[0]
+    return _Panel(
+        heading=f"{describe.get(first.workload, first.workload)}, durability={first.durability}",
+        names=[r.contender for r in group],
+        kinds=[r.kind for r in group],
+        left=[r.step_ratio for r in group],
+        left_labels=[f"{r.step_ratio:.2f}x  ({r.median_step_us:,.0f} us a step)" for r in group],
+        right=[r.call_p99_us or 0.0 for r in group],
+        right_labels=[
+            "no writer"
+            if r.call_p50_us is None or r.call_p99_us is None
+            else f"p50 {r.call_p50_us:,.0f} / p99 {r.call_p99_us:,.0f} us"
+            for r in group
+        ],
+        group="producer",
+    )
 
 
 def write_plot(
-    path: Path, rows: Sequence[Row], title: str, producer_rows: Sequence[ProducerRow] = ()
+    path: Path,
+    rows: Sequence[Row],
+    title: str,
+    producer_rows: Sequence[ProducerRow] = (),
+    describe: Mapping[str, str] | None = None,
 ) -> None:
-    """A PNG: one panel per workload and durability, a bar of GB/s (step ratio, for a producer) each."""
+    """The chart of `chart()` as a PNG."""
+    figure = chart(rows, title, producer_rows, describe)
+    figure.savefig(path, format="png", dpi=100)
+
+
+def chart(
+    rows: Sequence[Row],
+    title: str,
+    producer_rows: Sequence[ProducerRow] = (),
+    describe: Mapping[str, str] | None = None,
+) -> Figure:
+    """One figure for deciding: a row per workload and durability, each contender's ratio to the
+    ceiling on a scale shared by every row (throughput on the bars: files/s for outputs under 1 MiB,
+    else GB/s) and, beside it, the time its caller was blocked, on a scale shared by that workload's
+    rows; for a producer, the step ratio and the write call's latency. `describe` titles the workloads."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import FuncFormatter
     except ImportError as exc:
         raise RuntimeError("--plot needs matplotlib: pip install 'tensorsink[bench]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels: list[tuple[str, list[tuple[str, str, float]], str]] = [
-        (
-            f"{g[0].workload}, durability={g[0].durability}",
-            [(r.contender, r.kind, r.gb_per_s) for r in g],
-            "GB/s",
+    names = describe or {}
+    sections: list[tuple[list[_Panel], str, str]] = []
+    if rows:
+        sections.append(
+            (
+                [_throughput_panel(g, names) for g in _groups(rows)],
+                "x the ceiling: time of the fastest bare write loop / its time (higher is better)",
+                "caller blocked inside its calls (its share of the run); lower is better",
+            )
         )
-        for g in _groups(rows)
-    ]
-    panels += [
-        (
-            f"{g[0].workload}, durability={g[0].durability}",
-            [(r.contender, r.kind, r.step_ratio) for r in g],
-            "step time / the loop's without a writer (lower is better)",
+    if producer_rows:
+        sections.append(
+            (
+                [_producer_panel(g, names) for g in _producer_groups(producer_rows)],
+                "step time / the loop's without a writer (1.00: untouched; lower is better)",
+                "write call p99, us (lower is better)",
+            )
         )
-        for g in _producer_groups(producer_rows)
-    ]
-    height = sum(0.3 * len(bars) + 0.8 for _, bars, _ in panels)
-    figure, axes = plt.subplots(len(panels), 1, figsize=(9, height), squeeze=False)
-    for axis, (heading, bars, unit) in zip(axes[:, 0], panels, strict=True):
-        shown = list(reversed(bars))
-        axis.barh([b[0] for b in shown], [b[2] for b in shown], color=[_COLOURS[b[1]] for b in shown])
-        axis.set_title(heading, fontsize=9)
-        axis.tick_params(labelsize=8)
-        axis.set_xlabel(unit, fontsize=8)
-    figure.suptitle(title, fontsize=10)
-    figure.tight_layout(rect=(0, 0, 1, 0.98))
-    figure.savefig(path, format="png", dpi=100)
-    plt.close(figure)
+    panels = [panel for section, _, _ in sections for panel in section]
+    heights = [len(panel.names) + 2.2 for panel in panels]
+    # A Figure of its own, not pyplot's: no global state, no GUI backend, nothing to close.
+    figure = Figure(figsize=(13, 0.19 * sum(heights) + 1.2), layout="constrained")
+    grid = figure.add_gridspec(len(panels), 2, height_ratios=heights, width_ratios=(3, 2))
+    index = 0
+    for section, left_unit, right_unit in sections:
+        left_axes: list[Any] = []
+        right_by_group: dict[str, Any] = {}
+        left_limit = 1.22 * max(max(max(p.left) for p in section), 1.0)
+        right_limits = {
+            p.group: 1.7 * max(max(q.right) for q in section if q.group == p.group) or 1.0 for p in section
+        }
+        for number, panel in enumerate(section):
+            left = figure.add_subplot(grid[index, 0], sharex=left_axes[0] if left_axes else None)
+            right = figure.add_subplot(grid[index, 1], sharey=left, sharex=right_by_group.get(panel.group))
+            left_axes.append(left)
+            right_by_group.setdefault(panel.group, right)
+            index += 1
+            positions = list(range(len(panel.names)))[::-1]  # the first contender on top
+            colours = [_COLOURS[kind] for kind in panel.kinds]
+            left.barh(positions, panel.left, color=colours, height=0.7)
+            right.barh(positions, panel.right, color=colours, height=0.7)
+            left.axvline(1.0, color="#424242", linewidth=0.8, linestyle="--")
+            last = number == len(section) - 1
+            last_of_group = all(q.group != panel.group for q in section[number + 1 :])
+            bars = (
+                (left, panel.left, panel.left_labels, last),
+                (right, panel.right, panel.right_labels, last_of_group),
+            )
+            for axis, values, labels, scaled in bars:
+                for y, value, label in zip(positions, values, labels, strict=True):
+                    axis.text(value, y, f" {label}", va="center", ha="left", fontsize=7, bbox=_LABEL_BOX)
+                axis.tick_params(labelsize=7, labelbottom=scaled)
+                axis.spines[["top", "right"]].set_visible(False)
+                axis.grid(axis="x", color="#e0e0e0", linewidth=0.6)
+                axis.set_axisbelow(True)
+            left.set_yticks(positions, panel.names)
+            right.tick_params(labelleft=False)
+            left.set_xlim(0, left_limit)
+            right.set_xlim(0, right_limits[panel.group])
+            left.set_title(panel.heading, loc="left", fontsize=8.5, fontweight="bold")
+            if panel.group != "producer":
+                right.xaxis.set_major_formatter(
+                    FuncFormatter(lambda value, _: _seconds(value) if value else "0")
+                )
+            if last:
+                left.set_xlabel(left_unit, fontsize=8)
+                right.set_xlabel(right_unit, fontsize=8)
+    kinds = {kind for panel in panels for kind in panel.kinds}
+    names_of = (("tensorsink", "tensorsink"), ("peer", "the usual ways"), ("ceiling", "the ceiling"),
+              ("baseline", "no writer"))  # fmt: skip
+    legend = [Patch(color=_COLOURS[kind], label=label) for kind, label in names_of if kind in kinds]
+    figure.legend(handles=legend, loc="outside upper right", ncols=len(legend), fontsize=8, frameon=False)
+    figure.suptitle(title, fontsize=10, x=0.01, ha="left")
+    return figure

@@ -146,16 +146,26 @@ class Progress:
 
 @contextmanager
 def output_folder(out: Path | None) -> Iterator[Path]:
-    """`out` (created if needed, left in place), or a temporary folder in the current one, removed."""
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        yield out
-        return
-    folder = Path(tempfile.mkdtemp(prefix="tensorsink-bench-", dir=Path.cwd()))
+    """A temporary folder inside `out` (default: the current folder), removed with all it holds.
+
+    `out` is created if needed (with its missing parents); what was created is removed again, if the
+    bench left it empty. A folder that was there before is left as it was.
+    """
+    base = Path.cwd() if out is None else out
+    created = [folder for folder in (base, *base.parents) if not folder.exists()]  # deepest first
+    base.mkdir(parents=True, exist_ok=True)
     try:
-        yield folder
+        folder = Path(tempfile.mkdtemp(prefix="tensorsink-bench-", dir=base))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        for made in created:
+            try:
+                made.rmdir()
+            except OSError:  # not empty (something else wrote there) or already gone
+                break
 
 
 def _count_files(root: Path) -> int:

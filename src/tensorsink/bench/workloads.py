@@ -1,38 +1,77 @@
-"""Workloads shaped like inference outputs, and the size notation the command line takes."""
+"""Workloads shaped like inference outputs, and the size notation the command line takes.
+
+Importing this module does not import torch (the command line's help lists the presets): the outputs
+are made, with torch, only when a benchmark asks for them.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    from typing import TypeAlias
 
-__all__ = ["PRESETS", "Item", "Workload", "format_size", "item_bytes", "parse_size"]
+    import torch
 
-#: One output: a tensor, or a mapping of names to tensors (several outputs of one sample).
-Item = torch.Tensor | dict[str, torch.Tensor]
+    #: One output: a tensor, or a mapping of names to tensors (several outputs of one sample).
+    Item: TypeAlias = torch.Tensor | dict[str, torch.Tensor]
+
+__all__ = ["PRESETS", "Item", "Workload", "format_size", "item_bytes", "parse_size", "size_label"]
+
+
+def __getattr__(name: str) -> Any:
+    """`Item` at run time, for the modules that build on it (and import torch anyway)."""
+    if name == "Item":
+        import torch
+
+        return torch.Tensor | dict[str, torch.Tensor]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KB": 10**3, "MB": 10**6, "GB": 10**9,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}  # fmt: skip
 
 
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*")
+#: How each unit is written back: "64mb" is shown as "64 MB", "2k" as "2 KB", "4096" as "4096 B".
+_UNIT_NAMES = {"": "B", "B": "B", "K": "KB", "M": "MB", "G": "GB", "KB": "KB", "MB": "MB", "GB": "GB",
+               "KIB": "KiB", "MIB": "MiB", "GIB": "GiB"}  # fmt: skip
+
+
 def parse_size(text: str) -> int:
     """Bytes in a size written like "64MiB", "4 KiB", "1.5GB" or "4096"; a ValueError names bad ones."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    return _parse(text)[0]
+
+
+def size_label(text: str) -> str:
+    """A size as the user wrote it, tidied: "64MB" is "64 MB", "64mib" is "64 MiB"; checked as parse_size."""
+    return _parse(text)[1]
+
+
+def _parse(text: str) -> tuple[int, str]:
+    match = _SIZE.fullmatch(text)
     unit = match.group(2).upper() if match else None
     if match is None or unit not in _UNITS:
         raise ValueError(f"size {text!r} is not understood: write it like 64MiB, 512KiB, 1GB or 4096")
     nbytes = int(float(match.group(1)) * _UNITS[unit])
     if nbytes <= 0:
         raise ValueError(f"size {text!r} must be more than 0 bytes")
-    return nbytes
+    return nbytes, f"{match.group(1)} {_UNIT_NAMES[unit]}"
+
+
+#: Largest first; at equal magnitude the binary unit first, so 2**20 is "1 MiB" and 10**6 is "1 MB".
+_SHOWN_UNITS = (("GiB", 2**30), ("GB", 10**9), ("MiB", 2**20), ("MB", 10**6), ("KiB", 2**10), ("KB", 10**3))
 
 
 def format_size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
+    """A size in the largest unit, binary or decimal, that gives it exactly in at most three decimals
+    (2**26 is "64 MiB", 64 * 10**6 "64 MB", 1.5 * 10**9 "1.5 GB"), else in bytes."""
+    for unit, scale in _SHOWN_UNITS:
+        if nbytes >= scale and (nbytes * 1000) % scale == 0:
             return f"{nbytes / scale:g} {unit}"
-    return f"{nbytes} B"
+    return f"{nbytes:,} B"
 
 
 def item_bytes(item: Item) -> int:
@@ -56,6 +95,8 @@ class Workload:
     producer: bool = False
     ops: int = 0
     wait_us: int = 0
+    #: How the item size is shown, as the user gave it ("64 MB"); by default `format_size(item_size)`.
+    size_text: str | None = None
 
     def __post_init__(self) -> None:
         if self.item_size < 1 or self.count < 1:
@@ -66,16 +107,17 @@ class Workload:
             raise ValueError(f"workload {self.name!r}: a producer writes single tensors, not mappings")
 
     def describe(self) -> str:
+        size = self.size_text or format_size(self.item_size)
         if self.producer:
-            return (
-                f"{self.name}: {self.count:,} steps of {self.ops} ops + {self.wait_us} us wait "
-                f"+ a {format_size(self.item_size)} output"
-            )
+            steps = f"{self.count:,} steps of {self.ops} ops + {self.wait_us} us wait"
+            return f"{self.name}: {steps} + a {size} output"
         shape = "mappings of 4 tensors" if self.mapping else "tensors"
-        return f"{self.name}: {self.count:,} {shape} of {format_size(self.item_size)}"
+        return f"{self.name}: {self.count:,} {shape} of {size}"
 
     def items(self, device: torch.device, seed: int = 0) -> list[Item]:
         """The outputs, made once before timing starts; identical for every contender."""
+        import torch
+
         generator = torch.Generator().manual_seed(seed)
         made = [self._item(generator) for _ in range(self.count)]
         if device.type == "cpu":
@@ -83,6 +125,8 @@ class Workload:
         return [_to(item, device) for item in made]
 
     def _item(self, generator: torch.Generator) -> Item:
+        import torch
+
         if not self.mapping:
             return torch.rand(max(1, self.item_size // 4), generator=generator)
         # A surrogate/segmentation-like sample: float32 fields, float16 logits and a uint8 mask,

@@ -1,0 +1,367 @@
+"""Ray Data integration: a Datasink that writes each row through an AsyncWriter, and a helper that writes
+a GPU actor's predictions from inside `map_batches`, returning the committed files instead of tensors.
+
+Needs the `ray` extra (`ray[data]`); `import tensorsink` does not import Ray.
+
+- `TensorDatasink`: `ds.write_datasink(TensorDatasink(root, key_column="id"))`. Each write task runs one
+  AsyncWriter (with its own journal) over its blocks, one `write_batch` per block. A file's name comes
+  from its row's key, never from the task, so a retried task rewrites the same files (each replaced
+  atomically) instead of adding copies; with `skip_existing=True` it skips the rows already committed.
+- `CommittedBatchWriter`: made in a `map_batches` callable class; `write(keys, batch)` queues the
+  batch (CUDA tensors go through the pinned pool, or GDS) and returns, once the files are committed,
+  the rows `key`, `path`, `bytes` for Ray to carry instead of the tensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray.data import Datasink
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource.datasink import WriteResult
+
+from .commit import sweep
+from .manifest import JOURNAL_DIR
+from .options import DictMode, SaveFormat, WriterOptions
+from .plan import file_path, validate_key
+from .writer import AsyncWriter
+
+__all__ = ["CommittedBatchWriter", "TaskWritten", "TensorDatasink", "WriteSummary"]
+
+log = logging.getLogger("tensorsink")
+
+
+@dataclass(frozen=True)
+class TaskWritten:
+    """What one write task wrote: Datasink.write's return value."""
+
+    rows: int
+    files: int
+    bytes: int
+    skipped: int
+    journal: str | None  # this task's journal (None without manifest, or when it got no rows)
+
+
+@dataclass
+class WriteSummary:
+    """What a `write_datasink` call wrote, all tasks together (`TensorDatasink.result`)."""
+
+    rows: int = 0
+    files: int = 0
+    #: Payload bytes committed (the tensors' bytes, without the formats' headers).
+    bytes: int = 0
+    #: Rows skipped with skip_existing because their files were already committed.
+    skipped: int = 0
+    tasks: int = 0
+    #: The merged journal, or None (manifest=False, or nothing written).
+    journal: str | None = None
+    #: Temporaries left by killed attempts and removed after the write.
+    swept: list[str] = field(default_factory=list)
+
+
+class TensorDatasink(Datasink[TaskWritten]):
+    """Write every row of a Ray Dataset as `<path>/<key><suffix>` (several files with SPLIT).
+
+    - `key_column`: the column naming each row's file, str or int values (ints are written in
+      decimal). A key is checked as AsyncWriter checks it: one that escapes the root fails the write
+      with InvalidKeyError.
+    - `columns`: the tensor columns to store (default: every column but the key). Several are stored
+      as a mapping (one file, or one per column with `dict_mode="split"`), a single one as a tensor.
+    - `manifest`: each task journals its files; on completion the tasks' journals are merged into one,
+      which `tensorsink verify PATH` and resume read.
+    - `skip_existing`: rows whose files a journal records, still whole on disk, are not written again.
+    - `sweep_on_complete`: once every task has finished, remove the temporaries that killed attempts
+      left under `path` (`tensorsink.sweep`). Turn it off if other jobs write under the same root.
+    - `asyncwriter_options`: AsyncWriter's options (workers, durability, max_inflight_bytes, ...).
+
+    After `write_datasink` returns, `result` holds the WriteSummary that `on_write_complete` returned.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        key_column: str,
+        columns: Sequence[str] | None = None,
+        save_format: SaveFormat | str = SaveFormat.SAFETENSORS,
+        dict_mode: DictMode | str = DictMode.SINGLE,
+        manifest: bool = True,
+        skip_existing: bool = False,
+        sweep_on_complete: bool = True,
+        **asyncwriter_options: Any,
+    ) -> None:
+        _check_option_names("TensorDatasink", asyncwriter_options)
+        self.path = os.path.abspath(path)
+        self.key_column = key_column
+        self.columns = None if columns is None else list(columns)
+        if self.columns is not None and (not self.columns or key_column in self.columns):
+            raise ValueError(
+                f"TensorDatasink(columns={self.columns!r}) must name at least one column, and not the "
+                f"key column {key_column!r}"
+            )
+        self.sweep_on_complete = sweep_on_complete
+        self._options: dict[str, Any] = {
+            "save_format": save_format,
+            "dict_mode": dict_mode,
+            "manifest": manifest,
+            "skip_existing": skip_existing,
+            **asyncwriter_options,
+        }
+        try:  # bad options fail here, on the driver, not in every write task
+            WriterOptions(out_root=Path(self.path), **self._options)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"TensorDatasink: {exc}") from None
+        self.result: WriteSummary | None = None
+
+    def get_name(self) -> str:
+        return "TensorDatasink"
+
+    def on_write_start(self, schema: Any = None) -> None:
+        """Check the columns against the dataset's schema (when Ray has one), before any task runs."""
+        names = getattr(schema, "names", None)
+        if names:
+            _tensor_columns(list(names), self.key_column, self.columns)
+        os.makedirs(self.path, exist_ok=True)
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> TaskWritten:
+        """One write task: one AsyncWriter for all its blocks, one write_batch per block, then close()
+        (which waits for every file and raises the first failure)."""
+        writer: AsyncWriter | None = None
+        rows = 0
+        try:
+            for block in blocks:
+                accessor = BlockAccessor.for_block(block)
+                if accessor.num_rows() == 0:
+                    continue
+                batch = accessor.to_batch_format("numpy")
+                columns = _tensor_columns(list(batch), self.key_column, self.columns)
+                keys = _keys(batch[self.key_column])
+                value: object = (
+                    batch[columns[0]] if len(columns) == 1 else {name: batch[name] for name in columns}
+                )
+                if writer is None:
+                    writer = AsyncWriter(self.path, **self._options)
+                writer.write_batch(keys, value)
+                rows += len(keys)
+        except BaseException:
+            if writer is not None:
+                with contextlib.suppress(Exception):  # the error being raised is the one to report
+                    writer.close()
+            raise
+        if writer is None:
+            return TaskWritten(0, 0, 0, 0, None)
+        writer.close()
+        stats = writer.stats()
+        journal = writer._journal.path if writer._journal is not None else None
+        return TaskWritten(rows, stats.files, stats.bytes, stats.skipped, journal)
+
+    def on_write_complete(self, write_result: WriteResult[TaskWritten]) -> WriteSummary:
+        """Every task succeeded: merge their journals into one, sweep killed attempts' temporaries,
+        and return (and keep in `result`) what was written."""
+        returns = [r for r in write_result.write_returns if r is not None]
+        summary = WriteSummary(
+            rows=sum(r.rows for r in returns),
+            files=sum(r.files for r in returns),
+            bytes=sum(r.bytes for r in returns),
+            skipped=sum(r.skipped for r in returns),
+            tasks=len(returns),
+        )
+        journals = [r.journal for r in returns if r.journal is not None]
+        if journals:
+            summary.journal = merge_journals(self.path, journals)
+        if self.sweep_on_complete:
+            summary.swept = [str(p) for p in sweep(self.path)]
+        self.result = summary
+        return summary
+
+    def on_write_failed(self, error: Exception) -> None:
+        """A task failed for good: the files already committed stay (each whole, and journaled, so a
+        re-run with skip_existing=True writes only the rest); no file is left torn. Temporaries of
+        tasks that were killed are not swept here, since other tasks may still be writing."""
+        log.warning("tensorsink: TensorDatasink write into %s failed: %s", self.path, error)
+
+
+def merge_journals(root: str, journals: Sequence[str]) -> str:
+    """Concatenate `journals` (whole lines only) into one new journal under `root`, then remove them.
+
+    The merged journal is written to a temporary, fsynced and renamed into place before any task's
+    journal is removed: a crash in between leaves lines twice, which Manifest.load merges (the latest
+    record of a path wins). Returns the merged journal's path.
+    """
+    folder = os.path.join(root, JOURNAL_DIR)
+    name = f"journal-{socket.gethostname()}-{os.getpid()}-merged-{secrets.token_hex(4)}.jsonl"
+    final = os.path.join(folder, name)
+    temporary = final + ".partial"  # not matched by journal-*.jsonl until renamed
+    with open(temporary, "wb") as out:
+        for journal in journals:
+            with open(journal, "rb") as source:
+                data = source.read()
+            cut = data.rfind(b"\n") + 1  # a torn last line is not a record
+            out.write(data[:cut])
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(temporary, final)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for journal in journals:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(journal)
+    return final
+
+
+class CommittedBatchWriter:
+    """Write a `map_batches` actor's outputs straight to files and return the committed rows.
+
+    Make one in the callable class's `__init__`; in `__call__`, `return writer.write(keys, outputs)`
+    where `outputs` is a tensor or a mapping of tensors (CUDA tensors included) whose first dimension
+    indexes `keys`. The tensors go through the AsyncWriter's pinned pool (or GDS), never through
+    Ray's object store; `write` returns only once every file of the batch is committed, as a batch
+    `{"key": ..., "path": ..., "bytes": ...}` (one row per file). So when the dataset's execution
+    returns, every file a returned row names is committed; an actor killed mid-batch returns nothing
+    for that batch (Ray retries it) and leaves at most temporaries, never a torn file under a final name.
+
+    With `ray_remote_args` `max_concurrency=2`, one batch's files are written while the next batch is
+    computed. `close()` (also called by `__del__`, which Ray runs on graceful actor shutdown) fsyncs the
+    journal and stops the threads; nothing returned depends on it.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        save_format: SaveFormat | str = SaveFormat.SAFETENSORS,
+        dict_mode: DictMode | str = DictMode.SINGLE,
+        manifest: bool = True,
+        skip_existing: bool = False,
+        **asyncwriter_options: Any,
+    ) -> None:
+        _check_option_names("CommittedBatchWriter", asyncwriter_options)
+        self.path = os.path.abspath(path)
+        self._options: dict[str, Any] = {
+            "save_format": save_format,
+            "dict_mode": dict_mode,
+            "manifest": manifest,
+            "skip_existing": skip_existing,
+            **asyncwriter_options,
+        }
+        checked = WriterOptions(out_root=Path(self.path), **self._options)
+        self._suffix = "." + checked.save_format.value
+        self._split = checked.dict_mode is DictMode.SPLIT
+        self._writer: AsyncWriter | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def writer(self) -> AsyncWriter:
+        """The AsyncWriter, made at the first write (in the actor, whichever thread gets there first)."""
+        with self._lock:
+            if self._writer is None:
+                self._writer = AsyncWriter(self.path, **self._options)
+            return self._writer
+
+    def write(self, keys: Sequence[object] | np.ndarray, outputs: object) -> dict[str, np.ndarray]:
+        """Write sample i of `outputs` under keys[i]; return the committed files as a batch of rows."""
+        names = _keys(keys)
+        if isinstance(outputs, (list, tuple, str, bytes)):
+            raise TypeError(
+                f"CommittedBatchWriter.write(outputs=...) takes a tensor or a mapping of tensors batched "
+                f"along the first dimension, not a {type(outputs).__name__}"
+            )
+        writer = self.writer
+        writer.write_batch(names, outputs).result()  # raises the write's own failure
+        parts = list(outputs) if self._split and isinstance(outputs, Mapping) else None
+        row_keys, paths, sizes = [], [], []
+        for name in names:
+            key = validate_key(name)
+            suffixes = [self._suffix] if parts is None else [f"_{part}{self._suffix}" for part in parts]
+            for suffix in suffixes:
+                path = file_path(self.path, key, suffix)
+                row_keys.append(name)
+                paths.append(path)
+                sizes.append(os.stat(path).st_size)
+        return {
+            "key": np.array(row_keys, dtype=object),
+            "path": np.array(paths, dtype=object),
+            "bytes": np.array(sizes, dtype=np.int64),
+        }
+
+    def close(self) -> None:
+        with self._lock:
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __getstate__(self) -> dict[str, Any]:  # made on the driver, used in an actor: no threads travel
+        state = self.__dict__.copy()
+        state["_writer"] = None
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _keys(column: Any) -> list[str]:
+    """File keys from a key column: str as they are, ints in decimal; anything else is passed on for
+    AsyncWriter to refuse with its own InvalidKeyError."""
+    keys: list[Any] = []
+    for value in column.tolist() if isinstance(column, np.ndarray) else list(column):
+        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+            keys.append(str(int(value)))
+        else:
+            keys.append(value)
+    for key in keys:
+        validate_key(key)
+    return keys
+
+
+def _tensor_columns(names: list[str], key_column: str, columns: list[str] | None) -> list[str]:
+    if key_column not in names:
+        raise KeyError(f"TensorDatasink(key_column={key_column!r}) is not a column; the dataset has {names}")
+    if columns is None:
+        chosen = [name for name in names if name != key_column]
+        if not chosen:
+            raise ValueError(f"TensorDatasink: the dataset has no column besides the key {key_column!r}")
+        return chosen
+    missing = [name for name in columns if name not in names]
+    if missing:
+        raise KeyError(f"TensorDatasink(columns=...): {missing} not in the dataset's columns {names}")
+    return columns
+
+
+def _asyncwriter_options() -> list[str]:
+    names = inspect.signature(AsyncWriter.__init__).parameters
+    return [name for name in names if name not in ("self", "out_root")]
+
+
+def _check_option_names(owner: str, options: Mapping[str, Any]) -> None:
+    known = _asyncwriter_options()
+    for name in options:
+        if name == "out_root":
+            raise TypeError(f"{owner}(out_root=...): the output folder is the first argument, path")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise TypeError(
+                f"{owner}() got an unexpected keyword argument {name!r}; {hint}it takes AsyncWriter's "
+                f"options: {', '.join(known)}"
+            )

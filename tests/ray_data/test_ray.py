@@ -1,0 +1,238 @@
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+from safetensors.numpy import load_file  # noqa: E402
+
+from tensorsink import sweep  # noqa: E402
+from tensorsink.commit import is_temporary  # noqa: E402
+from tensorsink.manifest import JOURNAL_DIR, Manifest, verify  # noqa: E402
+from tensorsink.ray import CommittedBatchWriter, TensorDatasink  # noqa: E402
+
+pytestmark = [
+    pytest.mark.usefixtures("ray_session"),
+    # Ray Data's DataContext warns about deprecated fields it sets itself (copies of it included).
+    pytest.mark.filterwarnings(r"ignore::DeprecationWarning:ray\.data\.context"),
+]
+
+
+def _rows(count: int, blocks: int, *, str_keys: bool = True) -> Any:
+    """A dataset of `count` rows in `blocks` blocks: a key, a (4, 8) float32 field, an int16 vector."""
+
+    def make(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["id"]
+        out: dict[str, np.ndarray] = {
+            "field": np.stack([np.full((4, 8), i, np.float32) for i in ids]),
+            "vec": np.stack([(np.arange(3) + i).astype(np.int16) for i in ids]),
+        }
+        out["key"] = np.array([f"scene/{i:03d}" for i in ids], dtype=object) if str_keys else ids
+        return out
+
+    return ray.data.range(count, override_num_blocks=blocks).map_batches(make)
+
+
+def _final_files(root: Path) -> list[Path]:
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and JOURNAL_DIR not in p.parts and not is_temporary(p.name)
+    )
+
+
+def _journals(root: Path) -> list[Path]:
+    return sorted((root / JOURNAL_DIR).glob("journal-*.jsonl"))
+
+
+def test_rows_become_files_across_tasks_and_blocks(tmp_path: Path) -> None:
+    sink = TensorDatasink(tmp_path, key_column="key", durability="none")
+    _rows(24, 4).write_datasink(sink)
+    files = _final_files(tmp_path)
+    assert len(files) == 24
+    loaded = load_file(str(tmp_path / "scene" / "017.safetensors"))
+    assert set(loaded) == {"field", "vec"}
+    np.testing.assert_array_equal(loaded["field"], np.full((4, 8), 17, np.float32))
+    np.testing.assert_array_equal(loaded["vec"], (np.arange(3) + 17).astype(np.int16))
+    result = sink.result
+    assert result is not None
+    assert (result.rows, result.files, result.skipped) == (24, 24, 0)
+    assert result.bytes == 24 * (4 * 8 * 4 + 3 * 2)
+    assert result.tasks >= 2  # several write tasks, each with its own writer and journal
+    assert _journals(tmp_path) == [Path(result.journal or "")]  # merged into one
+    assert len(Manifest.load(tmp_path).records) == 24
+    report = verify(tmp_path)
+    assert report.ok, report
+    assert report.checked == 24
+
+
+def test_int_keys_one_column_as_tensor(tmp_path: Path) -> None:
+    sink = TensorDatasink(tmp_path, key_column="key", columns=["vec"])
+    _rows(10, 2, str_keys=False).write_datasink(sink)
+    assert sorted(p.name for p in _final_files(tmp_path)) == sorted(f"{i}.safetensors" for i in range(10))
+    loaded = load_file(str(tmp_path / "7.safetensors"))
+    assert list(loaded) == ["arr_0"]  # one column: stored as a tensor
+    np.testing.assert_array_equal(loaded["arr_0"], (np.arange(3) + 7).astype(np.int16))
+    assert verify(tmp_path).ok
+
+
+def test_split_writes_a_file_per_column(tmp_path: Path) -> None:
+    sink = TensorDatasink(tmp_path, key_column="key", save_format="npy", dict_mode="split")
+    _rows(6, 2, str_keys=False).write_datasink(sink)
+    assert len(_final_files(tmp_path)) == 12
+    np.testing.assert_array_equal(np.load(tmp_path / "4_vec.npy"), (np.arange(3) + 4).astype(np.int16))
+    assert sink.result is not None
+    assert (sink.result.rows, sink.result.files) == (6, 12)
+    assert verify(tmp_path).ok
+
+
+def test_bad_options_fail_on_the_driver(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="did you mean 'workers'"):
+        TensorDatasink(tmp_path, key_column="key", worker=2)
+    with pytest.raises(ValueError, match="not the key column"):
+        TensorDatasink(tmp_path, key_column="key", columns=["key"])
+
+
+@pytest.mark.parametrize(
+    ("rows", "columns", "error"),
+    [
+        ([{"key": "../escape", "x": np.zeros(2)}], None, "must stay under the output root"),
+        ([{"key": "a", "x": np.zeros(2)}], ["nope"], r"\['nope'\] not in the dataset's columns"),
+        ([{"key": "a", "x": "text"}], None, "UnsupportedValueError"),
+    ],
+    ids=["key-escapes-root", "missing-column", "object-column"],
+)
+def test_bad_rows_fail_the_write(
+    tmp_path: Path, rows: list[dict[str, Any]], columns: list[str] | None, error: str
+) -> None:
+    ds = ray.data.from_items(rows, override_num_blocks=1)
+    with pytest.raises(Exception, match=error):
+        ds.write_datasink(TensorDatasink(tmp_path / "out", key_column="key", columns=columns))
+    assert not (tmp_path / "escape.safetensors").exists()
+    out = tmp_path / "out"
+    assert not out.exists() or _final_files(out) == []
+
+
+def test_skip_existing_writes_only_missing_rows(tmp_path: Path) -> None:
+    _rows(20, 4).write_datasink(TensorDatasink(tmp_path, key_column="key"))
+    files = _final_files(tmp_path)
+    for gone in files[::4]:
+        gone.unlink()
+    kept = {p: p.stat().st_mtime_ns for p in files if p.exists()}
+    sink = TensorDatasink(tmp_path, key_column="key", skip_existing=True)
+    _rows(20, 4).write_datasink(sink)
+    assert sink.result is not None
+    assert (sink.result.files, sink.result.skipped) == (5, 15)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept  # untouched
+    assert len(_final_files(tmp_path)) == 20
+    assert verify(tmp_path).ok
+
+
+class _DiesOnce(TensorDatasink):
+    """Kills its worker process after queueing its first block, on the first attempt only."""
+
+    def __init__(self, path: Path, marker: Path) -> None:
+        super().__init__(path, key_column="key")
+        self.marker = str(marker)
+
+    def write(self, blocks: Any, ctx: Any) -> Any:
+        def blocks_then_die() -> Any:
+            for block in blocks:
+                yield block  # the writer queues this block's files, then asks for the next
+                if not os.path.exists(self.marker):
+                    open(self.marker, "w").close()
+                    os._exit(1)  # a crashed worker, files in flight: Ray retries the task
+
+        return super().write(blocks_then_die(), ctx)
+
+
+def test_task_killed_midway_is_retried_without_duplicates(tmp_path: Path) -> None:
+    out, marker = tmp_path / "out", tmp_path / "died"
+    sink = _DiesOnce(out, marker)
+    _rows(16, 4).repartition(2).write_datasink(sink)
+    assert marker.exists()  # the first attempt did die
+    files = _final_files(out)
+    assert len(files) == 16  # one file per row: the retry replaced, it did not add
+    assert sink.result is not None
+    assert sink.result.rows == 16
+    assert not [p for p in out.rglob("*") if is_temporary(p.name)]  # swept on completion
+    report = verify(out)
+    assert report.ok, report
+
+
+class _Predict:
+    """A map_batches callable class: 'predicts', writes through CommittedBatchWriter, returns rows."""
+
+    def __init__(self, root: str) -> None:
+        import torch
+
+        self.torch = torch
+        self.writer = CommittedBatchWriter(root, durability="none")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        ids = torch.as_tensor(batch["id"])
+        preds = {"y": ids[:, None].float() * torch.ones(1, 16), "idx": ids}
+        time.sleep(0.01)
+        return self.writer.write([f"p/{int(i)}" for i in ids], preds)
+
+
+def test_actor_helper_returns_committed_files(tmp_path: Path) -> None:
+    ds = ray.data.range(40, override_num_blocks=4).map_batches(
+        _Predict,
+        fn_constructor_args=(str(tmp_path),),
+        batch_size=8,
+        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=2),
+    )
+    rows = ds.take_all()
+    assert len(rows) == 40
+    assert set(rows[0]) == {"key", "path", "bytes"}
+    for row in rows:
+        path = Path(row["path"])
+        assert path.stat().st_size == row["bytes"]
+        i = int(row["key"].split("/")[1])
+        loaded = load_file(str(path))
+        np.testing.assert_array_equal(loaded["y"], np.full(16, i, np.float32))
+        assert int(loaded["idx"]) == i
+    report = verify(tmp_path)
+    assert report.ok, report
+
+
+class _PredictDiesOnce(_Predict):
+    """Queues its first batch's files, then kills its actor before they are committed (first time only)."""
+
+    def __init__(self, root: str, marker: str) -> None:
+        super().__init__(root)
+        self.marker = marker
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            big = {"y": np.ones((len(batch["id"]), 1 << 20), np.float32)}  # 4 MiB a file: still in flight
+            self.writer.writer.write_batch([f"p/{int(i)}" for i in batch["id"]], big)
+            os._exit(1)  # the actor dies; Ray restarts it and retries the batch
+        return super().__call__(batch)
+
+
+def test_killed_actor_leaves_no_torn_file(tmp_path: Path) -> None:
+    out, marker = tmp_path / "out", tmp_path / "died"
+    ds = ray.data.range(16, override_num_blocks=2).map_batches(
+        _PredictDiesOnce,
+        fn_constructor_args=(str(out), str(marker)),
+        batch_size=8,
+        compute=ray.data.ActorPoolStrategy(size=1),
+    )
+    rows = ds.take_all()
+    assert marker.exists()
+    assert sorted(int(r["key"].split("/")[1]) for r in rows) == list(range(16))
+    for row in rows:  # every returned row names a committed file with the retried batch's contents
+        assert Path(row["path"]).stat().st_size == row["bytes"]
+        assert load_file(row["path"])["y"].shape == (16,)
+    sweep(out)  # removes whatever temporaries the killed actor left
+    assert not [p for p in out.rglob("*") if is_temporary(p.name)]
+    assert len(_final_files(out)) == 16
+    report = verify(out)
+    assert report.ok, report

@@ -1,0 +1,356 @@
+"""The `tensorsink` command line: what each command imports, its help, exit codes and output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import tensorsink
+from tensorsink import AsyncWriter
+from tensorsink.__main__ import BROKEN_PIPE, main
+from tensorsink.bench import UsageError, add_arguments, config_from
+from tensorsink.bench.workloads import PRESETS, format_size, parse_size
+
+# Runs the command line in a fresh interpreter in which torch, numpy, safetensors and matplotlib cannot
+# be imported, and whose `tensorsink` package is a bare one (no __init__ run): what the command line
+# itself imports, whatever the package's __init__ does.
+_WITHOUT_HEAVY_IMPORTS = textwrap.dedent(
+    """
+    import importlib.abc, importlib.util, sys, types
+
+    HEAVY = {"torch", "numpy", "safetensors", "matplotlib"}
+
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] in HEAVY:
+                raise ImportError(f"{name} was imported")
+            return None
+
+    spec = importlib.util.find_spec("tensorsink")
+    package = types.ModuleType("tensorsink")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__version__ = "0.0.test"
+    sys.modules["tensorsink"] = package
+    sys.meta_path.insert(0, Refuse())
+    from tensorsink.__main__ import main
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as exit_:
+        code = exit_.code
+    loaded = sorted(name for name in sys.modules if name.startswith("tensorsink."))
+    print("LOADED", " ".join(loaded), file=sys.stderr)
+    sys.exit(code)
+    """
+)
+
+
+def _run_light(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _WITHOUT_HEAVY_IMPORTS, *argv],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def _loaded(stderr: str) -> set[str]:
+    line = next(line for line in stderr.splitlines() if line.startswith("LOADED"))
+    return set(line.split()[1:])
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["--version"], ["bench", "--help"], ["sweep", "--help"], ["verify", "--help"],
+     ["manifest", "--help"]],
+)  # fmt: skip
+def test_help_and_version_import_neither_torch_nor_the_benchmark(argv: list[str]) -> None:
+    done = _run_light(*argv)
+    assert done.returncode == 0, done.stderr
+    assert "was imported" not in done.stderr
+    loaded = _loaded(done.stderr)
+    assert not {"tensorsink.bench.runner", "tensorsink.bench.contenders", "tensorsink.manifest"} & loaded
+
+
+def test_sweep_imports_only_the_commit_protocol(tmp_path: Path) -> None:
+    (tmp_path / ".x.pt.tsink-01.partial").write_bytes(b"")
+    done = _run_light("sweep", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "removed 1 temporary" in done.stderr
+    assert _loaded(done.stderr) <= {
+        "tensorsink.__main__", "tensorsink.bench", "tensorsink.bench.workloads", "tensorsink.commit",
+        "tensorsink.errors", "tensorsink.options",
+    }  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_does_not_import_torch_with_the_installed_package() -> None:
+    probe = "import sys, tensorsink; print('torch' in sys.modules)"
+    answer = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert answer.stdout.strip() == "False", "import tensorsink imports torch: AsyncWriter is to load lazily"
+    script = "import sys\nfrom tensorsink.__main__ import main\n"
+    script += "try:\n    main(['--help'])\nexcept SystemExit:\n    pass"
+    script += "\nprint('torch' in sys.modules, file=sys.stderr)"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
+    assert done.stderr.strip().endswith("False")
+
+
+def test_version_is_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tensorsink {tensorsink.__version__}"
+
+
+def _help(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--help"])
+    assert exit_.value.code == 0
+    return capsys.readouterr().out
+
+
+@pytest.fixture
+def wide(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "300")  # one help line per option
+
+
+@pytest.mark.usefixtures("wide")
+def test_every_command_is_described_and_gives_its_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    top = _help(capsys)
+    assert "The `tensorsink` command line." not in top
+    assert "remove the temporaries a killed" in top
+    assert "exit status:" in top
+    descriptions = {
+        "sweep": "Final files are never touched",
+        "verify": "Check every file a writer with manifest=True journaled",
+        "manifest": "one JSON line per file",
+        "bench": "the machine's ceiling",
+    }
+    for command, phrase in descriptions.items():
+        text = " ".join(_help(capsys, command).split())  # the description is filled to the width
+        assert phrase in text, command
+        assert "exit status:" in text, command
+    verify = _help(capsys, "verify")
+    for code in ("0 ", "1 ", "2 ", "141"):
+        assert f"\n  {code}" in verify, code
+    assert "holds no journals" in verify
+
+
+@pytest.mark.usefixtures("wide")
+def test_bench_options_have_help_and_shown_defaults(capsys: pytest.CaptureFixture[str]) -> None:
+    lines = _help(capsys, "bench").splitlines()
+
+    def line_of(option: str) -> str:
+        """The option's line and its help's (on the next line after a long list of choices)."""
+        at = next(i for i, line in enumerate(lines) if line.strip().startswith(option))
+        return " ".join(lines[at : at + 2])
+
+    assert "(default: safetensors)" in line_of("--format")
+    assert "write threads (default: 4)" in line_of("--workers")
+    assert "(default: auto)" in line_of("--backend")
+    assert "medians are reported (default: 3)" in line_of("--rounds")
+
+
+@pytest.mark.parametrize("command", ["sweep", "verify", "manifest"])
+def test_a_root_that_is_not_a_folder_is_exit_2_for_every_command(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, str(tmp_path / "missing")]) == 2
+    assert f"tensorsink {command}: no such folder: {tmp_path / 'missing'}" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([command, str(tmp_path / "file")]) == 2
+    assert "not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("command", ["verify", "manifest"])
+def test_a_root_without_journals_is_exit_2_for_verify_and_manifest(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / ".tensorsink").mkdir()  # a journal folder without journals is no manifest either
+    assert main([command, str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "no journals in" in err
+    assert "manifest=True" in err
+
+
+def test_sweep_of_an_empty_folder_is_fine_and_a_failed_removal_is_exit_1(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["sweep", str(tmp_path)]) == 0
+    assert "removed 0 temporaries" in capsys.readouterr().err
+
+    def refused(root: object) -> list[Path]:
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".a.npy.tsink-01.partial"))
+
+    monkeypatch.setattr("tensorsink.commit.sweep", refused)
+    assert main(["sweep", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert f"could not remove {tmp_path / '.a.npy.tsink-01.partial'}: Permission denied" in err
+
+
+def _journal(root: Path, count: int, damaged_line: int | None = None) -> Path:
+    """A journal recording `count` .npy files (none of them on disk), one line replaced by junk."""
+    (root / ".tensorsink").mkdir(parents=True)
+    lines = []
+    for index in range(count):
+        name = f"sample_{index:06d}"
+        record = {"key": name, "path": f"{name}.npy", "format": "npy", "arrays": [["arr_0", "float32", [3]]],
+                  "bytes": 140, "crc32": "189bf6a9", "time": 1.0 + index}  # fmt: skip
+        lines.append("{not json" if index == damaged_line else json.dumps(record))
+    journal = root / ".tensorsink" / "journal-host-1-0a.jsonl"
+    journal.write_text("\n".join(lines) + "\n")
+    return journal
+
+
+def test_manifest_exits_1_when_it_skipped_a_damaged_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _journal(tmp_path, 3, damaged_line=1)
+    assert main(["manifest", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["path"] for line in out.splitlines()] == [
+        "sample_000000.npy",
+        "sample_000002.npy",
+    ]
+    assert "skipped 1 damaged journal line" in err
+    tmp_clean = tmp_path / "clean"
+    _journal(tmp_clean, 2)
+    assert main(["manifest", str(tmp_clean)]) == 0
+
+
+def test_verify_without_checksums_reports_no_checksum_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with AsyncWriter(tmp_path, "npy", manifest=True) as writer:
+        writer.write("a", torch.zeros(4))
+    assert main(["verify", str(tmp_path), "--no-checksum"]) == 0
+    summary = capsys.readouterr().out
+    assert "checked sizes and layouts of 1 files" in summary
+    assert "checksum" not in summary
+    assert main(["verify", str(tmp_path)]) == 0
+    assert "0 checksum mismatch" in capsys.readouterr().out
+
+
+def _closed_early(argv: list[str]) -> tuple[int, str]:
+    """Run the command with its output read for one line and then closed, as `| head -1` does."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "tensorsink", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as child:
+        assert child.stdout is not None
+        assert child.stderr is not None
+        assert child.stdout.readline()
+        child.stdout.close()
+        err = child.stderr.read().decode()
+        return child.wait(timeout=120), err
+
+
+@pytest.mark.parametrize("command", ["manifest", "verify", "sweep"])
+def test_output_closed_early_ends_quietly(command: str, tmp_path: Path) -> None:
+    if command == "sweep":
+        for index in range(3000):  # some 300 KB of paths: more than a pipe holds
+            (tmp_path / f".sample_{index:06d}.npy.tsink-0a.partial").write_bytes(b"")
+    else:
+        _journal(tmp_path, 8000)  # verify: a "missing:" line each, manifest: a record each
+    code, err = _closed_early([command, str(tmp_path)])
+    assert "Traceback" not in err
+    assert "BrokenPipe" not in err
+    assert "Exception ignored" not in err
+    assert code == BROKEN_PIPE
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_count_applies_to_the_workload_it_names() -> None:
+    (small,) = config_from(_bench_args("--workload", "small", "--count", "16")).workloads
+    assert small.count == 16
+    config = config_from(_bench_args("--workload", "small", "mid", "--count", "small=200"))
+    assert [(w.name, w.count) for w in config.workloads] == [("small", 200), ("mid", PRESETS["mid"].count)]
+    config = config_from(_bench_args("--workload", "all", "--count", "large=1", "mapping=8"))
+    assert {w.name: w.count for w in config.workloads} == {"large": 1, "mid": 64, "small": 1000, "mapping": 8}
+    with pytest.raises(UsageError, match=r"several workloads \(mid, small, mapping\).*--count mid=16"):
+        config_from(_bench_args("--count", "16"))  # the default workloads
+    with pytest.raises(UsageError, match="mid is not run"):
+        config_from(_bench_args("--workload", "small", "--count", "mid=3"))
+    with pytest.raises(UsageError, match="one N"):
+        config_from(_bench_args("--workload", "small", "--count", "5", "small=3"))
+
+
+def test_count_refusals_exit_2_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in (["--count", "16"], ["--count", "tiny=3"], ["--workload", "small", "--count", "mid=3"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "--out", str(tmp_path / "never"), *argv])
+        assert exit_.value.code == 2, argv
+        assert "tensorsink bench: error:" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [("64MB", "64 MB"), ("64MiB", "64 MiB"), ("1.5GB", "1.5 GB"), ("512K", "512 KB"), ("16kib", "16 KiB"),
+     ("64 KB", "64 KB"), ("4097", "4097 B")],
+)  # fmt: skip
+def test_sizes_are_shown_as_they_were_given(text: str, shown: str) -> None:
+    (small,) = config_from(_bench_args("--workload", "small", "--size", text)).workloads
+    assert small.item_size == parse_size(text)
+    assert small.describe() == f"small: 1,000 tensors of {shown}"
+
+
+@pytest.mark.parametrize(
+    ("nbytes", "shown"),
+    [(64 * 10**6, "64 MB"), (64 << 20, "64 MiB"), (1_500_000_000, "1.5 GB"), (16 << 10, "16 KiB"),
+     (1 << 30, "1 GiB"), (4097, "4.097 KB"), (100, "100 B")],
+)  # fmt: skip
+def test_sizes_without_a_given_unit_are_shown_exactly(nbytes: int, shown: str) -> None:
+    assert format_size(nbytes) == shown
+
+
+_TINY = ["--workload", "small", "--count", "2", "--size", "64KB", "--rounds", "1", "--durability", "none"]
+
+
+def test_out_that_existed_keeps_what_it_held_and_nothing_more(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "scratch"
+    out.mkdir()
+    (out / "keep.txt").write_text("the user's")
+    assert main(["bench", *_TINY, "--out", str(out)]) == 0
+    assert "small: 2 tensors of 64 KB" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "the user's"
+
+
+def test_out_the_bench_created_is_removed_with_its_parents(tmp_path: Path) -> None:
+    assert main(["bench", *_TINY, "--out", str(tmp_path / "new" / "deeper")]) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_that_cannot_be_made_is_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", *_TINY, "--out", str(tmp_path / "file" / "sub")])
+    assert exit_.value.code == 2
+    assert f"--out {tmp_path / 'file' / 'sub'}" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_the_script_agree(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tensorsink", "sweep", str(tmp_path / "missing")],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "PYTHONWARNINGS": "error"},
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "no such folder" in done.stderr
+    assert "Traceback" not in done.stderr
