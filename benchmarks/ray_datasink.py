@@ -22,8 +22,8 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
 import ray
+
 from tensorsink.ray import TensorDatasink
 
 
