@@ -4,6 +4,8 @@ VENV ?= .venv
 # A pinned torch keeps set-up fast where a local wheel exists; a GPU host may pass TORCH=torch.
 TORCH ?= torch==2.13.0
 BENCH_OUT ?= bench-out
+# The quick look `make bench` takes (under a minute on 2 cores); `make bench BENCH_ARGS=` runs the full set.
+BENCH_ARGS ?= --count small=200 mid=32 mapping=32 --durability none file
 BIN := $(VENV)/bin
 
 .PHONY: install lint typecheck test bench clean
@@ -39,7 +41,7 @@ test: lint typecheck
 
 bench: $(VENV)/.bench
 	mkdir -p $(BENCH_OUT)
-	$(BIN)/tensorsink bench --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
+	$(BIN)/tensorsink bench $(BENCH_ARGS) --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
 
 clean:
 	rm -rf $(VENV) $(BENCH_OUT)
