@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,6 +273,31 @@ def _files_under(root: Path) -> set[str]:
     return found
 
 
+def file_problems(
+    report: VerifyReport, paths: list[str], check: Callable[[str], tuple[str, str] | None], workers: int
+) -> int:
+    """Run `check` on every path in `workers` threads and file each (kind, detail) it finds in `report`
+    ("size", "checksum", "missing", "unreadable"; the detail, else the path). Returns how many paths
+    it gave the kind "", which is filed nowhere: not checked, and no problem either."""
+    problems = {
+        "size": report.size_mismatch,
+        "checksum": report.checksum_mismatch,
+        "missing": report.missing,
+        "unreadable": report.unreadable,
+    }
+    unchecked = 0
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="tensorsink-verify") as pool:
+        for path, problem in zip(paths, pool.map(check, paths), strict=True):
+            if problem is None:
+                continue
+            kind, why = problem
+            if kind:
+                problems[kind].append(why or path)
+            else:
+                unchecked += 1
+    return unchecked
+
+
 def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int = 8) -> VerifyReport:
     """Compare the files under `root` with its manifest: missing, extra, wrong size, wrong CRC-32, and
     files of a tensorsink format that are not whole in its layout (whatever their records say)."""
@@ -285,7 +310,7 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
     recorded_paths = sorted(recorded)
     formats = {f.value: format_for(f) for f in SaveFormat}
 
-    absent_unfinished = ("", "")  # only a renaming line, no file: not checked, not missing
+    absent_unfinished = ("", "")  # only a renaming line, no file: not checked, not missing (kind "")
 
     def check(path: str) -> tuple[str, str] | None:
         candidates = manifest.candidates(path)
@@ -313,20 +338,7 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
             return ("missing", "") if path in manifest.records else absent_unfinished
         return None
 
-    problems = {
-        "size": report.size_mismatch,
-        "checksum": report.checksum_mismatch,
-        "missing": report.missing,
-        "unreadable": report.unreadable,
-    }
-    absent = 0
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for path, problem in zip(recorded_paths, pool.map(check, recorded_paths), strict=True):
-            if problem is absent_unfinished:
-                absent += 1
-            elif problem is not None:
-                kind, why = problem
-                problems[kind].append(why or path)
+    absent = file_problems(report, recorded_paths, check, workers)
     report.checked = len(recorded_paths) - len(report.missing) - absent
     report.seconds = time.perf_counter() - start
     return report

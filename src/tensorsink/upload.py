@@ -38,7 +38,7 @@ from typing import Any, TypeVar, cast
 
 from .errors import TensorsinkError
 from .future import WriteFuture
-from .manifest import JOURNAL_DIR, Manifest, VerifyReport
+from .manifest import JOURNAL_DIR, Manifest, VerifyReport, file_problems
 from .options import WriterOptions
 from .writer import AsyncWriter
 
@@ -708,18 +708,8 @@ def verify_prefix(
                 return "checksum", ""
             return None
 
-        problems = {
-            "size": report.size_mismatch,
-            "checksum": report.checksum_mismatch,
-            "missing": report.missing,
-            "unreadable": report.unreadable,
-        }
         paths = sorted(recorded)
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="tensorsink-verify") as pool:
-            for path, problem in zip(paths, pool.map(check, paths), strict=True):
-                if problem is not None:
-                    kind, why = problem
-                    problems[kind].append(why or path)
+        file_problems(report, paths, check, workers)
         report.checked = sum(1 for path in paths if path in listed)
         report.seconds = time.perf_counter() - start
         return report
