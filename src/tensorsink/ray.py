@@ -84,6 +84,10 @@ class TensorDatasink(Datasink[TaskWritten]):
     - `skip_existing`: rows whose files a journal records, still whole on disk, are not written again.
     - `sweep_on_complete`: once every task has finished, remove the temporaries that killed attempts
       left under `path` (`tensorsink.sweep`). Turn it off if other jobs write under the same root.
+    - `min_bytes_per_write`: Ray gathers blocks into write tasks of at least this many bytes (64 MiB
+      by default; None: one task per block, fused with the map before it). A task has a fixed cost
+      and writes one block's files while it fetches the next, so few large tasks beat many small
+      ones: a materialized dataset of 16 MiB blocks wrote 1.4-1.9x faster in 64 MiB tasks.
     - `asyncwriter_options`: AsyncWriter's options (workers, durability, max_inflight_bytes, ...).
 
     After `write_datasink` returns, `result` holds the WriteSummary that `on_write_complete` returned.
@@ -100,9 +104,20 @@ class TensorDatasink(Datasink[TaskWritten]):
         manifest: bool = True,
         skip_existing: bool = False,
         sweep_on_complete: bool = True,
+        min_bytes_per_write: int | None = 64 << 20,
         **asyncwriter_options: Any,
     ) -> None:
         _check_option_names("TensorDatasink", asyncwriter_options)
+        if min_bytes_per_write is not None and (
+            isinstance(min_bytes_per_write, bool)
+            or not isinstance(min_bytes_per_write, int)
+            or min_bytes_per_write < 1
+        ):
+            raise ValueError(
+                f"TensorDatasink(min_bytes_per_write={min_bytes_per_write!r}) must be a positive int "
+                "(bytes) or None"
+            )
+        self._min_bytes_per_write = min_bytes_per_write
         self.path = os.path.abspath(path)
         self.key_column = key_column
         self.columns = None if columns is None else list(columns)
@@ -128,11 +143,13 @@ class TensorDatasink(Datasink[TaskWritten]):
     def get_name(self) -> str:
         return "TensorDatasink"
 
+    @property
+    def min_bytes_per_write(self) -> int | None:
+        return self._min_bytes_per_write
+
     def on_write_start(self, schema: Any = None) -> None:
-        """Check the columns against the dataset's schema (when Ray has one), before any task runs."""
-        names = getattr(schema, "names", None)
-        if names:
-            _tensor_columns(list(names), self.key_column, self.columns)
+        """Make the root. The columns are checked in each task, not against `schema`: when the write
+        is fused with the map before it, Ray passes the map's input schema here, not the rows written."""
         os.makedirs(self.path, exist_ok=True)
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> TaskWritten:
@@ -235,8 +252,9 @@ class CommittedBatchWriter:
     returns, every file a returned row names is committed; an actor killed mid-batch returns nothing
     for that batch (Ray retries it) and leaves at most temporaries, never a torn file under a final name.
 
-    With `ray_remote_args` `max_concurrency=2`, one batch's files are written while the next batch is
-    computed. `close()` (also called by `__del__`, which Ray runs on graceful actor shutdown) fsyncs the
+    With `compute=ActorPoolStrategy(max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)`
+    one batch's files are written while the next batch is computed (Ray Data runs a class's calls one
+    at a time, whatever max_concurrent_calls_per_actor says, unless enable_true_multi_threading is on). `close()` (also called by `__del__`, which Ray runs on graceful actor shutdown) fsyncs the
     journal and stops the threads; nothing returned depends on it.
     """
 

@@ -49,7 +49,7 @@ def _journals(root: Path) -> list[Path]:
 
 
 def test_rows_become_files_across_tasks_and_blocks(tmp_path: Path) -> None:
-    sink = TensorDatasink(tmp_path, key_column="key", durability="none")
+    sink = TensorDatasink(tmp_path, key_column="key", durability="none", min_bytes_per_write=None)
     _rows(24, 4).write_datasink(sink)
     files = _final_files(tmp_path)
     assert len(files) == 24
@@ -67,6 +67,20 @@ def test_rows_become_files_across_tasks_and_blocks(tmp_path: Path) -> None:
     report = verify(tmp_path)
     assert report.ok, report
     assert report.checked == 24
+
+
+def test_blocks_are_gathered_into_large_write_tasks(tmp_path: Path) -> None:
+    rows = _rows(24, 6).materialize()  # six blocks, a few hundred bytes each
+    small = TensorDatasink(tmp_path / "small", key_column="key", min_bytes_per_write=None)
+    rows.write_datasink(small)
+    large = TensorDatasink(tmp_path / "large", key_column="key")  # 64 MiB by default
+    rows.write_datasink(large)
+    assert small.result is not None
+    assert large.result is not None
+    assert small.result.tasks == 6  # one task per block
+    assert large.result.tasks == 1  # all six blocks in one task: its fixed cost paid once
+    assert large.result.rows == small.result.rows == 24
+    assert verify(tmp_path / "large").ok
 
 
 def test_int_keys_one_column_as_tensor(tmp_path: Path) -> None:
@@ -94,6 +108,8 @@ def test_bad_options_fail_on_the_driver(tmp_path: Path) -> None:
         TensorDatasink(tmp_path, key_column="key", worker=2)
     with pytest.raises(ValueError, match="not the key column"):
         TensorDatasink(tmp_path, key_column="key", columns=["key"])
+    with pytest.raises(ValueError, match=r"min_bytes_per_write=0\) must be a positive int"):
+        TensorDatasink(tmp_path, key_column="key", min_bytes_per_write=0)
 
 
 @pytest.mark.parametrize(
@@ -185,7 +201,9 @@ def test_actor_helper_returns_committed_files(tmp_path: Path) -> None:
         _Predict,
         fn_constructor_args=(str(tmp_path),),
         batch_size=8,
-        compute=ray.data.ActorPoolStrategy(size=1, max_concurrent_calls_per_actor=2),
+        compute=ray.data.ActorPoolStrategy(
+            size=1, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True
+        ),  # two threads share the actor's writer
     )
     rows = ds.take_all()
     assert len(rows) == 40
