@@ -45,7 +45,7 @@ def main() -> None:
     }
     print(f"{args.target}, durability={args.durability}, median of {args.rounds} interleaved rounds")
     for name, tensors in workloads.items():
-        for save_format in ("safetensors", "pt"):
+        for save_format in ("safetensors", "pt", "npz"):
             times: dict[bool, list[float]] = {True: [], False: []}
             for r in range(args.rounds + 1):
                 for manifest in (r % 2 == 0, r % 2 == 1):

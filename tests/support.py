@@ -13,6 +13,7 @@ import torch
 
 from tensorsink import SaveFormat
 from tensorsink.formats import FileEntry, Format
+from tensorsink.manifest import JOURNAL_DIR
 
 NUMPY_DTYPES = [
     torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -105,3 +106,13 @@ class GatedFormat(Format):
             self.entered.release()
             assert self.gate.wait(timeout=30), "gate never opened"
         self.inner.write(file, entry)
+
+
+def outputs_under(root: Path) -> list[Path]:
+    """Every path under `root` but the manifest's journals (written by default), sorted."""
+    return sorted(p for p in root.rglob("*") if JOURNAL_DIR not in p.relative_to(root).parts)
+
+
+def outputs_in(folder: Path) -> list[Path]:
+    """The entries of `folder` but the manifest's journal folder, sorted."""
+    return sorted(p for p in folder.iterdir() if p.name != JOURNAL_DIR)

@@ -13,11 +13,11 @@ from tensorsink import AsyncWriter, DictMode, InvalidKeyError, InvalidLayoutErro
 from tensorsink.commit import is_temporary
 from tensorsink.staging import Stager
 from tests.staging.fake import POISON, FakeEngine
-from tests.support import assert_same, random_tensor, read_back
+from tests.support import assert_same, outputs_under, random_tensor, read_back
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    return [str(p.relative_to(root)) for p in outputs_under(root) if p.is_file()]
 
 
 @pytest.mark.parametrize("save_format", list(SaveFormat))

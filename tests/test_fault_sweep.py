@@ -24,7 +24,7 @@ import torch
 
 from tensorsink import AsyncWriter, Durability, SaveFormat, WriteFuture, sweep
 from tests import faultfs
-from tests.support import assert_same, random_tensor, read_back
+from tests.support import assert_same, outputs_under, random_tensor, read_back
 
 pytestmark = pytest.mark.usefixtures("each_engine")  # every test, once per write engine
 
@@ -52,7 +52,7 @@ def assert_whole(path: Path, save_format: SaveFormat, value: Any) -> None:
 
 
 def listing(directory: Path) -> list[str]:
-    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+    return [str(p.relative_to(directory)) for p in outputs_under(directory)]
 
 
 def save_samples(path: Path, rows: int) -> None:

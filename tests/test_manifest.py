@@ -57,12 +57,16 @@ def test_a_record_per_committed_file_with_its_crc(tmp_path: Path, save_format: S
     assert verify(tmp_path).ok
 
 
-def test_no_journal_unless_asked(tmp_path: Path) -> None:
-    with AsyncWriter(tmp_path) as writer:
+def test_journal_by_default_and_none_with_manifest_false(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path / "default") as writer:
         writer.write("x", torch.zeros(3))
-    assert not (tmp_path / JOURNAL_DIR).exists()
+    assert len(_journals(tmp_path / "default")) == 1
+    assert verify(tmp_path / "default").ok
+    with AsyncWriter(tmp_path / "off", manifest=False) as writer:
+        writer.write("x", torch.zeros(3))
+    assert not (tmp_path / "off" / JOURNAL_DIR).exists()
     with pytest.raises(ValueError, match="skip_existing=True needs manifest=True"):
-        AsyncWriter(tmp_path, skip_existing=True)
+        AsyncWriter(tmp_path, skip_existing=True, manifest=False)
 
 
 def test_resume_skips_what_is_done_and_redoes_what_is_not(tmp_path: Path) -> None:
@@ -445,3 +449,21 @@ def test_a_journal_that_cannot_be_written_fails_the_write_before_its_rename(tmp_
         writer.close()
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["a.npy"]
     assert [p for p in tmp_path.iterdir() if is_temporary(p.name)] == []
+
+
+def test_a_constructor_that_fails_leaves_no_journal_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ValueError, match="engine='bogus'"):
+        AsyncWriter(tmp_path / "unknown", engine="bogus")
+    assert not (tmp_path / "unknown").exists() or not _journals(tmp_path / "unknown")
+
+    from tensorsink.engine.python import PythonEngine
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("the engine could not start")
+
+    monkeypatch.setattr(PythonEngine, "__init__", refuse)
+    with pytest.raises(OSError, match="could not start"):
+        AsyncWriter(tmp_path / "failed", engine="python")
+    assert not [link for link in _open_files() if JOURNAL_DIR in link], "the journal's fd was left open"

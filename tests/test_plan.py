@@ -18,6 +18,7 @@ from tensorsink import (
     SaveFormat,
     UnsupportedValueError,
 )
+from tests.support import outputs_under
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def writer(tmp_path: Path):  # type: ignore[no-untyped-def]
 
 
 def _listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+    return [str(p.relative_to(root)) for p in outputs_under(root)]
 
 
 @pytest.mark.parametrize("key", ["", "/abs/path", "../escape", "a/../../b", "a/", "a\0b", ".", 42, None])

@@ -39,7 +39,7 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
         "kvikio_threads": 4,
         "kvikio_task_size": 4 << 20,
         "kvikio_direct_io": True,
-        "manifest": False,
+        "manifest": True,
         "skip_existing": False,
         "follow_symlinks": False,
         "engine": "auto",

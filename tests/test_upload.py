@@ -38,6 +38,7 @@ from botocore.awsrequest import AWSResponse  # noqa: E402
 from botocore.config import Config  # noqa: E402
 
 from tensorsink import AsyncWriter, SaveFormat  # noqa: E402
+from tensorsink.manifest import JOURNAL_DIR  # noqa: E402
 from tensorsink.manifest import verify as manifest_verify  # noqa: E402
 from tensorsink.upload import (  # noqa: E402
     S3SpoolingWriter,
@@ -46,6 +47,7 @@ from tensorsink.upload import (  # noqa: E402
     split_s3_url,
     verify_prefix,
 )
+from tests.support import outputs_in, outputs_under  # noqa: E402
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -97,13 +99,16 @@ def bucket(s3: Any, endpoint: str) -> Iterator[str]:
     urllib.request.urlopen(request).close()
 
 
-def objects(s3: Any, bucket: str) -> dict[str, bytes]:
+def objects(s3: Any, bucket: str, *, journals: bool = False) -> dict[str, bytes]:
+    """The bucket's objects; the manifest's journals (there by default) only if asked for."""
     listed = s3.list_objects_v2(Bucket=bucket).get("Contents", [])
-    return {o["Key"]: s3.get_object(Bucket=bucket, Key=o["Key"])["Body"].read() for o in listed}
+    keys = [o["Key"] for o in listed if journals or f"{JOURNAL_DIR}/" not in o["Key"]]
+    return {key: s3.get_object(Bucket=bucket, Key=key)["Body"].read() for key in keys}
 
 
-def local_files(root: Path) -> dict[str, bytes]:
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+def local_files(root: Path, *, journals: bool = False) -> dict[str, bytes]:
+    paths = root.rglob("*") if journals else outputs_under(root)
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in paths if p.is_file()}
 
 
 def wait_for(condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
@@ -200,9 +205,9 @@ def test_delete_local_removes_files_only_after_a_confirmed_upload(
     assert objects(s3, bucket) == datas
     assert local_files(tmp_path) == ({} if delete_local else datas)
     assert up.stats().deleted == (len(datas) if delete_local else 0)
-    assert {key for _, key, _ in seen} == set(datas)
+    assert {key for _, key, _ in seen if f"{JOURNAL_DIR}/" not in key} == set(datas)
     assert all(existed for _, _, existed in seen)  # never deleted before its PUT, nor before its HEAD
-    heads = [key for method, key, _ in seen if method == "HEAD"]
+    heads = [key for method, key, _ in seen if method == "HEAD" and f"{JOURNAL_DIR}/" not in key]
     assert sorted(heads) == (sorted(datas) if delete_local else [])
 
 
@@ -519,7 +524,7 @@ def test_a_rewrite_landing_while_its_predecessor_is_removed_is_kept(
     assert path.read_bytes() == b"version 2, larger"  # kept, for its own queue entry to upload
     assert objects(s3, bucket) == {"k.bin": b"version 1"}
     assert uploader.stats().deleted == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.bin"]
+    assert sorted(p.name for p in outputs_in(tmp_path)) == ["k.bin"]
 
 
 def crc32_b64(data: bytes) -> str:
@@ -643,7 +648,7 @@ def test_the_journal_follows_its_files_and_the_spool_is_left_empty(
     client.close()
 
     assert list(spool.iterdir()) == [], "no file, no journal, no empty folder is left in the spool"
-    stored = objects(s3, bucket)
+    stored = objects(s3, bucket, journals=True)
     journals = [k for k in stored if k.startswith("run/.tensorsink/journal-") and k.endswith(".jsonl")]
     assert len(journals) == 1
     assert {f"run/{k}" for k in datas} | {"run/tensor.pt"} | set(journals) == set(stored)
@@ -688,8 +693,8 @@ def test_a_failed_upload_keeps_the_journal_out_of_the_bucket(
     ):
         sink.close()
     client.close()
-    assert not [k for k in objects(s3, bucket) if ".tensorsink" in k]
-    assert sorted(local_files(spool)) == [
+    assert not [k for k in objects(s3, bucket, journals=True) if ".tensorsink" in k]
+    assert sorted(local_files(spool, journals=True)) == [
         f".tensorsink/{p.name}" for p in (spool / ".tensorsink").iterdir()
     ] + ["top1.bin"]
     assert not (spool / "deep").exists(), "the folders emptied by removals are gone"

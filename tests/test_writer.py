@@ -13,7 +13,7 @@ import torch
 
 from tensorsink import AsyncWriter, DictMode, Durability, SaveFormat, WriterClosedError
 from tensorsink.commit import is_temporary
-from tests.support import GatedFormat, wait_for_waiter
+from tests.support import GatedFormat, outputs_under, wait_for_waiter
 
 BIG = 100_000  # bytes per tensor below; above the default small_sync_bytes
 
@@ -56,7 +56,7 @@ def _wait_until_blocked(writer: AsyncWriter) -> None:
 
 
 def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file())
+    return [p for p in outputs_under(root) if p.is_file()]
 
 
 def test_write_blocks_at_max_inflight_and_resumes(gated: tuple[AsyncWriter, GatedFormat]) -> None:

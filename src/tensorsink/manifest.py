@@ -6,9 +6,10 @@ file's rename: a record never names a file that is not complete, and since each 
 write() to the kernel, a killed job loses only the records of files still in flight. `Manifest.load`
 merges every journal under a root, the latest record of a path winning.
 
-The checksum is CRC-32 (zlib's, in the standard library; the same CRC ZIP and torch's .pt use):
-about 2.2 GB/s on one core of the machine in benchmarks/README.md, against 1.0-1.2 GB/s for
-BLAKE2b and SHA-256. It guards against torn, truncated and corrupted files, not against tampering.
+The checksum is CRC-32, the CRC ZIP and torch's .pt use, as `tensorsink.checksum` computes it (26 GB/s
+on one core of the machine in benchmarks/README.md where the CPU multiplies carry-less, zlib's 2.2
+elsewhere; BLAKE2b and SHA-256 run at 1.0-1.2). It guards against torn, truncated and corrupted
+files, not against tampering.
 """
 
 from __future__ import annotations
@@ -22,19 +23,19 @@ import secrets
 import socket
 import threading
 import time
-import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .arrays import dtype_name
+from .checksum import crc32
 from .errors import WriterClosedError
-from .formats import Buffer, FileEntry, format_for, write_buffers
+from .formats import FileEntry, format_for, write_buffers
 from .options import SaveFormat
 
-__all__ = ["JOURNAL_DIR", "Journal", "Manifest", "VerifyReport", "crc32_of", "crc32_of_path", "verify"]
+__all__ = ["JOURNAL_DIR", "Journal", "Manifest", "VerifyReport", "crc32_of_path", "verify"]
 
 JOURNAL_DIR = ".tensorsink"
 RENAMING_TAIL = ',"renaming":true'  # marks the line written just before a file's rename
@@ -43,18 +44,11 @@ _READ_CHUNK = 8 << 20
 log = logging.getLogger("tensorsink")
 
 
-def crc32_of(buffers: Iterable[Buffer]) -> int:
-    crc = 0
-    for buffer in buffers:
-        crc = zlib.crc32(buffer, crc)
-    return crc
-
-
 def crc32_of_fd(fd: int) -> tuple[int, int]:
     """CRC-32 and size of the file open at `fd`, read from its start (the page cache, just written)."""
     crc, offset = 0, 0
     while chunk := os.pread(fd, _READ_CHUNK, offset):
-        crc = zlib.crc32(chunk, crc)
+        crc = crc32(chunk, crc)
         offset += len(chunk)
     return crc, offset
 
@@ -68,8 +62,15 @@ def crc32_of_path(path: str | os.PathLike[str]) -> tuple[int, int]:
 
 
 def arrays_of(entry: FileEntry) -> list[list[Any]]:
-    """[name, dtype, shape] of each array in a file, as the record lists them."""
-    return [[name, dtype_name(a), list(a.shape)] for name, a in zip(entry.names, entry.arrays, strict=True)]
+    """[name, dtype, shape] of each array in a file, as the record lists them; a nested (ragged)
+    tensor has no one shape: null."""
+    return [[name, dtype_name(a), _shape(a)] for name, a in zip(entry.names, entry.arrays, strict=True)]
+
+
+def _shape(array: Any) -> list[int] | None:
+    if getattr(array, "is_nested", False):
+        return None
+    return list(array.shape)
 
 
 class Journal:
@@ -80,10 +81,12 @@ class Journal:
     A kill between the two leaves the renaming line, which verify and resume accept for the file
     that is there. A line is written whole or not at all: a short write is completed, a failed one
     is cut off again (the journal truncated to its last whole line) before its OSError is raised.
+    flush() and close() fsync it, unless the writer's durability is NONE (then nothing is fsynced).
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, fsync: bool = True) -> None:
         self._root = root
+        self._fsync = fsync  # False with Durability.NONE: the journal is as durable as its files
         self.path = os.path.join(
             root, JOURNAL_DIR, f"journal-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         )
@@ -126,7 +129,7 @@ class Journal:
 
     def sync(self) -> None:
         with self._lock:
-            if self._fd is not None:
+            if self._fd is not None and self._fsync:
                 os.fsync(self._fd)
 
     def close(self) -> None:
@@ -134,7 +137,8 @@ class Journal:
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 try:
-                    os.fsync(fd)
+                    if self._fsync:
+                        os.fsync(fd)
                 finally:
                     os.close(fd)
 

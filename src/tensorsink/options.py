@@ -124,7 +124,7 @@ class WriterOptions:
     #: or an eighth of the host's memory where that is less.
     pinned_pool_bytes: int | None = None
     #: Journal every committed file (path, size, CRC-32, arrays) under <root>/.tensorsink/.
-    manifest: bool = False
+    manifest: bool = True
     #: Load the journals at construction and skip writes whose files they record, still whole.
     skip_existing: bool = False
     #: Write through symlinked folders under the root (by default a symlink on a key's way is refused,

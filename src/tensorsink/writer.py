@@ -72,7 +72,7 @@ class AsyncWriter:
         kvikio_threads: int = 4,
         kvikio_task_size: int = 4 << 20,
         kvikio_direct_io: bool = True,
-        manifest: bool = False,
+        manifest: bool = True,
         skip_existing: bool = False,
         follow_symlinks: bool = False,
         engine: str = "auto",
@@ -115,12 +115,18 @@ class AsyncWriter:
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._gate = Gate()
         self._closed = threading.Event()
-        self._journal = Journal(self._root) if o.manifest else None
-        self._done = Manifest.load(self._root) if o.skip_existing else None
+        kind = engine_class(o.engine)  # an engine that cannot run here fails before the journal is made
+        self._journal = Journal(self._root, fsync=o.durability is not Durability.NONE) if o.manifest else None
+        try:
+            self._done = Manifest.load(self._root) if o.skip_existing else None
+            self._engine = self._make_engine(kind)
+        except BaseException:
+            if self._journal is not None:
+                self._journal.close()
+            raise
         self._written: set[str] = set()  # keys this writer committed (is_done() knows them too)
         self._said_no_suffix = False
         self._progress_at = time.monotonic()
-        self._engine = self._make_engine()
         self._handoff: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
         self._submitting = threading.Thread(target=self._submitter, name="tensorsink-submit", daemon=True)
         self._submitting.start()
@@ -135,9 +141,8 @@ class AsyncWriter:
         self._header_format = isinstance(fmt, HeaderFormat)  # once, not per write: ABCs' isinstance is slow
         self._buffer_format = isinstance(fmt, BufferFormat)
 
-    def _make_engine(self) -> Engine:
+    def _make_engine(self, kind: type[Engine]) -> Engine:
         o = self.options
-        kind = engine_class(o.engine)
         if kind is not PythonEngine:
             return kind(
                 o.workers, o.durability, self._root, self._completed, follow_symlinks=o.follow_symlinks,
@@ -377,10 +382,12 @@ class AsyncWriter:
                 if writer is None:
                     directory, _, name = entry.path.rpartition("/")
                     temporary = self._committer.temporary_for(directory, name)
-                    buffers = (
-                        encoded[k] if encoded is not None else cast(BufferFormat, self._format).encode(entry)
-                    )
-                    files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number, record))
+                    crc = None
+                    if encoded is not None:
+                        buffers = encoded[k]
+                    else:
+                        buffers, crc = cast(BufferFormat, self._format).encode_with_crc(entry)
+                    files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number, record, crc))
                     backends.append("posix")
                     continue
                 fd, temporary = self._committer.create(entry.path)

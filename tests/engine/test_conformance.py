@@ -71,6 +71,16 @@ def _jobs(engine: Engine, files: dict[str, list[bytes]], checksum: bool = True) 
     ]  # fmt: skip
 
 
+def test_a_crc_given_with_the_job_is_taken_as_the_files(engine: tuple[Engine, Collector]) -> None:
+    """A format that knows its file's CRC (NPZ, .pt) spares the engine the checksum pass: the engine
+    reports the CRC it was given, so a wrong one shows here, not a recomputed one."""
+    eng, done = engine
+    given, computed = _jobs(eng, {"given.bin": [b"payload"], "computed.bin": [b"payload"]})
+    eng.submit("t", [given._replace(crc=0xDEADBEEF), computed])
+    done.wait(1)
+    assert [o.crc for o in done.batches["t"]] == [0xDEADBEEF, zlib.crc32(b"payload")]
+
+
 def _listing(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 

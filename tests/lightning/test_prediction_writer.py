@@ -18,6 +18,7 @@ from PIL import Image
 from tensorsink import SaveFormat
 from tensorsink.lightning import PredictionWriter
 from tests.lightning.models import Doubler, expected, loader
+from tests.support import outputs_in, outputs_under
 
 # Lightning's own warnings about this setup (few workers, tiny batches, its use of torch's pytree).
 LIGHTNING_WARNINGS = [
@@ -37,7 +38,7 @@ def _trainer(*callbacks: Any) -> Trainer:
 def test_every_sample_by_dataset_index(tmp_path: Path) -> None:
     callback = PredictionWriter(tmp_path, value_key="y", writer="tensor")
     _trainer(callback).predict(Doubler(), loader(10, batch_size=4), return_predictions=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{i}.pt" for i in range(10))
+    assert sorted(p.name for p in outputs_in(tmp_path)) == sorted(f"{i}.pt" for i in range(10))
     for i in range(10):
         stored = torch.load(tmp_path / f"{i}.pt", weights_only=True)
         assert torch.equal(stored, expected(i))
@@ -50,7 +51,7 @@ def test_every_sample_by_dataset_index(tmp_path: Path) -> None:
 def test_names_from_the_batch_keep_their_dots(tmp_path: Path) -> None:
     callback = PredictionWriter(tmp_path, value_key="y", writer="npy", name_key="id")
     _trainer(callback).predict(Doubler(), loader(5, batch_size=2), return_predictions=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"case.{i:03d}.npy" for i in range(5)]
+    assert sorted(p.name for p in outputs_in(tmp_path)) == [f"case.{i:03d}.npy" for i in range(5)]
     np.testing.assert_array_equal(np.load(tmp_path / "case.003.npy"), expected(3).numpy())
 
 
@@ -116,7 +117,7 @@ def test_a_background_failure_fails_predict(tmp_path: Path) -> None:
         _trainer(PredictionWriter(tmp_path, value_key="y", writer=save)).predict(
             Doubler(), loader(3), return_predictions=False
         )
-    assert not [p for p in tmp_path.rglob("*") if p.is_file()], "no file, no temporary"
+    assert not [p for p in outputs_under(tmp_path) if p.is_file()], "no file, no temporary"
 
 
 def test_bad_options_fail_when_the_callback_is_made(tmp_path: Path) -> None:
@@ -134,7 +135,7 @@ def test_predict_twice_writes_the_same_names_again(tmp_path: Path) -> None:
     trainer = _trainer(callback)
     trainer.predict(Doubler(), loader(3), return_predictions=False)
     trainer.predict(Doubler(), loader(5), return_predictions=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}.pt" for i in range(5)]
+    assert sorted(p.name for p in outputs_in(tmp_path)) == [f"{i}.pt" for i in range(5)]
 
 
 def test_import_tensorsink_does_not_import_lightning() -> None:
@@ -157,7 +158,7 @@ def test_ddp_on_two_processes_writes_each_sample_once(tmp_path: Path) -> None:
     assert [r["rank"] for r in reports] == [0, 1]
     assert sum(r["files"] for r in reports) == samples, "a sample was written twice, or not at all"
     assert all(r["files"] > 0 and r["errors"] == 0 for r in reports), "both ranks wrote"
-    files = sorted((tmp_path / "out" / "preds" / "y").iterdir())
+    files = outputs_in(tmp_path / "out" / "preds" / "y")
     assert [p.name for p in files] == sorted(f"{i}.safetensors" for i in range(samples))
     for i in range(samples):
         assert torch.equal(
@@ -170,7 +171,7 @@ def test_every_save_format_name_is_a_writer(tmp_path: Path, writer: Any, suffix:
     _trainer(PredictionWriter(tmp_path, value_key="y", writer=writer)).predict(
         Doubler(), loader(3), return_predictions=False
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{i}{suffix}" for i in range(3)]
+    assert sorted(p.name for p in outputs_in(tmp_path)) == [f"{i}{suffix}" for i in range(3)]
     if suffix == ".pt":
         assert torch.equal(torch.load(tmp_path / "2.pt", weights_only=True), expected(2))
 
@@ -196,7 +197,7 @@ def test_write_interval_epoch_writes_every_batch_at_the_epochs_end(tmp_path: Pat
 def test_write_interval_epoch_takes_names_from_the_prediction(tmp_path: Path) -> None:
     callback = PredictionWriter(tmp_path, value_key="y", name_key="id", write_interval="epoch")
     _trainer(callback).predict(Doubler(), loader(3), return_predictions=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"case.{i:03d}.pt" for i in range(3)]
+    assert sorted(p.name for p in outputs_in(tmp_path)) == [f"case.{i:03d}.pt" for i in range(3)]
 
     model = Doubler()
     original = model.predict_step

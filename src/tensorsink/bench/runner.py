@@ -169,7 +169,12 @@ def output_folder(out: Path | None) -> Iterator[Path]:
 
 
 def _count_files(root: Path) -> int:
-    return sum(len([f for f in files if not f.startswith(".")]) for _, _, files in os.walk(root))
+    """The outputs under `root`: no temporary, and nothing in a hidden folder (the journals)."""
+    count = 0
+    for _, folders, files in os.walk(root):
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        count += len([name for name in files if not name.startswith(".")])
+    return count
 
 
 def _timed(

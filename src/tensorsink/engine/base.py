@@ -26,6 +26,9 @@ class FileJob(NamedTuple):
     number: int
     #: Journal.prefix() of the file's journal lines, written around its rename; None: not journaled.
     record: bytes | None = None
+    #: The file's CRC-32 where encoding computed it (a ZIP format, from its members' CRCs): with
+    #: `checksum`, the engine takes it instead of reading the buffers a second time.
+    crc: int | None = None
 
 
 class FileOutcome(NamedTuple):

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
+from ..checksum import crc32_of
 from ..commit import Committer
 from ..formats import write_buffers
-from ..manifest import Journal, crc32_of, crc32_of_path
+from ..manifest import Journal, crc32_of_path
 from ..options import Durability
 from .base import Completion, Engine, FileJob, FileOutcome
 
@@ -66,7 +67,7 @@ class PythonEngine(Engine):
             if job.buffers is not None:
                 size = write_buffers(fd, job.buffers)
                 if job.checksum:
-                    crc = crc32_of(job.buffers)
+                    crc = job.crc if job.crc is not None else crc32_of(job.buffers)
             elif job.checksum:
                 crc, size = crc32_of_path(temporary)  # written by another writer: read it back
             else:

@@ -105,6 +105,11 @@ class BufferFormat(Format):
     def encode(self, entry: FileEntry) -> list[Buffer]:
         """The file's contents as a list of buffers; payloads are views, never copies."""
 
+    def encode_with_crc(self, entry: FileEntry) -> tuple[list[Buffer], int | None]:
+        """encode(), and the whole file's CRC-32 where encoding computes its pieces' CRCs anyway (a
+        ZIP's records), else None: the engine then takes it while writing."""
+        return self.encode(entry), None
+
     def write(self, fd: int, entry: FileEntry) -> None:
         write_buffers(fd, self.encode(entry))
 

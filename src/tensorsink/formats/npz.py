@@ -1,17 +1,18 @@
 """NUMPY_NPZ: a stored (uncompressed) ZIP of .npy members, as np.savez writes and np.load reads.
 
 Written by hand so that each member is its .npy header plus the array's own buffer, with no copy of the
-payload; only the CRC-32 reads it. Every record carries ZIP64 fields, so one layout serves all sizes.
+payload; only the CRC-32 reads it, once: the whole file's CRC (for the manifest) is combined from the
+members' and the headers'. Every record carries ZIP64 fields, so one layout serves all sizes.
 """
 
 from __future__ import annotations
 
 import struct
-import zlib
 
 import numpy as np
 
 from ..arrays import Array, byte_view, host_array, numpy_dtype
+from ..checksum import crc32, crc32_combine
 from ..errors import InvalidKeyError, InvalidLayoutError
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, Container, FileEntry, check_zip, zip_end_records
@@ -47,23 +48,29 @@ class NpzFormat(BufferFormat):
             )
 
     def encode(self, entry: FileEntry) -> list[Buffer]:
+        return self.encode_with_crc(entry)[0]
+
+    def encode_with_crc(self, entry: FileEntry) -> tuple[list[Buffer], int]:
         buffers: list[Buffer] = []
         directory: list[bytes] = []
         offset = 0
+        whole = 0  # the file's CRC so far
         for name, array in zip(entry.names, entry.arrays, strict=True):
             host = host_array(array)
             header = npy_header(host.dtype, tuple(array.shape))
             payload = byte_view(host)
             size = len(header) + payload.nbytes
-            crc = zlib.crc32(payload, zlib.crc32(header))
+            crc = crc32(payload, crc32(header))
             member = (name + ".npy").encode("utf-8")
             local = _local_header(member, crc, size)
             buffers += [local, header, payload]
+            whole = crc32_combine(crc32(local, whole), crc, size)
             directory.append(_central_header(member, crc, size, offset))
             offset += len(local) + size
         central = b"".join(directory)
-        buffers += [central, _end_records(len(directory), len(central), offset)]
-        return buffers
+        end = _end_records(len(directory), len(central), offset)
+        buffers += [central, end]
+        return buffers, crc32(end, crc32(central, whole))
 
     def check_file(self, path: str) -> None:
         check_zip(path)

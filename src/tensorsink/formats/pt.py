@@ -5,7 +5,8 @@ Here torch's own pickling (`torch.serialization._save`) runs against a stand-in 
 what it is handed: data.pkl and the small records as bytes, each storage as the storage itself. The ZIP
 is then laid out byte for byte as torch's writer (miniz) lays it out, so the file is a list of buffers:
 the small pickle and the headers, and a view of each storage's own memory. Only the CRC-32 reads the
-payload, with the GIL released; the one gathered write does the rest.
+payload, once, with the GIL released (the whole file's CRC, for the manifest, is combined from the
+records'); the one gathered write does the rest.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import io
 import pickle
 import struct
-import zlib
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -22,6 +22,7 @@ import torch
 import torch.serialization
 
 from ..arrays import Array, compact_tensor, dtype_name, torch_dtype, torch_tensor
+from ..checksum import crc32, crc32_combine
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, Container, FileEntry, check_zip, zip_end_records
 
@@ -75,9 +76,9 @@ class _RecordWriter:
             view = _small_bytes(data)
         if len(view) != nbytes:
             raise ValueError(f"record {name!r}: {len(view)} bytes given where torch.save names {nbytes}")
-        # The ZIP's CRC-32, the one pass over the payload; zlib releases the GIL for it. torch.load
-        # checks no CRC (a flipped payload byte loads silently), but zipfile and unzip do.
-        self.records.append(_Record(_ARCHIVE + name.encode("utf-8"), view, zlib.crc32(view)))
+        # The ZIP's CRC-32, the one pass over the payload, with the GIL released. torch.load checks
+        # no CRC (a flipped payload byte loads silently), but zipfile and unzip do.
+        self.records.append(_Record(_ARCHIVE + name.encode("utf-8"), view, crc32(view)))
 
     def write_record_metadata(self, name: str, nbytes: int) -> None:
         raise RuntimeError("torch.serialization.skip_data() is not supported by tensorsink's .pt writer")
@@ -106,15 +107,18 @@ class PtFormat(BufferFormat):
         return f"SaveFormat.NUMPY_NPY or SaveFormat.NUMPY_NPZ for numpy dtype {dtype_name(array)}"
 
     def encode(self, entry: FileEntry) -> list[Buffer]:
+        return self.encode_with_crc(entry)[0]
+
+    def encode_with_crc(self, entry: FileEntry) -> tuple[list[Buffer], int | None]:
         tensors = [compact_tensor(torch_tensor(array)) for array in entry.arrays]
         obj = _saved_object(entry.container, entry.names, tensors)
         if _torch_save_records is None:  # a torch without the internal: its own bytes, copied once
-            return [_saved_in_memory(obj)]
+            return [_saved_in_memory(obj)], None
         writer = _RecordWriter(_storages_by_pointer(tensors))
         try:
             _torch_save_records(obj, writer, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
         except _NoView:
-            return [_saved_in_memory(obj)]
+            return [_saved_in_memory(obj)], None
         writer.finish()
         return _zip(writer.records, writer.alignment())
 
@@ -166,7 +170,7 @@ def _serialization_id(records: list[_Record]) -> str:
     names = 0
     crcs = 0
     for record in records:
-        names = _hash_combine(names, zlib.crc32(record.name))
+        names = _hash_combine(names, crc32(record.name))
         crcs = _hash_combine(crcs, record.crc)
     return f"{names:020d}{crcs:020d}"
 
@@ -175,21 +179,25 @@ def _hash_combine(seed: int, value: int) -> int:
     return (seed ^ (value + 0x9E3779B9 + (seed << 6) + (seed >> 2))) & _MASK64
 
 
-def _zip(records: list[_Record], alignment: int) -> list[Buffer]:
+def _zip(records: list[_Record], alignment: int) -> tuple[list[Buffer], int]:
     """The archive as miniz writes it for torch: each record's data aligned by an "FB" extra field in
-    its local header, a data descriptor after it, ZIP64 fields only past 4 GiB, ZIP64 end records."""
+    its local header, a data descriptor after it, ZIP64 fields only past 4 GiB, ZIP64 end records;
+    and the whole archive's CRC-32, from the records' and the headers'."""
     pieces: list[Buffer] = []
     directory: list[bytes] = []
     offset = 0
+    whole = 0
     for name, data, crc in records:
         size = len(data)
         local, descriptor = _local_header(name, size, crc, offset, alignment)
         pieces += [local, data, descriptor]
+        whole = crc32(descriptor, crc32_combine(crc32(local, whole), crc, size))
         directory.append(_central_header(name, size, crc, offset))
         offset += len(local) + size + len(descriptor)
     central = b"".join(directory)
-    pieces.append(central + _end_records(len(directory), len(central), offset))
-    return _gathered(pieces)
+    tail = central + _end_records(len(directory), len(central), offset)
+    pieces.append(tail)
+    return _gathered(pieces), crc32(tail, whole)
 
 
 def _gathered(pieces: list[Buffer]) -> list[Buffer]:
