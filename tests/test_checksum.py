@@ -110,3 +110,22 @@ def test_records_carry_the_files_crc_in_each_engine(tmp_path: Path, save_format:
     assert len(records) == 6
     for record in records:
         assert record["crc32"] == f"{zlib.crc32((tmp_path / record['path']).read_bytes()):08x}"
+
+
+def test_without_the_extension_zlib_and_the_python_combine_serve(tmp_path: Path) -> None:
+    """A build without the C extension: crc32 is zlib's, and NPZ's file CRCs still come out right."""
+    code = f"""
+import sys, zlib, json
+sys.modules["tensorsink.engine._native"] = None  # as if it had not been built
+import torch
+from tensorsink import AsyncWriter, checksum
+assert checksum.crc32 is zlib.crc32 and checksum.IMPLEMENTATION == "zlib", checksum.IMPLEMENTATION
+with AsyncWriter({str(tmp_path)!r}, "npz") as writer:
+    writer.write("m", {{"a": torch.arange(5000), "b": torch.ones(7)}})
+print(writer.stats().engine)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "python"
+    (journal,) = (tmp_path / JOURNAL_DIR).glob("journal-*.jsonl")
+    (record,) = [json.loads(line) for line in journal.read_text().splitlines() if "renaming" not in line]
+    assert record["crc32"] == f"{zlib.crc32((tmp_path / 'm.npz').read_bytes()):08x}"

@@ -40,6 +40,7 @@ __all__ = ["JOURNAL_DIR", "Journal", "Manifest", "VerifyReport", "crc32_of_path"
 JOURNAL_DIR = ".tensorsink"
 RENAMING_TAIL = ',"renaming":true'  # marks the line written just before a file's rename
 _READ_CHUNK = 8 << 20
+_CHECK_CHUNK = 256  # files per task of verify's threads
 
 log = logging.getLogger("tensorsink")
 
@@ -290,8 +291,16 @@ def file_problems(
         "unreadable": report.unreadable,
     }
     unchecked = 0
+    # Paths go to the threads in chunks: one future per file cost the submitting thread more, in
+    # contention for the GIL, than most files' checks.
+    chunks = [paths[i : i + _CHECK_CHUNK] for i in range(0, len(paths), _CHECK_CHUNK)]
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="tensorsink-verify") as pool:
-        for path, problem in zip(paths, pool.map(check, paths), strict=True):
+        found = (
+            problem
+            for chunk in pool.map(lambda chunk: [check(p) for p in chunk], chunks)
+            for problem in chunk
+        )
+        for path, problem in zip(paths, found, strict=True):
             if problem is None:
                 continue
             kind, why = problem
