@@ -79,6 +79,8 @@ def test_combine_is_the_crc_of_the_concatenation(combine: object) -> None:
         a, b = DATA[:cut], DATA[cut:end]
         assert combine(zlib.crc32(a), zlib.crc32(b), len(b)) == zlib.crc32(a + b)  # type: ignore[operator]
     assert combine(zlib.crc32(b"abc"), 0, 0) == zlib.crc32(b"abc")  # type: ignore[operator]
+    with pytest.raises(ValueError, match="a length from 0"):
+        combine(1, 2, -1)  # type: ignore[operator]
 
 
 def test_implementation_is_named() -> None:

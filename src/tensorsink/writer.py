@@ -383,10 +383,13 @@ class AsyncWriter:
                     directory, _, name = entry.path.rpartition("/")
                     temporary = self._committer.temporary_for(directory, name)
                     crc = None
+                    encoder = cast(BufferFormat, self._format)
                     if encoded is not None:
                         buffers = encoded[k]
+                    elif checksum:  # the file's CRC, where the format has it already
+                        buffers, crc = encoder.encode_with_crc(entry)
                     else:
-                        buffers, crc = cast(BufferFormat, self._format).encode_with_crc(entry)
+                        buffers = encoder.encode(entry)
                     files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number, record, crc))
                     backends.append("posix")
                     continue

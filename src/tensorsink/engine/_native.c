@@ -64,95 +64,93 @@ static uint32_t crc_table_update(uint32_t crc, const unsigned char *p, size_t n)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define CRC_FOLDS 1
+#if defined(__clang__) || __GNUC__ >= 8 /* VPCLMULQDQ's target attribute */
+#define CRC_FOLDS_WIDE 1
+#else
+#define CRC_FOLDS_WIDE 0
+#endif
 
-/* Folding with PCLMULQDQ: four 16-byte lanes, each carried 64 bytes ahead per step by multiplying its
- * halves with x^543 and x^479 mod P (bit-reflected), then the lanes folded into one (x^159, x^95), and
- * the last 16 bytes and the tail reduced with the table. Several times the table's speed. */
-__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_fold(uint32_t crc, const unsigned char *p,
-                                                                      size_t n) {
-    const __m128i by4 = _mm_set_epi64x(0x1d9513d7, 0x8f352d95);
-    const __m128i by1 = _mm_set_epi64x(0xccaa009e, 0xae689191);
-    __m128i x0 = _mm_loadu_si128((const __m128i *)p), x1 = _mm_loadu_si128((const __m128i *)(p + 16));
-    __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 32)), x3 = _mm_loadu_si128((const __m128i *)(p + 48));
-    x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)~crc));
-    p += 64;
-    n -= 64;
+/* One 16-byte lane carried ahead: its halves multiplied by the two constants in k, plus what comes next.
+ * The constants are x^(d+31) and x^(d-33) mod P, bit-reflected, for a distance of d bits. */
 #define FOLD(x, k, next) \
     _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), next)
-    while (n >= 64) {
-        x0 = FOLD(x0, by4, _mm_loadu_si128((const __m128i *)p));
-        x1 = FOLD(x1, by4, _mm_loadu_si128((const __m128i *)(p + 16)));
-        x2 = FOLD(x2, by4, _mm_loadu_si128((const __m128i *)(p + 32)));
-        x3 = FOLD(x3, by4, _mm_loadu_si128((const __m128i *)(p + 48)));
-        p += 64;
-        n -= 64;
-    }
-    x0 = FOLD(x0, by1, x1);
-    x0 = FOLD(x0, by1, x2);
-    x0 = FOLD(x0, by1, x3);
-    while (n >= 16) {
-        x0 = FOLD(x0, by1, _mm_loadu_si128((const __m128i *)p));
-        p += 16;
-        n -= 16;
-    }
-#undef FOLD
+#define BY1 _mm_set_epi64x(0xccaa009e, 0xae689191) /* 128 bits ahead: x^159, x^95 */
+#define BY4 _mm_set_epi64x(0x1d9513d7, 0x8f352d95) /* 512 bits ahead: x^543, x^479 */
+
+/* How both foldings end: `x` holds the state over everything before `p`; fold in the rest 16 bytes at
+ * a time, then reduce x and the last bytes with the table. */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_fold_rest(__m128i x, const unsigned char *p,
+                                                                           size_t n) {
+    const __m128i by1 = BY1;
+    for (; n >= 16; p += 16, n -= 16) x = FOLD(x, by1, _mm_loadu_si128((const __m128i *)p));
     unsigned char rest[16];
-    _mm_storeu_si128((__m128i *)rest, x0);
+    _mm_storeu_si128((__m128i *)rest, x);
     /* the register over everything so far equals the plain CRC register over these 16 bytes from 0 */
     uint32_t raw = ~crc_table_update(~0u, rest, 16);
     return crc_table_update(~raw, p, n);
 }
 
+/* Folding with PCLMULQDQ: four 16-byte lanes, each carried 64 bytes ahead per step, then folded into
+ * one. Several times the table's speed. Needs n >= 64. */
+__attribute__((target("pclmul,sse4.1"))) static uint32_t crc_fold(uint32_t crc, const unsigned char *p,
+                                                                      size_t n) {
+    const __m128i by4 = BY4, by1 = BY1;
+    __m128i x0 = _mm_loadu_si128((const __m128i *)p), x1 = _mm_loadu_si128((const __m128i *)(p + 16));
+    __m128i x2 = _mm_loadu_si128((const __m128i *)(p + 32)), x3 = _mm_loadu_si128((const __m128i *)(p + 48));
+    x0 = _mm_xor_si128(x0, _mm_cvtsi32_si128((int)~crc));
+    for (p += 64, n -= 64; n >= 64; p += 64, n -= 64) {
+        x0 = FOLD(x0, by4, _mm_loadu_si128((const __m128i *)p));
+        x1 = FOLD(x1, by4, _mm_loadu_si128((const __m128i *)(p + 16)));
+        x2 = FOLD(x2, by4, _mm_loadu_si128((const __m128i *)(p + 32)));
+        x3 = FOLD(x3, by4, _mm_loadu_si128((const __m128i *)(p + 48)));
+    }
+    x0 = FOLD(x0, by1, x1);
+    x0 = FOLD(x0, by1, x2);
+    x0 = FOLD(x0, by1, x3);
+    return crc_fold_rest(x0, p, n);
+}
+
+#if CRC_FOLDS_WIDE
 /* The same with AVX-512's VPCLMULQDQ: four 64-byte registers, each four 16-byte lanes, carried 256
- * bytes ahead per step (x^2079, x^2015), then folded into one register (x^543, x^479), its four lanes
- * into one, and the rest as above. Twice the 16-byte lanes' speed where the data is in cache. */
+ * bytes ahead per step (x^2079, x^2015), then folded into one register, and its four lanes into one.
+ * Twice the 16-byte lanes' speed where the data is in cache. Needs n >= 256. */
 __attribute__((target("avx512f,avx512vl,vpclmulqdq,pclmul,sse4.1"))) static uint32_t crc_fold_wide(
     uint32_t crc, const unsigned char *p, size_t n) {
     const __m512i by16 = _mm512_broadcast_i32x4(_mm_set_epi64x(0xe95c1271, 0xce3371cb));
-    const __m512i by4 = _mm512_broadcast_i32x4(_mm_set_epi64x(0x1d9513d7, 0x8f352d95));
-    const __m128i by1 = _mm_set_epi64x(0xccaa009e, 0xae689191);
+    const __m512i by4 = _mm512_broadcast_i32x4(BY4);
+    const __m128i by1 = BY1;
     __m512i z0 = _mm512_loadu_si512(p), z1 = _mm512_loadu_si512(p + 64);
     __m512i z2 = _mm512_loadu_si512(p + 128), z3 = _mm512_loadu_si512(p + 192);
-    z0 = _mm512_xor_si512(z0, _mm512_zextsi128_si512(_mm_cvtsi32_si128((int)~crc)));
-    p += 256;
-    n -= 256;
+    z0 = _mm512_xor_si512(z0, _mm512_inserti32x4(_mm512_setzero_si512(), _mm_cvtsi32_si128((int)~crc), 0));
 #define WIDE(z, k, next)                                                                                   \
     _mm512_ternarylogic_epi64(_mm512_clmulepi64_epi128(z, k, 0x00), _mm512_clmulepi64_epi128(z, k, 0x11), \
                               next, 0x96)
-    while (n >= 256) {
+    for (p += 256, n -= 256; n >= 256; p += 256, n -= 256) {
         z0 = WIDE(z0, by16, _mm512_loadu_si512(p));
         z1 = WIDE(z1, by16, _mm512_loadu_si512(p + 64));
         z2 = WIDE(z2, by16, _mm512_loadu_si512(p + 128));
         z3 = WIDE(z3, by16, _mm512_loadu_si512(p + 192));
-        p += 256;
-        n -= 256;
     }
     z1 = WIDE(z0, by4, z1);
     z2 = WIDE(z1, by4, z2);
     z3 = WIDE(z2, by4, z3);
 #undef WIDE
-#define FOLD(x, k, next) \
-    _mm_xor_si128(_mm_xor_si128(_mm_clmulepi64_si128(x, k, 0x00), _mm_clmulepi64_si128(x, k, 0x11)), next)
     __m128i x = _mm512_castsi512_si128(z3);
     x = FOLD(x, by1, _mm512_extracti32x4_epi32(z3, 1));
     x = FOLD(x, by1, _mm512_extracti32x4_epi32(z3, 2));
     x = FOLD(x, by1, _mm512_extracti32x4_epi32(z3, 3));
-    while (n >= 16) {
-        x = FOLD(x, by1, _mm_loadu_si128((const __m128i *)p));
-        p += 16;
-        n -= 16;
-    }
-#undef FOLD
-    unsigned char rest[16];
-    _mm_storeu_si128((__m128i *)rest, x);
-    uint32_t raw = ~crc_table_update(~0u, rest, 16);
-    return crc_table_update(~raw, p, n);
+    return crc_fold_rest(x, p, n);
 }
+#else
+static uint32_t crc_fold_wide(uint32_t crc, const unsigned char *p, size_t n) { return crc_fold(crc, p, n); }
+#endif
+#undef FOLD
 
 static int crc_folds;      /* the CPU has PCLMULQDQ and SSE4.1 */
-static int crc_folds_wide; /* and AVX-512 with VPCLMULQDQ */
+static int crc_folds_wide; /* and AVX-512 with VPCLMULQDQ (and the compiler could build for it) */
 #else
 #define CRC_FOLDS 0
+#define CRC_FOLDS_WIDE 0
 static const int crc_folds = 0, crc_folds_wide = 0;
 static uint32_t crc_fold_wide(uint32_t crc, const unsigned char *p, size_t n) { return crc_table_update(crc, p, n); }
 static uint32_t crc_fold(uint32_t crc, const unsigned char *p, size_t n) { return crc_table_update(crc, p, n); }
@@ -349,23 +347,26 @@ static int write_all(int fd, Py_buffer *views, Py_ssize_t n) {
 enum { CRC_PIECE = 256 << 10 };
 
 static int write_checksummed(int fd, Py_buffer *views, Py_ssize_t n, uint32_t *crc) {
-    Py_ssize_t run = 0; /* the first view of the current run of small ones */
-    for (Py_ssize_t i = 0; i <= n; i++) {
-        if (i < n && views[i].len < CRC_PIECE) continue;
-        if (i > run) {
-            if (write_all(fd, views + run, i - run) != 0) return -1;
-            for (Py_ssize_t k = run; k < i; k++) *crc = crc_update(*crc, views[k].buf, (size_t)views[k].len);
+    Py_ssize_t i = 0;
+    while (i < n) {
+        if (views[i].len >= CRC_PIECE) { /* a large view: checksum a piece, write it, and on */
+            const unsigned char *data = views[i].buf;
+            for (size_t offset = 0, length = (size_t)views[i].len; offset < length; offset += CRC_PIECE) {
+                Py_buffer piece = {0};
+                piece.buf = (void *)(data + offset);
+                piece.len = (Py_ssize_t)(length - offset < CRC_PIECE ? length - offset : CRC_PIECE);
+                *crc = crc_update(*crc, piece.buf, (size_t)piece.len);
+                if (write_all(fd, &piece, 1) != 0) return -1;
+            }
+            i++;
+            continue;
         }
-        if (i == n) break;
-        const unsigned char *data = views[i].buf;
-        for (size_t offset = 0, length = (size_t)views[i].len; offset < length; offset += CRC_PIECE) {
-            Py_buffer piece = {0};
-            piece.buf = (void *)(data + offset);
-            piece.len = (Py_ssize_t)(length - offset < CRC_PIECE ? length - offset : CRC_PIECE);
-            *crc = crc_update(*crc, piece.buf, (size_t)piece.len);
-            if (write_all(fd, &piece, 1) != 0) return -1;
-        }
-        run = i + 1;
+        /* small views, up to a piece's worth: one writev, then their CRC while they are in cache */
+        Py_ssize_t end = i;
+        size_t bytes = 0;
+        while (end < n && views[end].len < CRC_PIECE && bytes < CRC_PIECE) bytes += (size_t)views[end++].len;
+        if (write_all(fd, views + i, end - i) != 0) return -1;
+        for (; i < end; i++) *crc = crc_update(*crc, views[i].buf, (size_t)views[i].len);
     }
     return 0;
 }
@@ -727,6 +728,10 @@ static PyObject *Engine_submit(Engine *e, PyObject *args) {
         if (checksum && known != Py_None) { /* the format has it already: no second pass */
             unsigned long value = PyLong_AsUnsignedLong(known);
             if (value == (unsigned long)-1 && PyErr_Occurred()) goto error;
+            if (value > 0xFFFFFFFFul) {
+                PyErr_Format(PyExc_ValueError, "a file's crc is 32 bits, not %lu", value);
+                goto error;
+            }
             job->crc = (uint32_t)value;
             checksum = 0;
         }
@@ -1053,9 +1058,14 @@ static PyObject *crc32_py(PyObject *module, PyObject *args) {
 
 static PyObject *crc32_combine_py(PyObject *module, PyObject *args) {
     unsigned long first, second;
-    unsigned long long second_length;
-    if (!PyArg_ParseTuple(args, "kkK:crc32_combine", &first, &second, &second_length)) return NULL;
-    return PyLong_FromUnsignedLong(crc_combine((uint32_t)first, (uint32_t)second, second_length));
+    long long second_length;
+    if (!PyArg_ParseTuple(args, "kkL:crc32_combine", &first, &second, &second_length)) return NULL;
+    if (second_length < 0) {
+        PyErr_Format(PyExc_ValueError, "crc32_combine(len2=%lld): a length from 0 to 2**63 - 1", second_length);
+        return NULL;
+    }
+    return PyLong_FromUnsignedLong(
+        crc_combine((uint32_t)first, (uint32_t)second, (uint64_t)second_length) & 0xFFFFFFFFu);
 }
 
 static PyObject *crc32_method_py(PyObject *module, PyObject *unused) {
@@ -1085,8 +1095,10 @@ PyMODINIT_FUNC PyInit__native(void) {
 #if CRC_FOLDS
     __builtin_cpu_init();
     crc_folds = __builtin_cpu_supports("pclmul") && __builtin_cpu_supports("sse4.1");
-    crc_folds_wide = crc_folds && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                     __builtin_cpu_supports("vpclmulqdq") && !getenv("TENSORSINK_CRC_NARROW");
+    const char *narrow = getenv("TENSORSINK_CRC_NARROW"); /* "1": PCLMULQDQ only, to test and compare */
+    crc_folds_wide = CRC_FOLDS_WIDE && crc_folds && __builtin_cpu_supports("avx512f") &&
+                     __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("vpclmulqdq") &&
+                     !(narrow && *narrow && strcmp(narrow, "0") != 0);
 #endif
     if (PyType_Ready(&EngineType) < 0) return NULL;
     PyObject *module = PyModule_Create(&module_def);
