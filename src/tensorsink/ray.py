@@ -256,7 +256,7 @@ class CommittedBatchWriter:
     one batch's files are written while the next batch is computed (Ray Data runs a class's calls one
     at a time, whatever max_concurrent_calls_per_actor says, unless enable_true_multi_threading is on).
     `close()` (also called by `__del__`, which Ray runs on graceful actor shutdown) fsyncs the journal
-    and stops the threads; nothing returned depends on it.
+    (unless durability is "none") and stops the threads; nothing returned depends on it.
     """
 
     def __init__(

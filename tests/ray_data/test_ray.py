@@ -15,6 +15,7 @@ from tensorsink import sweep  # noqa: E402
 from tensorsink.commit import is_temporary  # noqa: E402
 from tensorsink.manifest import JOURNAL_DIR, Manifest, verify  # noqa: E402
 from tensorsink.ray import CommittedBatchWriter, TensorDatasink  # noqa: E402
+from tests.support import outputs_under  # noqa: E402
 
 pytestmark = [
     pytest.mark.usefixtures("ray_session"),
@@ -39,9 +40,7 @@ def _rows(count: int, blocks: int, *, str_keys: bool = True) -> Any:
 
 
 def _final_files(root: Path) -> list[Path]:
-    return sorted(
-        p for p in root.rglob("*") if p.is_file() and JOURNAL_DIR not in p.parts and not is_temporary(p.name)
-    )
+    return [p for p in outputs_under(root) if p.is_file() and not is_temporary(p.name)]
 
 
 def _journals(root: Path) -> list[Path]:
