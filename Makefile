@@ -21,9 +21,34 @@ $(VENV)/.bench: $(VENV)/.made pyproject.toml setup.py src/tensorsink/engine/_nat
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	touch $@
 
-$(VENV)/.ci: $(VENV)/.made pyproject.toml setup.py src/tensorsink/engine/_native.c
+$(VENV)/.ci: $(VENV)/.made pyproject.toml setup.py src/tensorsink/engine/_native.c | $(VENV)/.fuse
 	$(BIN)/python -m pip install -q -e ".[ci]"
 	touch $@ $(VENV)/.bench
+
+# The FUSE fault harness (tests/faultfs.py) needs libfuse.so.2 and fusermount. As root on Debian or Ubuntu
+# they come from the distribution: libfuse2 (libfuse2t64 on newer releases), and fuse, or fuse3 where fuse
+# is not offered. Elsewhere nothing is installed and its tests skip, or fail under CI=true. Runs once:
+# remove $(VENV)/.fuse to try again.
+$(VENV)/.fuse: | $(VENV)/.made
+	@export PATH="$$PATH:/sbin:/usr/sbin" DEBIAN_FRONTEND=noninteractive; missing=; \
+	ldconfig -p 2>/dev/null | grep -q 'libfuse\.so\.2 ' || missing="$$missing libfuse.so.2"; \
+	command -v fusermount >/dev/null || command -v fusermount3 >/dev/null || missing="$$missing fusermount"; \
+	if [ -z "$$missing" ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "FUSE harness: missing$$missing, not root with apt-get: its tests will skip (fail under CI=true)"; \
+	else \
+	  apt-get update -qq >/dev/null 2>&1; \
+	  offered() { apt-cache policy "$$1" 2>/dev/null | grep -q 'Candidate: [^(]'; }; \
+	  packages=; \
+	  case "$$missing" in *libfuse*) if offered libfuse2t64; then packages=libfuse2t64; \
+	    else packages=libfuse2; fi;; esac; \
+	  case "$$missing" in *fusermount*) if offered fuse; then packages="$$packages fuse"; \
+	    else packages="$$packages fuse3"; fi;; esac; \
+	  echo "FUSE harness: missing$$missing, installing $$packages"; \
+	  apt-get install -y -qq --no-install-recommends $$packages >/dev/null 2>&1 \
+	    || echo "FUSE harness: could not install $$packages: its tests will skip (fail under CI=true)"; \
+	fi; \
+	touch $@
 
 install: $(VENV)/.ci
 

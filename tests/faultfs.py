@@ -20,7 +20,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
+
+import pytest
 
 #: What `Faults.inject` accepts.
 MODES = ("none", "short", "eio-write", "eio-fsync", "eio-fsyncdir", "eio-rename")
@@ -164,6 +166,18 @@ def unavailable() -> str | None:
     if shutil.which("fusermount") is None and shutil.which("umount") is None:
         return "neither fusermount nor umount is installed"
     return None
+
+
+def skip(reason: str) -> NoReturn:
+    """Skip a test that needs the harness, for `reason`; under CI=true fail it instead, so that a CI
+    machine without FUSE cannot pass green having run none of these tests (`make install` sets it up)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(
+            f"the FUSE fault harness is required under CI=true, but {reason}: install libfuse2 and fuse "
+            "(`make install` does, as root on Debian or Ubuntu)",
+            pytrace=False,
+        )
+    pytest.skip(reason)
 
 
 @dataclass

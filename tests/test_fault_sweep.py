@@ -219,17 +219,39 @@ def test_full_filesystem_every_format_fails_cleanly(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory: pytest.TempPathFactory) -> Iterator[faultfs.Faults]:
-    """One fault-injecting FUSE mount for the module; skipped where FUSE cannot be mounted."""
+    """One fault-injecting FUSE mount for the module; skipped where FUSE cannot be mounted (failed under
+    CI=true)."""
     reason = faultfs.unavailable()
     if reason is not None:
-        pytest.skip(reason)
+        faultfs.skip(reason)
     stack = contextlib.ExitStack()
     try:
         mounted = stack.enter_context(faultfs.mounted(tmp_path_factory.mktemp("faultfs")))
     except RuntimeError as exc:
-        pytest.skip(f"cannot mount a FUSE filesystem here: {exc}")
+        faultfs.skip(f"cannot mount a FUSE filesystem here: {exc}")
     with stack:
         yield mounted
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"),
+    [
+        ("true", pytest.fail.Exception),
+        ("TRUE", pytest.fail.Exception),
+        ("false", pytest.skip.Exception),
+        (None, pytest.skip.Exception),
+    ],
+)
+def test_missing_harness_fails_under_ci_and_skips_elsewhere(
+    monkeypatch: pytest.MonkeyPatch, ci: str | None, outcome: type[BaseException]
+) -> None:
+    """Where FUSE cannot be mounted the harness's tests skip, but CI must not pass having lost them."""
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="forced reason: /dev/fuse is missing"):
+        faultfs.skip("forced reason: /dev/fuse is missing")
 
 
 def raised_by(call: Callable[[], object]) -> OSError | None:
