@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from tensorsink import AsyncWriter
 from tensorsink.__main__ import BROKEN_PIPE, main
 from tensorsink.bench import UsageError, add_arguments, config_from
 from tensorsink.bench.workloads import PRESETS, format_size, parse_size
+from tensorsink.manifest import verify
 
 # Runs the command line in a fresh interpreter in which torch, numpy, safetensors and matplotlib cannot
 # be imported, and whose `tensorsink` package is a bare one (no __init__ run): what the command line
@@ -236,6 +238,111 @@ def test_verify_without_checksums_reports_no_checksum_count(
     assert "checksum" not in summary
     assert main(["verify", str(tmp_path)]) == 0
     assert "0 checksum mismatch" in capsys.readouterr().out
+
+
+def test_a_size_mismatch_shows_both_sizes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with AsyncWriter(tmp_path, "npy", manifest=True) as writer:
+        writer.write("a", torch.zeros(4))
+    whole = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "a.npy").write_bytes(whole[:-4])
+    detail = f"a.npy: {len(whole) - 4} bytes on disk where the manifest records {len(whole)}"
+    assert verify(tmp_path).size_mismatch == [detail]
+    assert main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"size mismatch: {detail}\n" in out
+    assert "1 size mismatch" in out
+
+
+@pytest.fixture
+def no_aws_credentials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing from the host's AWS set-up: boto3's chain finds no credentials, and asks no network."""
+    boto3 = pytest.importorskip("boto3")
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it keeps the credentials an earlier test had
+    nowhere = tmp_path / "no-aws"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(nowhere))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(nowhere))
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance-role lookup
+    for name in (
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+        "AWS_WEB_IDENTITY_TOKEN_FILE",
+        "AWS_ROLE_ARN",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+def s3_endpoint(no_aws_credentials: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """An S3 server without buckets (moto's) on loopback, and fake credentials for it."""
+    moto_server = pytest.importorskip("moto.server")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def _refused(capsys: pytest.CaptureFixture[str]) -> str:
+    """The one line a refused command printed (on standard error, nothing on standard output)."""
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert len(err.splitlines()) == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def test_verify_of_a_bucket_that_is_not_there_is_one_line_and_exit_2(
+    s3_endpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", "s3://no-such-bucket/run/", "--endpoint-url", s3_endpoint]) == 2
+    err = _refused(capsys)
+    assert err.startswith("tensorsink verify: cannot read s3://no-such-bucket/run/: ")
+    assert "NoSuchBucket" in err
+
+
+@pytest.mark.usefixtures("no_aws_credentials")
+def test_verify_of_a_bucket_without_credentials_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # No store is asked: the request cannot be signed. Port 9 (discard) is where none would answer.
+    assert main(["verify", "s3://bucket/run/", "--endpoint-url", "http://127.0.0.1:9"]) == 2
+    err = _refused(capsys)
+    assert "cannot read s3://bucket/run/: Unable to locate credentials" in err
+    assert "AWS_ACCESS_KEY_ID" in err
+
+
+def test_verify_of_an_unreachable_store_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    exceptions = pytest.importorskip("botocore.exceptions")
+
+    def unreachable(*args: object, **kwargs: object) -> None:  # as boto3 after its retries
+        raise exceptions.EndpointConnectionError(endpoint_url="http://store.invalid:9000/bucket")
+
+    monkeypatch.setattr("tensorsink.upload.verify_prefix", unreachable)
+    assert main(["verify", "s3://bucket/run/", "--endpoint-url", "http://store.invalid:9000"]) == 2
+    err = _refused(capsys)
+    assert "Could not connect to the endpoint URL" in err
+    assert "is --endpoint-url http://store.invalid:9000 the store's address?" in err
+
+
+def test_verify_of_a_bucket_without_boto3_or_of_no_bucket_is_one_line_and_exit_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["verify", "s3://"]) == 2
+    assert "'s3://' is not an S3 URL; write it as s3://bucket/prefix/" in _refused(capsys)
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", None)  # as if boto3 were not installed
+    assert main(["verify", "s3://bucket/run/"]) == 2
+    assert "pip install 'tensorsink[s3]'" in _refused(capsys)
 
 
 def _closed_early(argv: list[str]) -> tuple[int, str]:

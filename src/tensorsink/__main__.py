@@ -12,8 +12,12 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__, bench  # bench's options only: measuring imports torch when it runs
+
+if TYPE_CHECKING:
+    from .manifest import VerifyReport
 
 DESCRIPTION = """\
 Command-line tools for the output folders of tensorsink.AsyncWriter: remove the temporaries a killed
@@ -26,7 +30,7 @@ exit status:
   1    problems found: verify's faults, manifest's damaged journal lines,
        a temporary sweep could not remove
   2    bad usage, a ROOT that is not a folder, or (verify, manifest)
-       a ROOT without journals
+       a ROOT without journals; an s3:// ROOT that cannot be read
   141  standard output was closed early (a pipe into head)
 
 'tensorsink COMMAND --help' describes each command."""
@@ -43,7 +47,9 @@ exit status:
   0    every journaled file is there and whole, and nothing else is
   1    problems found: each is printed as "<kind>: <path>"
   2    bad usage, ROOT is not a folder, or it holds no journals
-       (it was not written with manifest=True)
+       (it was not written with manifest=True); an s3:// ROOT that
+       cannot be read (no such bucket, no credentials, no store at
+       --endpoint-url, boto3 not installed)
   141  standard output was closed early (a pipe into head)"""
 
 MANIFEST_EXIT = """\
@@ -257,19 +263,7 @@ def _manifest(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     if args.root.startswith("s3://"):
-        from .upload import split_s3_url, verify_prefix
-
-        bucket, prefix = split_s3_url(args.root)
-        try:
-            report = verify_prefix(
-                bucket,
-                prefix,
-                checksums=not args.no_checksum,
-                workers=args.workers,
-                endpoint_url=args.endpoint_url,
-            )
-        except FileNotFoundError as exc:  # no journal under the prefix
-            raise _Refused(str(exc)) from None
+        report = _verify_s3(args)
     else:
         from .manifest import verify
 
@@ -290,6 +284,39 @@ def _verify(args: argparse.Namespace) -> int:
     timing = f"{report.seconds:.2f} s ({rate:,.0f} files/s)"
     print(f"checked {what} of {report.checked:,} files in {timing}: {counts}")
     return 0 if report.ok else 1
+
+
+def _verify_s3(args: argparse.Namespace) -> VerifyReport:
+    """verify_prefix for an s3:// ROOT. What keeps the prefix from being read at all (no such bucket,
+    no credentials, no store at the endpoint, no boto3) is refused in one line, as a local ROOT that is
+    not a folder is: exit 2, never a traceback, and never 1, which says the files were checked."""
+    from .upload import _import, split_s3_url, verify_prefix
+
+    try:
+        bucket, prefix = split_s3_url(args.root)
+        errors = _import("botocore.exceptions")
+    except (ValueError, ImportError) as exc:
+        raise _Refused(str(exc)) from None
+    try:
+        return verify_prefix(
+            bucket,
+            prefix,
+            checksums=not args.no_checksum,
+            workers=args.workers,
+            endpoint_url=args.endpoint_url,
+        )
+    except FileNotFoundError as exc:  # no journal under the prefix
+        raise _Refused(str(exc)) from None
+    except errors.NoCredentialsError as exc:
+        raise _Refused(
+            f"cannot read {args.root}: {exc}; give boto3 credentials (AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or ~/.aws/credentials)"
+        ) from None
+    except errors.EndpointConnectionError as exc:
+        where = f"--endpoint-url {args.endpoint_url}" if args.endpoint_url else "the default AWS endpoint"
+        raise _Refused(f"cannot read {args.root}: {exc}; is {where} the store's address?") from None
+    except (errors.BotoCoreError, errors.ClientError) as exc:  # NoSuchBucket, AccessDenied ...
+        raise _Refused(f"cannot read {args.root}: {exc}") from None
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -31,6 +31,8 @@ __all__ = [
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _GATHER_BYTES = 1 << 20  # small writes of a serializer are gathered up to this before one writev
+#: Each concrete format's class by the SaveFormat it writes, so a refusal can ask the others.
+_FORMATS: dict[SaveFormat, type[Format]] = {}
 
 
 class Container(enum.Enum):
@@ -67,13 +69,15 @@ class Format(ABC):
         super().__init_subclass__(**kwargs)
         if "save_format" in cls.__dict__:
             cls.suffix = "." + cls.save_format.value
+            _FORMATS[cls.save_format] = cls
 
     def check(self, name: str, array: Array) -> None:
         """Raise UnsupportedValueError if this format cannot store `array` exactly."""
         if self.dtype_tag(array) is None:
+            holders = [f"SaveFormat.{save_format.name}" for save_format in self.alternatives(array)]
+            advice = f"use {' or '.join(holders)}" if holders else "no format can store it"
             raise UnsupportedValueError(
-                f"{name}: dtype {dtype_name(array)} cannot be stored as {self.suffix}; "
-                f"use {self.alternatives(array)}"
+                f"{name}: dtype {dtype_name(array)} cannot be stored as {self.suffix}; {advice}"
             )
 
     def check_collection(self, key: str, container: Container, names: tuple[str, ...]) -> None:
@@ -85,8 +89,16 @@ class Format(ABC):
     def dtype_tag(self, array: Array) -> object | None:
         """How the format names the array's dtype, or None if it cannot store it."""
 
-    def alternatives(self, array: Array) -> str:
-        return "SaveFormat.SAFETENSORS or SaveFormat.PYTORCH_PT"
+    def alternatives(self, array: Array) -> list[SaveFormat]:
+        """The other formats that can store `array`'s dtype: asked of each, so that a refusal never
+        sends the caller to a format that refuses it too."""
+        return [
+            save_format
+            for save_format in SaveFormat
+            if save_format is not self.save_format
+            and save_format in _FORMATS
+            and _FORMATS[save_format]().dtype_tag(array) is not None
+        ]
 
     @abstractmethod
     def write(self, fd: int, entry: FileEntry) -> None:

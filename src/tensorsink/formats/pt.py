@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.serialization
 
-from ..arrays import Array, compact_tensor, dtype_name, torch_dtype, torch_tensor
+from ..arrays import Array, compact_tensor, torch_dtype, torch_tensor
 from ..checksum import crc32, crc32_combine
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, Container, FileEntry, check_zip, zip_end_records
@@ -102,9 +102,6 @@ class PtFormat(BufferFormat):
 
     def dtype_tag(self, array: Array) -> torch.dtype | None:
         return torch_dtype(array)
-
-    def alternatives(self, array: Array) -> str:
-        return f"SaveFormat.NUMPY_NPY or SaveFormat.NUMPY_NPZ for numpy dtype {dtype_name(array)}"
 
     def encode(self, entry: FileEntry) -> list[Buffer]:
         return self.encode_with_crc(entry)[0]

@@ -64,9 +64,6 @@ class SafetensorsFormat(HeaderFormat):
     def dtype_tag(self, array: Array) -> str | None:
         return safetensors_dtype(array)
 
-    def alternatives(self, array: Array) -> str:
-        return "SaveFormat.PYTORCH_PT"
-
     def check_collection(self, key: str, container: Container, names: tuple[str, ...]) -> None:
         if sum(len(name) for name in names) > _MAX_HEADER // 8 and self.header_size(names) > _MAX_HEADER:
             raise InvalidKeyError(
