@@ -26,13 +26,19 @@ def test_temporaries_are_hidden_siblings_that_sweep_recognises(tmp_path: Path) -
     assert len(temporary.name) < 255
     assert is_temporary(temporary.name)
     assert committer.temporary_for(str(final.parent), final.name) != str(temporary)
+    # A save function's temporary ends in the suffix; what it makes beside it is a temporary too.
+    for_save = Path(committer.temporary_for(str(final.parent), final.name, ".npy"))
+    assert for_save.name.endswith(".partial.npy")
+    assert len(for_save.name.encode()) < 255
+    for name in [for_save.name, ".x.tsink-1f.partial.pt", ".x.tsink-1f.partial.png.npy"]:
+        assert is_temporary(name), name
     for name in [
         "x.npy",
         ".x.npy",
         "x.partial",
         ".x.partial",
         ".x.tsink-zz.partial",
-        ".x.tsink-1f.partial.pt",
+        ".x.tsink-1f.partialpt",
     ]:
         assert not is_temporary(name), name
 

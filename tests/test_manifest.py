@@ -124,7 +124,7 @@ def test_verify_reports_every_kind_of_fault(tmp_path: Path, capsys: pytest.Captu
     assert (report.missing, report.extra, report.size_mismatch, report.checksum_mismatch) == (
         ["gone.npy"],
         ["stray.txt"],
-        ["short.npy"],
+        ["short.npy: 524 bytes on disk where the manifest records 528"],
         ["flipped.npy"],
     )
     assert report.checked == 3
@@ -467,3 +467,41 @@ def test_a_constructor_that_fails_leaves_no_journal_open(
     with pytest.raises(OSError, match="could not start"):
         AsyncWriter(tmp_path / "failed", engine="python")
     assert not [link for link in _open_files() if JOURNAL_DIR in link], "the journal's fd was left open"
+
+
+@pytest.mark.usefixtures("each_engine")
+def test_a_key_whose_split_write_failed_halfway_is_not_done(tmp_path: Path) -> None:
+    (tmp_path / "k_b.npy").mkdir()  # the second file cannot be renamed into place
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, "split")
+    future = writer.write("k", {"a": torch.ones(2), "b": torch.ones(2)})
+    with pytest.raises(OSError, match=r"k_b\.npy"):
+        future.result()
+    with pytest.raises(OSError, match=r"k_b\.npy"):
+        writer.close()
+    assert (tmp_path / "k_a.npy").exists()  # the first file was committed and journaled
+    assert "k_a.npy" in Manifest.load(tmp_path).records
+    (tmp_path / "k_b.npy").rmdir()
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, "split", skip_existing=True) as resumed:
+        assert not resumed.is_done("k"), "half of k's files are not k written"
+        assert resumed.write("k", {"a": torch.ones(2), "b": torch.ones(2)}).result() == [
+            tmp_path / "k_a.npy",
+            tmp_path / "k_b.npy",
+        ]
+        assert resumed.is_done("k")
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, "split", skip_existing=True) as again:
+        assert again.is_done("k")
+
+
+def test_a_journal_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
+    from tensorsink import SymlinkError
+
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / JOURNAL_DIR).symlink_to(outside)
+    with pytest.raises(SymlinkError, match=JOURNAL_DIR):
+        AsyncWriter(root)
+    assert list(outside.iterdir()) == []
+    with AsyncWriter(root, follow_symlinks=True) as writer:  # asked for: as for any folder
+        writer.write("a", torch.ones(2))
+    assert len(list(outside.iterdir())) == 1

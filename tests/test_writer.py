@@ -340,3 +340,73 @@ def test_is_done_knows_what_this_writer_wrote(tmp_path: Path) -> None:
         writer.write("fresh", torch.ones(2))
         writer.flush()
         assert writer.is_done("fresh")
+
+
+def test_a_batch_whose_keys_would_make_the_same_file_is_refused(tmp_path: Path) -> None:
+    from tensorsink import InvalidKeyError
+
+    with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, DictMode.SPLIT) as writer:
+        batch = {"b_c": torch.zeros(2, 3), "c": torch.ones(2, 3)}
+        with pytest.raises(InvalidKeyError, match=r"keys 'x' and 'x_b' would both write .*x_b_c\.npy"):
+            writer.write_batch(["x", "x_b"], batch)
+        writer.write_batch(["x", "y"], batch).result()  # the writer is still usable
+    assert sorted(p.name for p in outputs_under(tmp_path)) == ["x_b_c.npy", "x_c.npy", "y_b_c.npy", "y_c.npy"]
+
+
+@pytest.mark.parametrize("keys", ["ab", b"ab"])
+def test_a_string_is_not_a_sequence_of_keys(tmp_path: Path, keys: object) -> None:
+    from tensorsink import InvalidKeyError
+
+    with AsyncWriter(tmp_path) as writer, pytest.raises(InvalidKeyError, match="not a sequence of keys"):
+        writer.write_batch(keys, torch.zeros(2, 3))  # type: ignore[arg-type]
+    assert outputs_under(tmp_path) == []
+
+
+@pytest.mark.usefixtures("each_engine")
+def test_a_done_callback_may_write_on_a_full_budget(tmp_path: Path) -> None:
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, max_inflight=1)
+    chained: list[int] = []
+    finished = threading.Event()
+
+    def write_next(future: object) -> None:
+        if len(chained) == 20:
+            finished.set()
+            return
+        chained.append(len(chained))
+        ahead = writer.write(f"c{len(chained)}", _tensor(1.0))  # room only once this one's is given back
+        writer.write(f"d{len(chained)}", _tensor(2.0))  # waits for `ahead`: the budget holds one
+        ahead.add_done_callback(write_next)
+
+    writer.write("c0", _tensor(0.0)).add_done_callback(write_next)
+    assert finished.wait(60), "a callback writing on a full budget deadlocked the writer"
+    writer.close()
+    assert len(outputs_under(tmp_path)) == 41
+
+
+@pytest.mark.usefixtures("each_engine")
+@pytest.mark.parametrize("raised", [SystemExit, KeyboardInterrupt, ValueError])
+def test_a_callback_that_raises_strands_nothing(tmp_path: Path, raised: type[BaseException]) -> None:
+    writer = AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY)
+    ran: list[int] = []
+    release = threading.Event()
+
+    def held(path: Path, value: object) -> None:  # keeps its write pending until the callbacks are set
+        release.wait(60)
+        np.save(path, np.asarray(value))
+
+    def bad(future: object) -> None:
+        raise raised("from a callback")
+
+    futures = [
+        writer.write_batch([f"k{i}"], _tensor(float(i))[None], save=held, suffix=".npy") for i in range(8)
+    ]
+    futures[0].add_done_callback(bad)
+    for i, future in enumerate(futures):
+        future.add_done_callback(lambda f, i=i: ran.append(i))
+    release.set()
+    closing = threading.Thread(target=writer.close)
+    closing.start()
+    closing.join(60)
+    assert not closing.is_alive(), "close() hung after a callback raised"
+    assert sorted(ran) == list(range(8)), "every other callback ran, before close() returned"
+    assert all(future.result() for future in futures)

@@ -9,10 +9,12 @@ from .errors import (
     BackendUnavailableError,
     InvalidKeyError,
     InvalidLayoutError,
+    SaveFunctionError,
     SymlinkError,
     TensorsinkError,
     UnsupportedValueError,
     WriterClosedError,
+    WriterForkedError,
 )
 from .future import WriteFuture
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
@@ -43,11 +45,13 @@ __all__ = [
     "InvalidKeyError",
     "InvalidLayoutError",
     "SaveFormat",
+    "SaveFunctionError",
     "SymlinkError",
     "TensorsinkError",
     "UnsupportedValueError",
     "WriteFuture",
     "WriterClosedError",
+    "WriterForkedError",
     "WriterOptions",
     "WriterStats",
     "__version__",

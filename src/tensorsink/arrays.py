@@ -85,10 +85,17 @@ def as_array(value: object) -> Array | None:
 
     DLPack exporters (CuPy, JAX, ...) order the view after their stream themselves (torch passes its
     current stream to __dlpack__); for __cuda_array_interface__ the stream it names is waited for on
-    torch's current stream, as version 3 of that interface asks. None if `value` is no array.
+    torch's current stream, as version 3 of that interface asks. A tensor subclass (torchvision's
+    tv_tensors, a Parameter) is taken as the plain tensor it holds, with no copy: a .pt of the subclass
+    would need its class to load, and `torch.load(weights_only=True)` refuses it. None if `value` is no
+    array.
     """
-    if isinstance(value, (torch.Tensor, np.ndarray)):
+    if type(value) is torch.Tensor or isinstance(value, np.ndarray):
         return value
+    if isinstance(value, torch.Tensor):
+        if value.is_nested:  # a jagged tensor's class is its layout, not a wrapper to take off
+            return value
+        return value.as_subclass(torch.Tensor)
     if hasattr(value, "__dlpack__") and hasattr(value, "__dlpack_device__"):
         return torch.utils.dlpack.from_dlpack(value)
     interface = getattr(value, "__cuda_array_interface__", None)

@@ -3,8 +3,10 @@
 The protocol: write into a temporary sibling (same directory, so the rename stays on one filesystem),
 fsync it (Durability.FILE and FULL), os.replace it onto the final name, then fsync the directory
 (Durability.FULL). On any failure the temporary is removed and the final name is left as it was.
-Temporaries are named `.<name>.tsink-<token>.partial`: hidden, and never ending in a format's suffix,
-so no reader takes one for a result and `sweep` can remove exactly them.
+Temporaries are named `.<name>.tsink-<token>.partial`: hidden, so no reader takes one for a result, and
+`sweep` can remove exactly them. A temporary that a save function writes ends in the file's suffix as
+well (`.partial.png`), since such functions pick the format from the path or append it (np.save);
+whatever else they make beside it (`.partial.png.npy`) is a temporary to `sweep` too.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import SymlinkError
+from .errors import SaveFunctionError, SymlinkError
 from .options import Durability
 
-__all__ = ["Committer", "DirectorySync", "KeyOrder", "find_symlink", "is_temporary", "sweep"]
+__all__ = ["Committer", "DirectorySync", "KeyOrder", "find_symlink", "is_temporary", "sweep", "take_saved"]
 
-_TEMP_PATTERN = re.compile(r"\..+\.tsink-[0-9a-f]+\.partial", re.DOTALL)
+_TEMP_PATTERN = re.compile(r"\..+\.tsink-[0-9a-f]+\.partial(?:\..*)?", re.DOTALL)
 # Bytes of the final name kept in its temporary's name: with the rest (at most 47 bytes) it fits NAME_MAX.
 _NAME_KEPT = 200
+# A suffix kept at the end of a save function's temporary; longer ones are left off (and taken from the
+# name's bytes otherwise).
+_SUFFIX_KEPT = 24
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -172,15 +177,21 @@ class Committer:
         self._known_directories: set[str] = set()
         self._make_root()
 
-    def temporary_for(self, directory: str, name: str) -> str:
-        if len(name) > _NAME_KEPT // 4:  # may be over _NAME_KEPT bytes: cut at a character boundary
-            name = name.encode("utf-8", "surrogateescape")[:_NAME_KEPT].decode("utf-8", "ignore")
-        return f"{directory}/.{name}.tsink-{self._token}{next(self._counter):x}.partial"
+    def temporary_for(self, directory: str, name: str, suffix: str = "") -> str:
+        """A new temporary's path for the file `name` in `directory`, ending in `suffix` if given."""
+        if len(suffix.encode("utf-8", "surrogateescape")) > _SUFFIX_KEPT:
+            suffix = ""
+        kept = _NAME_KEPT - len(suffix.encode("utf-8", "surrogateescape"))
+        if len(name) > kept // 4:  # may be over `kept` bytes: cut at a character boundary
+            name = name.encode("utf-8", "surrogateescape")[:kept].decode("utf-8", "ignore")
+        return f"{directory}/.{name}.tsink-{self._token}{next(self._counter):x}.partial{suffix}"
 
-    def create(self, final: str) -> tuple[int, str]:
-        """A new temporary for `final`, open for writing: its descriptor and path."""
+    def create(self, final: str, *, keep_suffix: bool = False) -> tuple[int, str]:
+        """A new temporary for `final`, open for writing: its descriptor and path. With `keep_suffix`
+        its name ends in the final name's suffix, for a save function that goes by it."""
         directory, _, name = final.rpartition("/")
-        temporary = self.temporary_for(directory, name)
+        suffix = os.path.splitext(name)[1] if keep_suffix else ""
+        temporary = self.temporary_for(directory, name, suffix)
         return self.open_temporary(directory, temporary), temporary
 
     def finish(
@@ -283,6 +294,46 @@ class Committer:
         for path in reversed(missing):
             self._mkdir(path)
         self._known_directories.add(self.root)
+
+
+def take_saved(fd: int, temporary: str, *, allow_empty: bool = False) -> int:
+    """The descriptor of what a save function left at `temporary` (it was given `fd`'s file there).
+
+    A function that replaced the file (a library that writes atomically itself) is taken at its word:
+    the descriptor returned is the new file's, so its size, CRC and fsync are the new file's, and `fd` is
+    closed. One that left the file empty most likely wrote beside it (np.save's added `.npy`,
+    `with_suffix`): SaveFunctionError, naming what it made, which is removed; so is a file replaced by
+    something that is not a regular file, or removed. `allow_empty` lets an empty file through.
+    """
+    try:
+        found = os.lstat(temporary)
+    except FileNotFoundError:
+        found = None
+    if found is None or not stat.S_ISREG(found.st_mode):
+        what = "removed it" if found is None else "put something that is not a regular file there"
+        raise SaveFunctionError(f"the save function {what}", _strays(temporary))
+    if found.st_size == 0 and not allow_empty:
+        raise SaveFunctionError("the save function left it empty", _strays(temporary))
+    given = os.fstat(fd)
+    if (found.st_dev, found.st_ino) == (given.st_dev, given.st_ino):
+        return fd
+    replaced = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    os.close(fd)
+    return replaced
+
+
+def _strays(temporary: str) -> list[str]:
+    """What a save function made beside its temporary (names that begin with it), removed."""
+    directory, _, name = temporary.rpartition("/")
+    stem = name.rpartition(".partial")[0] + ".partial"
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name != name and entry.name.startswith(stem) and is_temporary(entry.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return sorted(removed)
 
 
 def _naming(exc: OSError, final: str) -> OSError:

@@ -8,8 +8,10 @@ Each one is also an instance of the builtin it refines, so code that catches the
     │   │                                     long, not valid Unicode, or names tensorsink's own files
     │   └── SymlinkError                      a key that leads through a symlink out of the root
     ├── InvalidLayoutError     (ValueError)   a collection the format and dict mode cannot store
+    ├── SaveFunctionError      (RuntimeError) a save function that did not write the path it was given
     ├── UnsupportedValueError  (TypeError)    a value, or a dtype, the chosen format cannot store
-    └── WriterClosedError      (RuntimeError) write() after close()
+    ├── WriterClosedError      (RuntimeError) write() after close()
+    └── WriterForkedError      (RuntimeError) a writer used in a child of fork(): make one there
 
 Failures in the background (disk full, a file where a directory should be) are raised as the original
 exception, by the next write(), by flush() and by close(); an OSError names the final path it was
@@ -22,10 +24,12 @@ __all__ = [
     "BackendUnavailableError",
     "InvalidKeyError",
     "InvalidLayoutError",
+    "SaveFunctionError",
     "SymlinkError",
     "TensorsinkError",
     "UnsupportedValueError",
     "WriterClosedError",
+    "WriterForkedError",
 ]
 
 
@@ -57,9 +61,27 @@ class InvalidLayoutError(TensorsinkError, ValueError):
     """A mapping or sequence the chosen format and dict mode cannot store, e.g. a mapping as one .npy."""
 
 
+class SaveFunctionError(TensorsinkError, RuntimeError):
+    """A save function (write_batch(save=...), a PredictionWriter writer) left no file at the path it was
+    given: it wrote beside it, left it empty, or removed it. Nothing is committed; what it made beside
+    the path (`strays`) is removed."""
+
+    def __init__(self, what: str, strays: list[str]) -> None:
+        beside = f"; it wrote {', '.join(strays)} instead (removed)" if strays else ""
+        super().__init__(
+            f"{what}{beside}. A save function must write to the path it is given, as it is (the path "
+            "ends in the file's suffix): e.g. np.save(path, a) or image.save(path)"
+        )
+        self.strays = strays
+
+
 class UnsupportedValueError(TensorsinkError, TypeError):
     """A value of a type, or a tensor of a dtype, that the chosen format cannot store."""
 
 
 class WriterClosedError(TensorsinkError, RuntimeError):
     """write() was called on a writer that is closed."""
+
+
+class WriterForkedError(TensorsinkError, RuntimeError):
+    """A writer made before fork() was used in the child, which has none of its threads."""

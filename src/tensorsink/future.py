@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, wait
 from concurrent.futures._base import FINISHED, PENDING
 from pathlib import Path
 
-__all__ = ["WriteFuture"]
+__all__ = ["Callbacks", "WriteFuture"]
+
+log = logging.getLogger("tensorsink")
 
 #: Orders the first use of a future's Condition against a completion that found none (see WriteFuture).
 #: Reentrant, and only ever held for a few bytecodes (the Condition is made before it is taken): a
@@ -31,7 +35,7 @@ class WriteFuture(Future[list[Path]]):
     `_WAKING` orders the two, so a waiter either sees the result or is woken by it.
     """
 
-    def __init__(self, *, staged_apart: bool = False) -> None:
+    def __init__(self, *, staged_apart: bool = False, callbacks: Callbacks | None = None) -> None:
         # Future.__init__ without its Condition (made by the `_condition` property below).
         self._state = PENDING
         self._result = None
@@ -40,6 +44,7 @@ class WriteFuture(Future[list[Path]]):
         self._done_callbacks: list[Callable[[Future[list[Path]]], object]] = []
         self._made_condition: threading.Condition | None = None
         self._staged = threading.Event() if staged_apart else None
+        self._callbacks_runner = callbacks
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]  # Future's, made on first use
@@ -92,3 +97,65 @@ class WriteFuture(Future[list[Path]]):
 
     def cancel(self) -> bool:
         return False
+
+    def _invoke_callbacks(self) -> None:
+        """Done-callbacks run on the writer's callback thread, never on the thread that completes
+        writes: one that calls write() on a full budget would wait there for itself."""
+        runner = self._callbacks_runner
+        if runner is None or not self._done_callbacks:
+            super()._invoke_callbacks()  # type: ignore[misc]  # Future's own, on this thread
+            return
+        callbacks, self._done_callbacks = self._done_callbacks, []
+        runner.run(self, callbacks)
+
+
+class Callbacks:
+    """A writer's thread for the done-callbacks of its futures, started at the first one.
+
+    A callback that raises (SystemExit included) is logged, and the others still run. wait() returns
+    once every callback handed over so far has run, so flush() and close() return after them.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[Future[list[Path]], list[Callable[..., object]]] | None]
+        self._queue = queue.SimpleQueue()
+        self._cond = threading.Condition()
+        self._pending = 0
+        self._thread: threading.Thread | None = None
+
+    def run(self, future: Future[list[Path]], callbacks: list[Callable[..., object]]) -> None:
+        with self._cond:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="tensorsink-callbacks", daemon=True)
+                self._thread.start()
+        self._queue.put((future, callbacks))
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, callbacks = item
+            for callback in callbacks:
+                try:
+                    callback(future)
+                except BaseException:
+                    log.exception("tensorsink: a write's done-callback %r raised", callback)
+            with self._cond:
+                self._pending -= 1
+                if not self._pending:
+                    self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Wait for the callbacks handed over so far (at once on the callbacks' own thread)."""
+        if threading.current_thread() is self._thread:
+            return
+        with self._cond:
+            while self._pending:
+                self._cond.wait()
+
+    def stop(self) -> None:
+        """Run what is queued, then end the thread."""
+        thread = self._thread
+        if thread is not None:
+            self._queue.put(None)
+            if threading.current_thread() is not thread:
+                thread.join()

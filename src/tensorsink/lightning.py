@@ -14,10 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
+from .batches import Batch, has_no_samples, split_batch
+from .formats import Container
 from .options import DictMode, SaveFormat, WriterOptions
 from .sample_writers import SampleWriter, Save, WriterRegistry, writers
 from .stats import WriterStats
@@ -32,14 +35,16 @@ class PredictionWriter(BasePredictionWriter):
     """Write every sample's prediction to `directory/<name><suffix>`, asynchronously and atomically.
 
     - `value_key`: which entry of a dict prediction to write; None writes the whole prediction (a
-      tensor, or a mapping of tensors, with the samples along the first dimension; or a list with
-      one value per sample).
+      tensor, or a mapping of tensors, with the samples along the first dimension; or a sequence with
+      one value per sample). For a batch of one, a 0-d tensor, a number or a str is that sample. A
+      prediction with no samples (None, `{}`, `[]`, a tensor of 0 rows) is skipped.
     - `writer`: a name in `registry` (each SaveFormat's: "pt", "npy", "npz", "safetensors"; "tensor",
       the same as "pt"; "image_2d", "image_3d", "text"; or your own), a SaveFormat, a SampleWriter, or
       a function `save(path, value)`.
     - `name_key`: per-sample file names, taken from the prediction (when a dict) or else the batch
-      (when a dict): a list of str or a tensor of ints. By default the dataset indices Lightning gives
-      (`batch_indices`), under `dataloader_<i>/` when predict() has several dataloaders.
+      (when a dict): a list of str or a tensor of ints (one str or int for a batch of one). By default
+      the dataset indices Lightning gives (`batch_indices`), under `dataloader_<i>/` when predict() has
+      several dataloaders.
     - `write_interval`: Lightning's own argument. "batch" (default) queues each batch as it ends;
       "epoch" writes every batch at the end of the predict epoch, from the predictions Lightning kept
       on the CPU until then (name_key must then be in the prediction: Lightning passes no batches).
@@ -67,6 +72,7 @@ class PredictionWriter(BasePredictionWriter):
         super().__init__(write_interval=_write_interval(write_interval))
         _check_option_names(writer_options)
         self.directory = Path(directory)
+        _check_directory(self.directory)
         self.value_key = value_key
         self.name_key = name_key
         self.progress_bar = progress_bar
@@ -178,13 +184,23 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         if self._writer is None:
             raise RuntimeError("PredictionWriter got a batch outside predict(); it writes only there")
+        if has_no_samples(prediction):
+            return  # a batch the model filtered out whole: nothing to write, as Lightning's FileWriter
         value = self._value(prediction)
+        if has_no_samples(value):
+            return
         names = self._names(trainer, prediction, batch, batch_indices, dataloader_idx)
         sample_writer = self.sample_writer
         if sample_writer.check is not None:
-            for sample in _samples_for_check(value, len(names)):
+            for sample in _samples_for_check(split_batch(value, len(names))):
                 sample_writer.check(sample)
-        self._writer.write_batch(names, value, save=sample_writer.save, suffix=sample_writer.suffix)
+        self._writer.write_batch(
+            names,
+            value,
+            save=sample_writer.save,
+            suffix=sample_writer.suffix,
+            allow_empty=sample_writer.allow_empty,
+        )
 
     def _show_stats(self, trainer: Trainer, *, refresh: bool) -> None:
         """The writer's counters in the postfix of Lightning's TQDM predict bar, where there is one.
@@ -312,25 +328,59 @@ def progress_postfix(stats: WriterStats) -> dict[str, str]:
     }
 
 
+def _check_directory(directory: Path) -> None:
+    """Refuse, at construction, a directory that is a file (or lies under one): else every predict()
+    would fail at its first batch, after the model has run."""
+    for folder in (directory, *directory.parents):  # the nearest one that exists decides
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                kind = "a file" if folder.exists() else "a symlink to nothing"
+                where = "is" if folder == directory else f"lies under {str(folder)!r}, which is"
+                raise NotADirectoryError(
+                    f"PredictionWriter(directory={str(directory)!r}) {where} {kind}, not a folder; give "
+                    "a folder (made if missing) for the prediction files"
+                )
+            return
+
+
 def _as_names(found: Any, name_key: str) -> list[str]:
-    if isinstance(found, torch.Tensor):
-        if found.is_floating_point() or found.ndim != 1:
+    """File names from a name_key entry: one per sample, or one str, int or 0-d tensor for a batch of one.
+    Always a list (never a str, which write_batch would not take as keys)."""
+    if isinstance(found, (torch.Tensor, np.ndarray)):
+        if isinstance(found, torch.Tensor):
+            named = not (found.is_floating_point() or found.is_complex())
+        else:
+            named = found.dtype.kind in "iuU"  # ints, or str
+        if not named or found.ndim > 1:
             raise TypeError(
-                f"PredictionWriter(name_key={name_key!r}) must name a 1-D integer tensor or a list of str"
+                f"PredictionWriter(name_key={name_key!r}) names a tensor of dtype {found.dtype} and shape "
+                f"{tuple(found.shape)}; give a 1-D tensor of ints (one per sample) or a list of str"
             )
-        return [str(i) for i in found.tolist()]
-    if isinstance(found, (list, tuple)):
-        return [str(name) for name in found]
+        return [str(i) for i in found.reshape(-1).tolist()]
+    if isinstance(found, str):
+        return [found]  # a batch of one: its name, not a name per character
+    if isinstance(found, (int, np.integer)) and not isinstance(found, bool):
+        return [str(int(found))]
+    if isinstance(found, Sequence) and not isinstance(found, (bytes, bytearray, memoryview)):
+        return [_name(name) for name in found]
     raise TypeError(
-        f"PredictionWriter(name_key={name_key!r}) must name a list of str or a tensor of ints, got "
-        f"{type(found).__name__}"
+        f"PredictionWriter(name_key={name_key!r}) must name a list of str or a tensor of ints (one str or "
+        f"int for a batch of one), got {type(found).__name__}"
     )
 
 
-def _samples_for_check(value: Any, count: int) -> list[Any]:
-    """Shapes to check before queueing: every sample's, without touching device memory."""
-    if isinstance(value, torch.Tensor):
-        return [value[0]] if count else []  # one shape for the whole batch
-    if isinstance(value, (list, tuple)):
-        return list(value)
+def _name(name: Any) -> str:
+    """One sample's name: a 0-d tensor by its value (an int in decimal, not "tensor(3)"), else str()."""
+    if isinstance(name, (torch.Tensor, np.ndarray)) and name.ndim == 0:
+        name = name.item()
+    return str(name)
+
+
+def _samples_for_check(layout: Batch) -> list[Any]:
+    """Samples to check before queueing, without touching device memory: each value of a sequence,
+    and for a batched tensor its first sample (one shape for the whole batch)."""
+    if layout.container is Container.SEQUENCE:
+        return list(layout.values)
+    if layout.container is Container.TENSOR:
+        return [layout.arrays[0][0]]
     return []

@@ -15,6 +15,7 @@ files, not against tampering.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Any
 
 from .arrays import dtype_name
 from .checksum import crc32
-from .errors import WriterClosedError
+from .errors import SymlinkError, WriterClosedError
 from .formats import FileEntry, format_for, write_buffers
 from .options import SaveFormat
 
@@ -85,16 +86,28 @@ class Journal:
     flush() and close() fsync it, unless the writer's durability is NONE (then nothing is fsynced).
     """
 
-    def __init__(self, root: str, *, fsync: bool = True) -> None:
+    def __init__(self, root: str, *, fsync: bool = True, follow_symlinks: bool = False) -> None:
         self._root = root
         self._fsync = fsync  # False with Durability.NONE: the journal is as durable as its files
-        self.path = os.path.join(
-            root, JOURNAL_DIR, f"journal-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
-        )
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        self._fd: int | None = os.open(
-            self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644
-        )
+        folder = os.path.join(root, JOURNAL_DIR)
+        name = f"journal-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+        self.path = os.path.join(folder, name)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
+        # The folder and the journal are opened without following a symlink (unless asked), as every
+        # folder under the root is: a `.tensorsink` link would put the journal outside the root.
+        no_follow = 0 if follow_symlinks else os.O_NOFOLLOW
+        try:
+            directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | no_follow)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR) and os.path.islink(folder):
+                raise SymlinkError(folder, os.path.realpath(folder), root) from None
+            raise
+        try:
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            self._fd: int | None = os.open(name, flags, 0o644, dir_fd=directory)
+        finally:
+            os.close(directory)
         self._lock = threading.Lock()
 
     @property
@@ -103,14 +116,17 @@ class Journal:
             raise WriterClosedError(f"journal {self.path} is closed")
         return self._fd
 
-    def prefix(self, key: str, path: str, fmt: str, arrays: list[list[Any]]) -> bytes:
-        """The start of a file's lines, all but what the write itself tells: size, CRC, time."""
-        head = {
+    def prefix(self, key: str, path: str, fmt: str, arrays: list[list[Any]], files: int = 1) -> bytes:
+        """The start of a file's lines, all but what the write itself tells: size, CRC, time. `files`:
+        how many files the write made for `key` (SPLIT), so that a key half written is not done."""
+        head: dict[str, Any] = {
             "key": key,
             "path": os.path.relpath(path, self._root).replace(os.sep, "/"),
             "format": fmt,
             "arrays": arrays,
         }
+        if files != 1:
+            head["files"] = files
         return json.dumps(head, separators=(",", ":"))[:-1].encode()
 
     def write_line(self, prefix: bytes, nbytes: int, crc: int, when: float, *, renaming: bool) -> None:
@@ -204,9 +220,11 @@ class Manifest:
         return index
 
     def done(self, key: str) -> bool:
-        """Whether `key` was written: every file recorded under it is still there, whole in size."""
+        """Whether `key` was written: every file of its write is recorded (a record says how many its
+        write made: `files`, 1 if absent), and each is still there, whole in size."""
         paths = self._paths_by_key.get(key, [])
-        return bool(paths) and self.paths_done(paths)
+        needed = max((self.candidates(path)[0].get("files", 1) for path in paths), default=1)
+        return len(paths) >= needed and self.paths_done(paths)
 
     def keys(self) -> set[str]:
         return set(self._paths_by_key)
@@ -332,7 +350,8 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
             size = os.stat(full).st_size
             matching = [c for c in candidates if c["bytes"] == size]
             if not matching:
-                return "size", ""
+                recorded = " or ".join(dict.fromkeys(str(c["bytes"]) for c in candidates))
+                return "size", f"{path}: {size} bytes on disk where the manifest records {recorded}"
             fmt = formats.get(candidates[0]["format"])
             if fmt is not None:
                 try:

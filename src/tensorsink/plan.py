@@ -19,7 +19,7 @@ from .formats import Container, FileEntry, Format
 from .manifest import JOURNAL_DIR
 from .options import DictMode
 
-__all__ = ["file_path", "plan_files", "validate_key", "validate_suffix"]
+__all__ = ["check_distinct_files", "entry_at", "file_path", "plan_files", "validate_key", "validate_suffix"]
 
 _NAME_MAX = 255  # bytes in one file or folder name (Linux, and most filesystems)
 _PATH_MAX = 4095  # bytes in a whole path
@@ -153,7 +153,36 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
     return [FileEntry(file_path(root, name, fmt.suffix), container, names, arrays, sum(map(nbytes, arrays)))]
 
 
+def entry_at(path: str, value: object, fmt: Format) -> FileEntry:
+    """The one file at `path` that holds all of `value` (DictMode.SINGLE), for writing it directly."""
+    container, names, arrays = _flatten(value, fmt)
+    if container is not Container.TENSOR:
+        if not fmt.holds_collections:
+            raise InvalidLayoutError(
+                f"{fmt.suffix} holds one array, not a {container.value} of {len(arrays)}; write each "
+                "entry to its own file, or use npz, pt or safetensors"
+            )
+        fmt.check_collection(path, container, names)
+    return FileEntry(path, container, names, arrays, sum(map(nbytes, arrays)))
+
+
+def check_distinct_files(keys: Sequence[str], planned: Sequence[Sequence[FileEntry]]) -> None:
+    """InvalidKeyError if two keys of one batch would make the same file (SPLIT's `<key>_<name>`: key
+    "x" with entry "b_c" and key "x_b" with entry "c"), which would drop one sample silently."""
+    owner: dict[str, str] = {}
+    for key, entries in zip(keys, planned, strict=True):
+        for entry in entries:
+            other = owner.setdefault(entry.path, key)
+            if other != key:
+                raise InvalidKeyError(
+                    f"keys {other!r} and {key!r} would both write {entry.path}; rename a key or an entry "
+                    "so that each file belongs to one sample"
+                )
+
+
 def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tuple[Array, ...]]:
+    if isinstance(value, (bool, int, float, complex, np.generic)):  # a number: a 0-d array of it
+        value = np.asarray(value)
     array = as_array(value)
     if array is not None:
         return Container.TENSOR, ("arr_0",), (_checked("value", array, fmt),)

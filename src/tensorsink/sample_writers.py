@@ -3,13 +3,15 @@
 Format writers (each SaveFormat by its name: pt, npy, npz, safetensors; and tensor, the same as pt) go
 through the AsyncWriter's own formats, with CUDA staging and zero-copy headers. Function writers are
 called as `save(path, value)` in the writer's pool with the same atomic commit; `path` is a temporary
-whose name does not end in the suffix, so a writer names its format itself (Pillow's `format="PNG"`, a
-file object for np.save).
+whose name ends in the suffix, so `np.save(path, a)`, Pillow's `image.save(path)` and
+`path.with_suffix(suffix)` write to it as they would to the final name. A writer is itself such a
+function: `writers.get("image_2d")(path, value)` writes one file, and can be called or wrapped.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .formats import format_for
 from .options import SaveFormat
-from .plan import validate_suffix
+from .plan import entry_at, validate_suffix
 
 __all__ = ["SampleWriter", "WriterRegistry", "image_rows", "text_of", "writers"]
 
@@ -36,11 +39,28 @@ class SampleWriter:
     save: Save | None = None
     #: Called on the caller's thread with each sample before it is queued, to refuse bad input there.
     check: Callable[[Any], None] | None = None
+    #: Whether an empty file is a result (text of ""); else it means `save` wrote elsewhere, and fails.
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         if (self.save_format is None) == (self.save is None):
             raise ValueError(f"writer {self.name!r} needs exactly one of save_format and save")
         validate_suffix(self.suffix)
+
+    def __call__(self, path: str | os.PathLike[str], value: Any) -> None:
+        """Write `value` to `path` as this writer does (a format writer in its format, whole)."""
+        if self.save is not None:
+            self.save(Path(path), value)
+            return
+        assert self.save_format is not None  # one of the two, checked at construction
+        fmt = format_for(self.save_format)
+        entry = entry_at(os.fspath(path), value, fmt)
+        entry = entry._replace(arrays=tuple(_on_host(a) for a in entry.arrays))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+        try:
+            fmt.write(fd, entry)
+        finally:
+            os.close(fd)
 
 
 class WriterRegistry:
@@ -50,15 +70,23 @@ class WriterRegistry:
         self._writers: dict[str, SampleWriter] = {}
 
     def register(
-        self, name: str, *, suffix: str | None = None, check: Callable[[Any], None] | None = None
+        self,
+        name: str,
+        *,
+        suffix: str | None = None,
+        check: Callable[[Any], None] | None = None,
+        allow_empty: bool = False,
     ) -> Callable[[Save], Save]:
         """Register the decorated function under `name`; a duplicate name is a ValueError.
 
         The file's suffix is `suffix`, else the function's own `suffix=` keyword default, else none.
+        With `allow_empty`, an empty file is a result; else it fails the write (see SampleWriter).
         """
 
         def decorate(save: Save) -> Save:
-            self.add(SampleWriter(name, _suffix_of(save, suffix), save=save, check=check))
+            self.add(
+                SampleWriter(name, _suffix_of(save, suffix), save=save, check=check, allow_empty=allow_empty)
+            )
             return save
 
         return decorate
@@ -69,7 +97,8 @@ class WriterRegistry:
         self._writers[writer.name] = writer
 
     def get(self, name: str) -> SampleWriter:
-        """The writer registered as `name`; a ValueError lists the known names otherwise."""
+        """The writer registered as `name`, a callable `writer(path, value)` with its `suffix`; a
+        ValueError lists the known names otherwise."""
         try:
             return self._writers[name]
         except KeyError:
@@ -112,6 +141,11 @@ def _suffix_of(save: Save, given: str | None) -> str:
 # 0), clipped to it and scaled by 255 with rounding.
 
 _MODES = {1: "L", 3: "RGB", 4: "RGBA"}
+
+
+def _on_host(array: Any) -> Any:
+    """A torch tensor in host memory (a format writer called directly takes CUDA tensors too)."""
+    return array.cpu() if isinstance(array, torch.Tensor) else array
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -257,7 +291,7 @@ def _default_registry() -> WriterRegistry:
         registry.add(SampleWriter(name, "." + save_format.value, save_format=save_format))
     registry.register("image_2d", check=_check_image_2d)(write_image_2d)
     registry.register("image_3d", check=_check_image_3d)(write_image_3d)
-    registry.register("text", check=_check_text)(write_text)
+    registry.register("text", check=_check_text, allow_empty=True)(write_text)
     return registry
 
 

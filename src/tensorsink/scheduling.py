@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from .errors import WriterClosedError
-from .future import WriteFuture
+from .future import Callbacks, WriteFuture
 
 __all__ = ["Budget", "Finished", "Gate", "Pipeline"]
 
@@ -110,6 +110,7 @@ class Pipeline:
     def __init__(self, workers: int, max_count: int, max_bytes: int) -> None:
         self.budget = Budget(max_count, max_bytes)
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tensorsink")
+        self.callbacks = Callbacks()  # futures made with it run their done-callbacks there
         # Added by callers and discarded by completions without a lock: set.add, set.discard and list(set)
         # are each one step under the GIL, and a lock here would be one a completion can hold while it
         # waits for the GIL, stalling the caller's next write().
@@ -146,7 +147,7 @@ class Pipeline:
                     future.set_exception(error)
                 else:
                     future.set_result(result or [])
-            except Exception:  # one future that cannot be settled must not strand the others
+            except BaseException:  # one future that cannot be settled must not strand the others
                 log.exception("tensorsink: settling a write's future failed")
             finally:
                 in_flight.discard(future)
@@ -166,8 +167,10 @@ class Pipeline:
             raise self._error
 
     def drain(self) -> None:
-        """Wait for every write admitted before this call."""
+        """Wait for every write admitted before this call, and for their done-callbacks."""
         wait(list(self._in_flight))
+        self.callbacks.wait()
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
+        self.callbacks.stop()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import queue
 import threading
 import time
+import warnings
+import weakref
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,14 +23,14 @@ import torch
 from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
-from .commit import Committer, find_symlink
+from .commit import Committer, find_symlink, take_saved
 from .engine import Engine, FileJob, FileOutcome, PythonEngine, engine_class
-from .errors import InvalidKeyError, SymlinkError, WriterClosedError
+from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError
 from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import WriteFuture
 from .manifest import Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
-from .plan import file_path, plan_files, validate_key, validate_suffix
+from .plan import check_distinct_files, file_path, plan_files, validate_key, validate_suffix
 from .scheduling import Gate, Pipeline
 from .staging import Staged, Stager, default_pool_bytes
 from .stats import StatsRecorder, WriterStats
@@ -35,71 +39,37 @@ __all__ = ["AsyncWriter"]
 
 log = logging.getLogger("tensorsink")
 
+#: Writers not closed yet, in this process or (after fork()) its parent's: closed at interpreter exit.
+_open_writers: set[_Writer] = set()
 
-class AsyncWriter:
-    """Asynchronous, crash-safe writer of tensors, mappings and sequences of tensors under `out_root`.
 
-    `write(key, value)` checks the key and the value, waits while the budget (`max_inflight` writes,
-    `max_inflight_bytes` bytes) is full, and returns a WriteFuture; the write engine (`engine`: native
-    C threads, or their pure-Python twin) writes the file into a temporary sibling and renames it into
-    place. With the Python engine and durability NONE, payloads under `small_sync_bytes` are written on
-    the caller's thread instead, where a queue hop would cost more than the write. A failed write,
-    wherever it ran, is raised by the next write(), by flush() and by close(): a writer that failed
-    stays failed. Keys are checked at write() (see plan.validate_key); by default no key
-    may lead through a symlinked folder (`follow_symlinks`).
+def _close_and_log(writer: _Writer, why: str) -> None:
+    """Close `writer` where nobody can be raised to: its failure, naming the key, goes to the log."""
+    try:
+        writer.close()
+    except BaseException as exc:
+        notes = "; ".join(getattr(exc, "__notes__", ()))
+        log.error("tensorsink: a write failed in a writer %s: %r%s", why, exc, f" ({notes})" if notes else "")
 
-    CPU tensors and numpy arrays are not copied: do not modify them in place until the write's future
-    is done (or flush() has returned). CUDA tensors (and CuPy or other DLPack arrays) go through a pool
-    of `pinned_pool_bytes` page-locked memory on a copy stream, ordered after the caller's stream by
-    events: the caller never synchronizes the device, and may reuse them once the future is staged.
-    """
 
-    def __init__(
-        self,
-        out_root: str | os.PathLike[str],
-        save_format: SaveFormat | str = SaveFormat.PYTORCH_PT,
-        dict_mode: DictMode | str = DictMode.SINGLE,
-        workers: int = 4,
-        max_inflight: int = 256,
-        small_sync_bytes: int = 64_000,
-        upload_queue: queue.Queue[Path] | None = None,
-        *,
-        max_inflight_bytes: int = 1 << 30,
-        durability: Durability | str = Durability.FILE,
-        align: int | None = None,
-        pinned_pool_bytes: int | None = None,
-        backend: Backend | str = Backend.AUTO,
-        kvikio_threads: int = 4,
-        kvikio_task_size: int = 4 << 20,
-        kvikio_direct_io: bool = True,
-        manifest: bool = True,
-        skip_existing: bool = False,
-        follow_symlinks: bool = False,
-        engine: str = "auto",
-        progress_seconds: float | None = None,
-    ) -> None:
-        self.options = WriterOptions(
-            out_root=Path(out_root),
-            save_format=save_format,  # type: ignore[arg-type]  # coerced and checked there
-            dict_mode=dict_mode,  # type: ignore[arg-type]
-            workers=workers,
-            max_inflight=max_inflight,
-            small_sync_bytes=small_sync_bytes,
-            upload_queue=upload_queue,
-            max_inflight_bytes=max_inflight_bytes,
-            durability=durability,  # type: ignore[arg-type]
-            align=align,
-            pinned_pool_bytes=pinned_pool_bytes,
-            backend=backend,  # type: ignore[arg-type]
-            kvikio_threads=kvikio_threads,
-            kvikio_task_size=kvikio_task_size,
-            kvikio_direct_io=kvikio_direct_io,
-            manifest=manifest,
-            skip_existing=skip_existing,
-            follow_symlinks=follow_symlinks,
-            engine=engine,
-            progress_seconds=progress_seconds,
-        )
+def _close_at_exit() -> None:
+    """Finish the writes of every writer still open, as ThreadPoolExecutor finishes its queue: before
+    the interpreter stops its threads (so this runs ahead of the executors' own exit hook)."""
+    for writer in list(_open_writers):
+        if writer._pid == os.getpid():
+            _close_and_log(writer, "open at exit")
+
+
+getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
+
+
+class _Writer:
+    """What an AsyncWriter is made of: its stages, its state, its threads. The threads hold this and
+    never the AsyncWriter, so that a writer its user dropped is collected (and closed, see AsyncWriter)."""
+
+    def __init__(self, options: WriterOptions) -> None:
+        self.options = options
+        self._pid = os.getpid()  # a child of fork() inherits the writer, not its threads
         self._root = os.path.abspath(self.options.out_root)
         self._use_format(format_for(self.options.save_format, self.options.align))
         self._route = Route(self.options, self._root, self._format)
@@ -116,7 +86,11 @@ class AsyncWriter:
         self._gate = Gate()
         self._closed = threading.Event()
         kind = engine_class(o.engine)  # an engine that cannot run here fails before the journal is made
-        self._journal = Journal(self._root, fsync=o.durability is not Durability.NONE) if o.manifest else None
+        self._journal = (
+            Journal(self._root, fsync=o.durability is not Durability.NONE, follow_symlinks=o.follow_symlinks)
+            if o.manifest
+            else None
+        )
         try:
             self._done = Manifest.load(self._root) if o.skip_existing else None
             self._engine = self._make_engine(kind)
@@ -135,6 +109,7 @@ class AsyncWriter:
         log.info(
             "tensorsink: %s engine, %d threads, writing into %s", self._engine.name, o.workers, self._root
         )
+        _open_writers.add(self)
 
     def _use_format(self, fmt: Format) -> None:
         self._format = fmt
@@ -155,48 +130,9 @@ class AsyncWriter:
             journal=self._journal, inline_below=o.small_sync_bytes,
         )  # fmt: skip
 
-    # The original AsyncWriter's attributes.
-    @property
-    def root(self) -> Path:
-        return self.options.out_root
-
-    @property
-    def save_format(self) -> SaveFormat:
-        return self.options.save_format
-
-    @property
-    def dict_mode(self) -> DictMode:
-        return self.options.dict_mode
-
-    @property
-    def max_inflight(self) -> int:
-        return self.options.max_inflight
-
-    @property
-    def small_sync_bytes(self) -> int:
-        return self.options.small_sync_bytes
-
-    @property
-    def upload_queue(self) -> queue.Queue[Path] | None:
-        return self.options.upload_queue
-
-    @property
-    def pool(self) -> ThreadPoolExecutor:
-        """The threads that wait for staging copies and run custom writers (the engine writes)."""
-        return self._pipeline.executor
-
     def write(
         self, relative_path_no_ext: str | os.PathLike[str], to_save: object, *, copy: bool = False
     ) -> WriteFuture:
-        """Write `to_save` to `<out_root>/<relative_path_no_ext><suffix>` (several files with SPLIT).
-
-        Returns at once unless the budget is full. Device tensors are copied to pinned host memory on
-        a copy stream ordered after the caller's current stream. With copy=True every array is first
-        snapshotted (on the device, in stream order; host arrays by a copy), so the caller may
-        overwrite it (static CUDA-graph outputs) as soon as this returns. Raises InvalidKeyError or
-        InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
-        (RuntimeError), or the first background failure, before anything is queued.
-        """
         began = self._enter(relative_path_no_ext)
         try:
             name = validate_key(relative_path_no_ext)
@@ -205,7 +141,7 @@ class AsyncWriter:
             if self._already_written(entries):
                 return self._skipped([Path(entry.path) for entry in entries])
             entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
-            future = WriteFuture(staged_apart=staged is not None or copy)
+            future = WriteFuture(staged_apart=staged is not None or copy, callbacks=self._pipeline.callbacks)
             if copy:
                 future.set_staged()
             pending = _Write(future, entries, [name] * len(entries), staged)
@@ -229,19 +165,11 @@ class AsyncWriter:
         *,
         save: Callable[[Path, Any], None] | None = None,
         suffix: str = "",
+        allow_empty: bool = False,
     ) -> WriteFuture:
-        """Write sample i of `batch` under keys[i]: one staging copy for the batch, one file per sample.
-
-        `batch` is a tensor or a mapping of tensors whose first dimension indexes the samples (device
-        tensors are copied to host memory whole, once, and each file gets only its sample's rows), or
-        a list or tuple with one value per key. With `save`, each sample is written by
-        `save(temporary_path, sample)` to `<key><suffix>` instead of in the writer's format, with the
-        same atomic commit: the temporary's name does not end in `suffix`, so name the format
-        explicitly inside `save`. One future for the whole batch; its result lists every file.
-        """
         began = self._enter(keys)
         try:
-            return self._write_batch(keys, batch, save, suffix)
+            return self._write_batch(keys, batch, save, suffix, allow_empty)
         finally:
             self._leave(began)
 
@@ -251,7 +179,13 @@ class AsyncWriter:
         batch: object,
         save: Callable[[Path, Any], None] | None,
         suffix: str,
+        allow_empty: bool,
     ) -> WriteFuture:
+        if isinstance(keys, (str, bytes, bytearray)):
+            raise InvalidKeyError(
+                f"keys {keys!r} is one {type(keys).__name__}, not a sequence of keys; pass a list, "
+                "e.g. write_batch([key], ...) for one sample"
+            )
         names = [validate_key(key) for key in keys]
         if len(set(names)) != len(names):
             twice = sorted({n for n in names if names.count(n) > 1})
@@ -272,6 +206,7 @@ class AsyncWriter:
         planned = [
             self._plan_sample(name, sample, save, suffix) for name, sample in zip(names, samples, strict=True)
         ]
+        check_distinct_files(names, planned)
         self._check_folders([entry for entries in planned for entry in entries])
         kept = [i for i, entries in enumerate(planned) if not self._already_written(entries)]
         if not kept:
@@ -285,12 +220,12 @@ class AsyncWriter:
         _, staged = self._stager.stage(to_stage)
         flat = [entry for entries in planned for entry in entries]
         entry_keys = [names[i] for i, entries in zip(kept, planned, strict=True) for _ in entries]
-        future = WriteFuture(staged_apart=staged is not None)
+        future = WriteFuture(staged_apart=staged is not None, callbacks=self._pipeline.callbacks)
         pending = _Write(future, flat, entry_keys, staged)
         if staged is None and save is None:
             return self._start(pending, None)
 
-        def ready() -> tuple[list[FileEntry], list[Callable[[int, str], None]] | None]:
+        def ready() -> tuple[list[FileEntry], list[_FileWriter] | None]:
             host = planned
             if staged is not None:
                 arrived = staged.wait()
@@ -302,7 +237,7 @@ class AsyncWriter:
                     host = [self._plan_sample(names[i], host_samples[i], save, suffix) for i in kept]
             savers = None
             if save is not None:
-                savers = [_saving(save, value) for value in _sample_values(host, samples)]
+                savers = [_saving(save, value, allow_empty) for value in _sample_values(host, samples)]
             return [entry for group in host for entry in group], savers
 
         return self._start(pending, ready)
@@ -354,7 +289,7 @@ class AsyncWriter:
         self,
         pending: _Write,
         entries: list[FileEntry],
-        savers: list[Callable[[int, str], None]] | None,
+        savers: list[_FileWriter] | None,
         encoded: list[list[Buffer]] | None = None,
     ) -> None:
         """The files as the engine takes them: the format's buffers, or a temporary that a custom writer
@@ -364,12 +299,15 @@ class AsyncWriter:
         files: list[FileJob] = []
         backends: list[str] = []
         k = 0
+        keys = pending.keys
+        files_of = Counter(keys) if journal is not None and len(keys) > 1 else None  # files per key
         try:
             for k, (entry, number) in enumerate(zip(entries, pending.numbers, strict=True)):
                 record = None
                 if journal is not None:
                     fmt = Path(entry.path).suffix[1:] if savers is not None else kind
-                    record = journal.prefix(pending.keys[k], entry.path, fmt, arrays_of(entry))
+                    count = files_of[keys[k]] if files_of is not None else 1
+                    record = journal.prefix(keys[k], entry.path, fmt, arrays_of(entry), count)
                 checksum = record is not None
                 # Encoded: a header and views of host memory, which only the engine can write.
                 writer = (
@@ -393,9 +331,11 @@ class AsyncWriter:
                     files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number, record, crc))
                     backends.append("posix")
                     continue
-                fd, temporary = self._committer.create(entry.path)
+                fd, temporary = self._committer.create(entry.path, keep_suffix=savers is not None)
                 files.append(FileJob(entry.path, temporary, None, fd, checksum, number, record))
-                writer(fd, temporary)
+                written = writer(fd, temporary)
+                if written is not None:  # the file there now, where a save function replaced it
+                    files[-1] = files[-1]._replace(fd=written)
                 backends.append("posix" if savers is not None else self._route.kvikio_label)
             pending.entries, pending.backends = entries, backends
             self._engine.submit(pending, files)
@@ -406,7 +346,7 @@ class AsyncWriter:
             self._engine.release([entry.path for entry in pending.entries])
             self._finish([(pending, None, _naming(exc, pending.keys[k], entries[k].path))])
 
-    def _file_writer(self, entry: FileEntry) -> Callable[[int, str], None] | None:
+    def _file_writer(self, entry: FileEntry) -> _FileWriter | None:
         """None where the engine writes the format's buffers itself; else what writes the file
         (kvikio from device memory, or a format that is not a list of buffers)."""
         direct = self._route.writer_for(entry)
@@ -496,9 +436,6 @@ class AsyncWriter:
         return future
 
     def is_done(self, key: str | os.PathLike[str]) -> bool:
-        """Whether `key` is written: committed by this writer, or recorded by an earlier run's journal
-        (loaded at construction) with every file still there at its recorded size. Needs
-        skip_existing=True."""
         if self._done is None:
             raise RuntimeError(
                 "is_done() needs AsyncWriter(..., skip_existing=True), which loads the manifest"
@@ -510,6 +447,7 @@ class AsyncWriter:
         """Admit one write() or write_batch() call (close() waits for every call admitted); returns
         when it began, for stats().write_seconds."""
         began = time.perf_counter()
+        self._refuse_if_forked()
         if not self._gate.enter():
             raise WriterClosedError(f"write({key!r}) after close(); create a new AsyncWriter")
         try:
@@ -538,27 +476,19 @@ class AsyncWriter:
                 checked.add(folder)
 
     def wait_backend(self, timeout: float | None = None) -> str:
-        """Wait until the backend for CUDA tensors is decided ("kvikio" or "posix"), and return it.
-
-        write() never waits for that decision (with backend='auto' a probe makes it in the background,
-        and until then CUDA tensors take the pinned path); call this to start timing after it, say.
-        Returns the backend of the moment if `timeout` passes first.
-        """
         self._route.wait(timeout)
         return self._route.name
 
     def flush(self) -> None:
-        """Wait for every write made so far; raise the first background failure, if any."""
+        self._refuse_if_forked()
         self._pipeline.drain()
         if self._journal is not None:
             self._journal.sync()
         self._pipeline.raise_if_failed()
 
     def close(self) -> None:
-        """Flush, then stop the workers (also after a failure); raise the first background failure.
-
-        Calling it again does nothing more than raise that failure again.
-        """
+        self._refuse_if_forked()
+        _open_writers.discard(self)
         if self._gate.close():  # waits for the write() calls already admitted
             try:
                 self._pipeline.drain()
@@ -579,12 +509,220 @@ class AsyncWriter:
         self._closed.wait()  # a close() racing the first one returns only once that one is done
         self._pipeline.raise_if_failed()
 
+    def _refuse_if_forked(self) -> None:
+        if self._pid != os.getpid():
+            raise WriterForkedError(
+                f"this writer was made in process {self._pid}, and a child of fork() (process "
+                f"{os.getpid()}) has none of its threads; make a new AsyncWriter in the child"
+            )
+
+    def dropped(self) -> None:
+        """The AsyncWriter was collected: close, and warn if it was still open (as files do)."""
+        if self._pid != os.getpid() or self._gate.closed:
+            return
+        try:
+            warnings.warn(f"unclosed {self!r}: call close(), or use it in a `with` block", ResourceWarning, 2)
+        finally:
+            _close_and_log(self, "dropped without close()")
+
     def stats(self) -> WriterStats:
         in_flight, engine = self._pipeline.in_flight, self._engine.name
         if not self._stager.pool_started:
             return self._stats.snapshot(in_flight, engine=engine)
         pool = self._stager.pool
         return self._stats.snapshot(in_flight, pool.capacity, pool.peak, engine=engine)
+
+    def __repr__(self) -> str:
+        o = self.options
+        return (
+            f"AsyncWriter({str(o.out_root)!r}, save_format={o.save_format}, dict_mode={o.dict_mode}, "
+            f"workers={o.workers}, durability={o.durability}{', closed' if self._gate.closed else ''})"
+        )
+
+
+class AsyncWriter:
+    """Asynchronous, crash-safe writer of tensors, mappings and sequences of tensors under `out_root`.
+
+    `write(key, value)` checks the key and the value, waits while the budget (`max_inflight` writes,
+    `max_inflight_bytes` bytes) is full, and returns a WriteFuture; the write engine (`engine`: native
+    C threads, or their pure-Python twin) writes the file into a temporary sibling and renames it into
+    place. With the Python engine and durability NONE, payloads under `small_sync_bytes` are written on
+    the caller's thread instead, where a queue hop would cost more than the write. A failed write,
+    wherever it ran, is raised by the next write(), by flush() and by close(): a writer that failed
+    stays failed. Keys are checked at write() (see plan.validate_key); by default no key
+    may lead through a symlinked folder (`follow_symlinks`).
+
+    CPU tensors and numpy arrays are not copied: do not modify them in place until the write's future
+    is done (or flush() has returned). CUDA tensors (and CuPy or other DLPack arrays) go through a pool
+    of `pinned_pool_bytes` page-locked memory on a copy stream, ordered after the caller's stream by
+    events: the caller never synchronizes the device, and may reuse them once the future is staged.
+
+    A writer dropped without close() is closed when it is collected, with a ResourceWarning (as an
+    unclosed file warns); one still open at interpreter exit finishes its writes first, and logs any
+    failure. In a child of fork() an inherited writer refuses every call (WriterForkedError): make a
+    new one there.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "_writer")
+    _writer: _Writer
+    _finalizer: weakref.finalize[[], AsyncWriter]
+
+    def __init__(
+        self,
+        out_root: str | os.PathLike[str],
+        save_format: SaveFormat | str = SaveFormat.PYTORCH_PT,
+        dict_mode: DictMode | str = DictMode.SINGLE,
+        workers: int = 4,
+        max_inflight: int = 256,
+        small_sync_bytes: int = 64_000,
+        upload_queue: queue.Queue[Path] | None = None,
+        *,
+        max_inflight_bytes: int = 1 << 30,
+        durability: Durability | str = Durability.FILE,
+        align: int | None = None,
+        pinned_pool_bytes: int | None = None,
+        backend: Backend | str = Backend.AUTO,
+        kvikio_threads: int = 4,
+        kvikio_task_size: int = 4 << 20,
+        kvikio_direct_io: bool = True,
+        manifest: bool = True,
+        skip_existing: bool = False,
+        follow_symlinks: bool = False,
+        engine: str = "auto",
+        progress_seconds: float | None = None,
+    ) -> None:
+        options = WriterOptions(
+            out_root=Path(out_root),
+            save_format=save_format,  # type: ignore[arg-type]  # coerced and checked there
+            dict_mode=dict_mode,  # type: ignore[arg-type]
+            workers=workers,
+            max_inflight=max_inflight,
+            small_sync_bytes=small_sync_bytes,
+            upload_queue=upload_queue,
+            max_inflight_bytes=max_inflight_bytes,
+            durability=durability,  # type: ignore[arg-type]
+            align=align,
+            pinned_pool_bytes=pinned_pool_bytes,
+            backend=backend,  # type: ignore[arg-type]
+            kvikio_threads=kvikio_threads,
+            kvikio_task_size=kvikio_task_size,
+            kvikio_direct_io=kvikio_direct_io,
+            manifest=manifest,
+            skip_existing=skip_existing,
+            follow_symlinks=follow_symlinks,
+            engine=engine,
+            progress_seconds=progress_seconds,
+        )
+        writer = _Writer(options)
+        object.__setattr__(self, "_writer", writer)
+        object.__setattr__(self, "_finalizer", weakref.finalize(self, writer.dropped))
+        self._finalizer.atexit = False  # at exit, _close_at_exit closes it, before the threads stop
+
+    @property
+    def options(self) -> WriterOptions:
+        return self._writer.options
+
+    # The original AsyncWriter's attributes.
+    @property
+    def root(self) -> Path:
+        return self._writer.options.out_root
+
+    @property
+    def save_format(self) -> SaveFormat:
+        return self._writer.options.save_format
+
+    @property
+    def dict_mode(self) -> DictMode:
+        return self._writer.options.dict_mode
+
+    @property
+    def max_inflight(self) -> int:
+        return self._writer.options.max_inflight
+
+    @property
+    def small_sync_bytes(self) -> int:
+        return self._writer.options.small_sync_bytes
+
+    @property
+    def upload_queue(self) -> queue.Queue[Path] | None:
+        return self._writer.options.upload_queue
+
+    @property
+    def pool(self) -> ThreadPoolExecutor:
+        """The threads that wait for staging copies and run custom writers (the engine writes)."""
+        return self._writer._pipeline.executor
+
+    def write(
+        self, relative_path_no_ext: str | os.PathLike[str], to_save: object, *, copy: bool = False
+    ) -> WriteFuture:
+        """Write `to_save` to `<out_root>/<relative_path_no_ext><suffix>` (several files with SPLIT).
+
+        Returns at once unless the budget is full. Device tensors are copied to pinned host memory on
+        a copy stream ordered after the caller's current stream. With copy=True every array is first
+        snapshotted (on the device, in stream order; host arrays by a copy), so the caller may
+        overwrite it (static CUDA-graph outputs) as soon as this returns. Raises InvalidKeyError or
+        InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
+        (RuntimeError), or the first background failure, before anything is queued.
+        """
+        return self._writer.write(relative_path_no_ext, to_save, copy=copy)
+
+    def write_batch(
+        self,
+        keys: Sequence[str | os.PathLike[str]],
+        batch: object,
+        *,
+        save: Callable[[Path, Any], None] | None = None,
+        suffix: str = "",
+        allow_empty: bool = False,
+    ) -> WriteFuture:
+        """Write sample i of `batch` under keys[i]: one staging copy for the batch, one file per sample.
+
+        `batch` is a tensor or a mapping of tensors whose first dimension indexes the samples (device
+        tensors are copied to host memory whole, once, and each file gets only its sample's rows), or
+        a sequence with one value per key. With `save`, each sample is written by `save(path, sample)`
+        to `<key><suffix>` instead of in the writer's format, with the same atomic commit: `path` is a
+        temporary ending in `suffix`, so `np.save(path, a)`, `image.save(path)` and
+        `path.with_suffix(suffix)` write where they should. A save function that leaves `path` empty
+        (unless `allow_empty`), or writes elsewhere, fails its write with SaveFunctionError. One future
+        for the whole batch; its result lists every file.
+        """
+        return self._writer.write_batch(keys, batch, save=save, suffix=suffix, allow_empty=allow_empty)
+
+    def is_done(self, key: str | os.PathLike[str]) -> bool:
+        """Whether `key` is written: committed by this writer, or recorded by an earlier run's journal
+        (loaded at construction) with every file still there at its recorded size. Needs
+        skip_existing=True."""
+        return self._writer.is_done(key)
+
+    def wait_backend(self, timeout: float | None = None) -> str:
+        """Wait until the backend for CUDA tensors is decided ("kvikio" or "posix"), and return it.
+
+        write() never waits for that decision (with backend='auto' a probe makes it in the background,
+        and until then CUDA tensors take the pinned path); call this to start timing after it, say.
+        Returns the backend of the moment if `timeout` passes first.
+        """
+        return self._writer.wait_backend(timeout)
+
+    def flush(self) -> None:
+        """Wait for every write made so far; raise the first background failure, if any."""
+        self._writer.flush()
+
+    def close(self) -> None:
+        """Flush, then stop the workers (also after a failure); raise the first background failure.
+
+        Calling it again does nothing more than raise that failure again.
+        """
+        self._writer.close()
+
+    def stats(self) -> WriterStats:
+        return self._writer.stats()
+
+    def __getattr__(self, name: str) -> Any:
+        """The rest (its stages, for tests and integrations that look inside) is the writer's."""
+        return getattr(self._writer, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self._writer, name, value)
 
     def __enter__(self) -> AsyncWriter:
         return self
@@ -602,11 +740,7 @@ class AsyncWriter:
                 raise
 
     def __repr__(self) -> str:
-        o = self.options
-        return (
-            f"AsyncWriter({str(o.out_root)!r}, save_format={o.save_format}, dict_mode={o.dict_mode}, "
-            f"workers={o.workers}, durability={o.durability}{', closed' if self._gate.closed else ''})"
-        )
+        return repr(self._writer)
 
 
 def _regroup(ready: list[FileEntry], planned: list[list[FileEntry]]) -> list[list[FileEntry]]:
@@ -632,8 +766,15 @@ def _sample_values(host: list[list[FileEntry]], samples: list[Any]) -> list[Any]
     return values
 
 
-def _saving(save: Callable[[Path, Any], None], value: Any) -> Callable[[int, str], None]:
-    return lambda fd, temporary: save(Path(temporary), value)
+def _saving(save: Callable[[Path, Any], None], value: Any, allow_empty: bool) -> _FileWriter:
+    """Runs `save` on the temporary (its name ends in the file's suffix), then takes what it left there
+    (commit.take_saved: an empty file or one written beside fails the write)."""
+
+    def saving(fd: int, temporary: str) -> int:
+        save(Path(temporary), value)
+        return take_saved(fd, temporary, allow_empty=allow_empty)
+
+    return saving
 
 
 def _naming(error: BaseException, key: str, path: str) -> BaseException:
@@ -653,8 +794,11 @@ def _discard(job: FileJob) -> None:
         os.unlink(job.temporary)
 
 
+#: Writes a file into the temporary open at the descriptor; returns the descriptor of the file there
+#: now where that changed (a save function replaced it), else None.
+_FileWriter = Callable[[int, str], "int | None"]
 #: What a worker calls to get a write's host entries (after staging), and custom writers if any.
-_Ready = Callable[[], "tuple[list[FileEntry], list[Callable[[int, str], None]] | None]"]
+_Ready = Callable[[], "tuple[list[FileEntry], list[_FileWriter] | None]"]
 
 
 class _Write:

@@ -247,3 +247,43 @@ def _stored_in_order(
     names = [f"k{i}" if kind == "mapping" else f"arr_{i}" for i in range(count)]
     assert sorted(content) == sorted(names)
     return [content[name] for name in names]
+
+
+class _Mask(torch.Tensor):
+    """A tensor subclass as torchvision's tv_tensors are: loading it needs its class."""
+
+
+@pytest.mark.parametrize("save_format", list(SaveFormat))
+def test_a_tensor_subclass_is_stored_as_the_plain_tensor(tmp_path: Path, save_format: SaveFormat) -> None:
+    mask = torch.arange(6, dtype=torch.float32).reshape(2, 3).as_subclass(_Mask)
+    parameter = torch.nn.Parameter(torch.ones(2))
+    with AsyncWriter(tmp_path, save_format, DictMode.SPLIT) as writer:
+        writer.write("m", mask)
+        writer.write_batch(["b0", "b1"], mask)
+        writer.write("p", {"w": parameter})
+    suffix = save_format.value
+    if save_format is SaveFormat.PYTORCH_PT:  # the documented reader, which refuses unknown classes
+        loaded = torch.load(tmp_path / "m.pt", weights_only=True)
+        assert type(loaded) is torch.Tensor
+        assert torch.equal(loaded, mask.as_subclass(torch.Tensor))
+        assert type(torch.load(tmp_path / "b1.pt", weights_only=True)) is torch.Tensor
+
+    def one(name: str) -> object:
+        value = read_back(tmp_path / f"{name}.{suffix}", save_format)
+        return value["arr_0"] if isinstance(value, dict) else value  # npz: the one array by its name
+
+    assert_same(one("m"), mask.as_subclass(torch.Tensor))
+    assert_same(one("b1"), mask[1].as_subclass(torch.Tensor))
+    assert_same(one("p_w"), torch.ones(2))
+
+
+@pytest.mark.parametrize("save_format", list(SaveFormat))
+@pytest.mark.parametrize("number", [3, 2.5, True, np.float32(1.5), np.int16(-4)])
+def test_a_number_is_written_as_a_0d_array(tmp_path: Path, save_format: SaveFormat, number: object) -> None:
+    with AsyncWriter(tmp_path, save_format) as writer:
+        writer.write("n", number)
+        writer.write_batch(["b"], [number])  # a batch of one number, as a predict step returns it
+    for name in ("n", "b"):
+        value = read_back(tmp_path / f"{name}.{save_format.value}", save_format)
+        value = value["arr_0"] if isinstance(value, dict) else value
+        assert_same(value, np.asarray(number))

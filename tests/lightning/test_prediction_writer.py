@@ -272,3 +272,107 @@ def test_progress_bar_false_leaves_the_bar_alone(tmp_path: Path) -> None:
     trainer, bar = _tqdm_trainer(PredictionWriter(tmp_path, value_key="y", progress_bar=False))
     trainer.predict(Doubler(), loader(3), return_predictions=False)
     assert not bar.predict_progress_bar.postfix
+
+
+class _Returns(Doubler):
+    """Predicts whatever `make(batch, batch_idx)` returns: Doubler's outputs, or something odd."""
+
+    def __init__(self, make: Any) -> None:
+        super().__init__()
+        self.make = make
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> Any:
+        return self.make(super().predict_step(batch, batch_idx, dataloader_idx), batch_idx)
+
+
+@pytest.mark.parametrize(
+    ("value_key", "empty"),
+    [(None, torch.zeros(0, 3, 4)), (None, {}), (None, []), (None, None), ("y", {}),
+     ("y", {"y": torch.zeros(0, 3, 4), "id": []}), ("y", {"y": []})],
+    ids=["tensor", "dict", "list", "none", "dict-with-value-key", "entry-of-0-rows", "empty-entry"],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore:predict returned None:UserWarning")  # Lightning's, for the None case
+def test_a_prediction_without_samples_is_skipped(tmp_path: Path, value_key: str | None, empty: Any) -> None:
+    """A model that filters a whole batch out returns no samples: nothing to write, not a failed predict."""
+
+    def make(out: dict[str, Any], batch_idx: int) -> Any:
+        if batch_idx == 1:
+            return empty
+        return out if value_key else out["y"]
+
+    callback = PredictionWriter(tmp_path, value_key=value_key)
+    _trainer(callback).predict(_Returns(make), loader(10, batch_size=4), return_predictions=False)
+    assert sorted(p.name for p in outputs_in(tmp_path)) == sorted(f"{i}.pt" for i in [0, 1, 2, 3, 8, 9])
+    assert torch.equal(torch.load(tmp_path / "9.pt", weights_only=True), expected(9))
+
+
+@pytest.mark.parametrize(
+    ("value", "writer", "stored"),
+    [(torch.tensor(7.5), "tensor", torch.tensor(7.5)), (torch.tensor(7.5), "text", "7.5\n"),
+     (42, "text", "42\n"), ("a whole sentence", "text", "a whole sentence")],
+    ids=["0-d-tensor", "0-d-tensor-as-text", "number", "str"],
+)  # fmt: skip
+def test_one_value_for_a_batch_of_one_is_its_sample(
+    tmp_path: Path, value: Any, writer: str, stored: Any
+) -> None:
+    _trainer(PredictionWriter(tmp_path, writer=writer)).predict(
+        _Returns(lambda out, i: value), loader(3, batch_size=1), return_predictions=False
+    )
+    suffix = ".pt" if writer == "tensor" else ".txt"
+    assert sorted(p.name for p in outputs_in(tmp_path)) == [f"{i}{suffix}" for i in range(3)]
+    if writer == "tensor":
+        assert torch.equal(torch.load(tmp_path / "2.pt", weights_only=True), stored)
+    else:
+        assert (tmp_path / "2.txt").read_text(encoding="utf-8") == stored
+
+
+@pytest.mark.parametrize(
+    "values", [range(4), (0, 1, 2, 3), ["0", "1", "2", "3"]], ids=["range", "tuple", "list"]
+)
+def test_a_sequence_holds_a_value_per_sample(tmp_path: Path, values: Any) -> None:
+    _trainer(PredictionWriter(tmp_path, writer="text")).predict(
+        _Returns(lambda out, i: values), loader(4, batch_size=4), return_predictions=False
+    )
+    assert [(tmp_path / f"{i}.txt").read_text(encoding="utf-8").strip() for i in range(4)] == list("0123")
+
+
+def test_a_str_is_never_split_into_samples(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"one str \('ab'\), one sample's value, but 2 keys were given"):
+        _trainer(PredictionWriter(tmp_path, writer="text")).predict(
+            _Returns(lambda out, i: "ab"), loader(2, batch_size=2), return_predictions=False
+        )
+    assert not list(tmp_path.rglob("*.txt")), "no file per character"
+
+
+@pytest.mark.parametrize(
+    ("name", "file"), [("case.7", "case.7.txt"), (torch.tensor(7), "7.txt"), (7, "7.txt"), (["n"], "n.txt")]
+)
+def test_names_for_a_batch_of_one(tmp_path: Path, name: Any, file: str) -> None:
+    _trainer(PredictionWriter(tmp_path, value_key="y", writer="text", name_key="n")).predict(
+        _Returns(lambda out, i: {"y": "text", "n": name}), loader(1, batch_size=1), return_predictions=False
+    )
+    assert [p.name for p in outputs_in(tmp_path)] == [file]
+
+
+def test_names_of_0d_tensors_in_a_list_are_their_values(tmp_path: Path) -> None:
+    _trainer(PredictionWriter(tmp_path, value_key="y", name_key="n")).predict(
+        _Returns(lambda out, i: {"y": out["y"], "n": [torch.tensor(5), torch.tensor(6)]}),
+        loader(2, batch_size=2),
+        return_predictions=False,
+    )
+    assert sorted(p.name for p in outputs_in(tmp_path)) == ["5.pt", "6.pt"]
+
+
+def test_a_directory_that_is_a_file_fails_at_construction(tmp_path: Path) -> None:
+    file = tmp_path / "preds"
+    file.write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=rf"PredictionWriter\(directory='{file}'\) is a file, not a"):
+        PredictionWriter(file)
+    with pytest.raises(NotADirectoryError, match=rf"lies under '{file}', which is a file, not a folder"):
+        PredictionWriter(file / "sub" / "dir")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match="is a symlink to nothing, not a folder"):
+        PredictionWriter(tmp_path / "dangling")
+    assert file.read_text() == "not a folder"
+    PredictionWriter(tmp_path / "new" / "folder")  # a folder that does not exist yet is made at predict()
+    assert not (tmp_path / "new").exists()

@@ -281,6 +281,7 @@ struct Batch {
 typedef struct {
     PyObject_HEAD
     int durability, follow_symlinks, nthreads, started, stopping, closed;
+    pid_t pid; /* the process that started the threads: a child of fork() has none of them */
     char *root;
     pthread_t *threads;
     /* work queue */
@@ -653,6 +654,23 @@ static void stop_threads(Engine *e) {
     e->started = 0;
 }
 
+/* Whether the engine can be used here: __init__ has run (Engine.__new__ alone makes a zeroed object),
+ * in this process (a child of fork() inherits the object but not its threads, and the locks may be
+ * held by threads that no longer exist). Every method asks first. */
+static int usable(Engine *e) {
+    if (!e->threads) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine not initialised: make it with Engine(threads, durability, root)");
+        return 0;
+    }
+    if (e->pid != getpid()) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "this engine was started in process %ld and cannot be used after fork() (process %ld): "
+                     "make a new writer in the child", (long)e->pid, (long)getpid());
+        return 0;
+    }
+    return 1;
+}
+
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"threads", "durability", "root", "follow_symlinks", "journal", NULL};
     int threads, durability, follow = 0, journal = -1;
@@ -669,6 +687,7 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwargs) {
     if (!e->root) return -1;
     e->durability = durability;
     e->follow_symlinks = follow;
+    e->pid = getpid();
     e->journal = journal;
     pthread_mutex_init(&e->journal_lock, NULL);
     pthread_mutex_init(&e->lock, NULL);
@@ -698,8 +717,8 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwargs) {
 
 static PyObject *Engine_submit(Engine *e, PyObject *args) {
     PyObject *token, *files;
-    if (!PyArg_ParseTuple(args, "OO!", &token, &PyList_Type, &files)) return NULL;
-    if (e->closed || !e->threads) { PyErr_SetString(PyExc_RuntimeError, "the engine is closed"); return NULL; }
+    if (!PyArg_ParseTuple(args, "OO!", &token, &PyList_Type, &files) || !usable(e)) return NULL;
+    if (e->closed) { PyErr_SetString(PyExc_RuntimeError, "the engine is closed"); return NULL; }
     Py_ssize_t n = PyList_GET_SIZE(files);
     if (n == 0) { PyErr_SetString(PyExc_ValueError, "a batch needs at least one file"); return NULL; }
     Batch *batch = PyMem_RawCalloc(1, sizeof(Batch));
@@ -789,6 +808,7 @@ error:
 
 /* Number paths in the order of write() calls, before their batch is submitted: the latest number wins. */
 static PyObject *Engine_reserve(Engine *e, PyObject *paths) {
+    if (!usable(e)) return NULL;
     if (!PyList_Check(paths)) { PyErr_SetString(PyExc_TypeError, "reserve() takes a list of paths"); return NULL; }
     Py_ssize_t n = PyList_GET_SIZE(paths);
     PyObject *numbers = PyList_New(n);
@@ -819,6 +839,7 @@ error: /* give back the numbers taken so far */
 }
 
 static PyObject *Engine_release(Engine *e, PyObject *paths) {
+    if (!usable(e)) return NULL;
     if (!PyList_Check(paths)) { PyErr_SetString(PyExc_TypeError, "release() takes a list of paths"); return NULL; }
     for (Py_ssize_t i = 0; i < PyList_GET_SIZE(paths); i++) {
         char *path = copy_path(PyList_GET_ITEM(paths, i));
@@ -848,7 +869,7 @@ static PyObject *batch_outcome(Batch *batch) {
 static PyObject *Engine_reap(Engine *e, PyObject *args) {
     double timeout;
     if (!PyArg_ParseTuple(args, "d", &timeout)) return NULL;
-    if (!e->threads) { PyErr_SetString(PyExc_RuntimeError, "Engine not initialised"); return NULL; }
+    if (!usable(e)) return NULL;
     Batch *taken = NULL;
     int finished = 0;
     Py_BEGIN_ALLOW_THREADS
@@ -880,7 +901,8 @@ static PyObject *Engine_reap(Engine *e, PyObject *args) {
 }
 
 static PyObject *Engine_close(Engine *e, PyObject *unused) {
-    if (!e->threads || e->closed) Py_RETURN_NONE;
+    if (!usable(e)) return NULL;
+    if (e->closed) Py_RETURN_NONE;
     Py_BEGIN_ALLOW_THREADS
     stop_threads(e); /* the threads finish the queue first */
     pthread_mutex_lock(&e->lock);
@@ -892,6 +914,10 @@ static PyObject *Engine_close(Engine *e, PyObject *unused) {
 }
 
 static void Engine_dealloc(Engine *e) {
+    if (e->threads && e->pid != getpid()) { /* a child of fork(): no threads to stop, locks maybe held */
+        Py_TYPE(e)->tp_free((PyObject *)e);
+        return;
+    }
     if (e->threads) {
         Py_BEGIN_ALLOW_THREADS
         stop_threads(e);
@@ -907,6 +933,7 @@ static void Engine_dealloc(Engine *e) {
 }
 
 static PyObject *Engine_pending(Engine *e, void *unused) {
+    if (!usable(e)) return NULL;
     pthread_mutex_lock(&e->lock);
     Py_ssize_t n = e->unreaped;
     pthread_mutex_unlock(&e->lock);
