@@ -7,6 +7,7 @@ Needs the `ray` extra (`ray[data]`); `import tensorsink` does not import Ray.
   AsyncWriter (with its own journal) over its blocks, one `write_batch` per block. A file's name comes
   from its row's key, never from the task, so a retried task rewrites the same files (each replaced
   atomically) instead of adding copies; with `skip_existing=True` it skips the rows already committed.
+  Two rows with one key would silently leave one file: the write fails naming the key instead.
 - `CommittedBatchWriter`: made in a `map_batches` callable class; `write(keys, batch)` queues the
   batch (CUDA tensors go through the pinned pool, or GDS) and returns, once the files are committed,
   the rows `key`, `path`, `bytes` for Ray to carry instead of the tensors.
@@ -15,14 +16,11 @@ Needs the `ray` extra (`ray[data]`); `import tensorsink` does not import Ray.
 from __future__ import annotations
 
 import contextlib
-import difflib
-import inspect
 import logging
 import os
 import secrets
 import socket
-import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +31,11 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
 from .commit import sweep
+from .committed import CommittedBatchWriter, check_option_names, key_values
+from .errors import InvalidKeyError
 from .manifest import JOURNAL_DIR
 from .options import DictMode, SaveFormat, WriterOptions
-from .plan import file_path, validate_key
+from .plan import validate_key
 from .writer import AsyncWriter
 
 __all__ = ["CommittedBatchWriter", "TaskWritten", "TensorDatasink", "WriteSummary"]
@@ -52,6 +52,9 @@ class TaskWritten:
     bytes: int
     skipped: int
     journal: str | None  # this task's journal (None without manifest, or when it got no rows)
+    #: The task's keys as written (normalised, UTF-8, sorted), skipped rows' included: the driver
+    #: checks that no two tasks wrote one key. A fixed-width bytes array, far smaller than the strs.
+    keys: np.ndarray = field(default_factory=lambda: _key_array([]), repr=False, compare=False)
 
 
 @dataclass
@@ -76,7 +79,8 @@ class TensorDatasink(Datasink[TaskWritten]):
 
     - `key_column`: the column naming each row's file, str or int values (ints are written in
       decimal). A key is checked as AsyncWriter checks it: one that escapes the root fails the write
-      with InvalidKeyError.
+      with InvalidKeyError, and so does a key of two rows (`"a"` and `"./a"` are one), which would
+      leave one file for both: in one write task at once, across tasks when every task is done.
     - `columns`: the tensor columns to store (default: every column but the key). Several are stored
       as a mapping (one file, or one per column with `dict_mode="split"`), a single one as a tensor.
     - `manifest`: each task journals its files; on completion the tasks' journals are merged into one,
@@ -107,7 +111,7 @@ class TensorDatasink(Datasink[TaskWritten]):
         min_bytes_per_write: int | None = 64 << 20,
         **asyncwriter_options: Any,
     ) -> None:
-        _check_option_names("TensorDatasink", asyncwriter_options)
+        check_option_names("TensorDatasink", asyncwriter_options)
         if min_bytes_per_write is not None and (
             isinstance(min_bytes_per_write, bool)
             or not isinstance(min_bytes_per_write, int)
@@ -156,7 +160,7 @@ class TensorDatasink(Datasink[TaskWritten]):
         """One write task: one AsyncWriter for all its blocks, one write_batch per block, then close()
         (which waits for every file and raises the first failure)."""
         writer: AsyncWriter | None = None
-        rows = 0
+        written: set[str] = set()  # this task's keys, normalised: a key of two rows fails here
         try:
             for block in blocks:
                 accessor = BlockAccessor.for_block(block)
@@ -164,14 +168,21 @@ class TensorDatasink(Datasink[TaskWritten]):
                     continue
                 batch = accessor.to_batch_format("numpy")
                 columns = _tensor_columns(list(batch), self.key_column, self.columns)
-                keys = _keys(batch[self.key_column])
+                keys = [validate_key(key) for key in key_values(batch[self.key_column])]
+                for key in keys:
+                    if key in written:
+                        raise InvalidKeyError(
+                            f"TensorDatasink(key_column={self.key_column!r}): key {key!r} is in two rows "
+                            "of one write task, and both would be written to one file; give each row "
+                            "its own key"
+                        )
+                    written.add(key)
                 value: object = (
                     batch[columns[0]] if len(columns) == 1 else {name: batch[name] for name in columns}
                 )
                 if writer is None:
                     writer = AsyncWriter(self.path, **self._options)
                 writer.write_batch(keys, value)
-                rows += len(keys)
         except BaseException:
             if writer is not None:
                 with contextlib.suppress(Exception):  # the error being raised is the one to report
@@ -182,12 +193,20 @@ class TensorDatasink(Datasink[TaskWritten]):
         writer.close()
         stats = writer.stats()
         journal = writer._journal.path if writer._journal is not None else None
-        return TaskWritten(rows, stats.files, stats.bytes, stats.skipped, journal)
+        # Every row has its own key (checked above), so the keys count the rows.
+        return TaskWritten(
+            len(written), stats.files, stats.bytes, stats.skipped, journal, _key_array(sorted(written))
+        )
 
     def on_write_complete(self, write_result: WriteResult[TaskWritten]) -> WriteSummary:
-        """Every task succeeded: merge their journals into one, sweep killed attempts' temporaries,
-        and return (and keep in `result`) what was written."""
+        """Every task succeeded: check that no two tasks wrote one key, merge their journals into one,
+        sweep killed attempts' temporaries, and return (and keep in `result`) what was written.
+
+        Only the attempts that succeeded return here, so a task that Ray retried counts once, however
+        many of its files a killed attempt had committed (and journaled) before. A key that two tasks
+        wrote raises InvalidKeyError before anything is merged or swept, as a failed task would."""
         returns = [r for r in write_result.write_returns if r is not None]
+        _check_keys_once(self.key_column, returns)
         summary = WriteSummary(
             rows=sum(r.rows for r in returns),
             files=sum(r.files for r in returns),
@@ -208,6 +227,33 @@ class TensorDatasink(Datasink[TaskWritten]):
         re-run with skip_existing=True writes only the rest); no file is left torn. Temporaries of
         tasks that were killed are not swept here, since other tasks may still be writing."""
         log.warning("tensorsink: TensorDatasink write into %s failed: %s", self.path, error)
+
+
+def _key_array(keys: Sequence[str]) -> np.ndarray:
+    """Keys as a fixed-width bytes array (UTF-8; keys hold no NUL, so none is lost to the padding)."""
+    return np.array([key.encode() for key in keys], dtype=np.bytes_) if keys else np.empty(0, "S1")
+
+
+def _check_keys_once(key_column: str, returns: Sequence[TaskWritten]) -> None:
+    """InvalidKeyError naming a key that two write tasks wrote (each task's own keys are distinct)."""
+    arrays = [r.keys for r in returns if len(r.keys)]
+    if len(arrays) < 2:
+        return
+    keys = np.concatenate(arrays)
+    keys.sort()
+    twice = np.flatnonzero(keys[1:] == keys[:-1])
+    if not len(twice):
+        return
+    names = [bytes(k).decode() for k in np.unique(keys[twice])]
+    if len(names) == 1:
+        which = f"key {names[0]!r} is"
+    else:
+        more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+        which = f"{len(names)} keys ({', '.join(map(repr, names[:5]))}{more}) are each"
+    raise InvalidKeyError(
+        f"TensorDatasink(key_column={key_column!r}): {which} in rows of more than one write task, so one "
+        "row's file replaced another's; give each row its own key"
+    )
 
 
 def merge_journals(root: str, journals: Sequence[str]) -> str:
@@ -241,118 +287,6 @@ def merge_journals(root: str, journals: Sequence[str]) -> str:
     return final
 
 
-class CommittedBatchWriter:
-    """Write a `map_batches` actor's outputs straight to files and return the committed rows.
-
-    Make one in the callable class's `__init__`; in `__call__`, `return writer.write(keys, outputs)`
-    where `outputs` is a tensor or a mapping of tensors (CUDA tensors included) whose first dimension
-    indexes `keys`. The tensors go through the AsyncWriter's pinned pool (or GDS), never through
-    Ray's object store; `write` returns only once every file of the batch is committed, as a batch
-    `{"key": ..., "path": ..., "bytes": ...}` (one row per file). So when the dataset's execution
-    returns, every file a returned row names is committed; an actor killed mid-batch returns nothing
-    for that batch (Ray retries it) and leaves at most temporaries, never a torn file under a final name.
-
-    With `compute=ActorPoolStrategy(max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)`
-    one batch's files are written while the next batch is computed (Ray Data runs a class's calls one
-    at a time, whatever max_concurrent_calls_per_actor says, unless enable_true_multi_threading is on).
-    `close()` (also called by `__del__`, which Ray runs on graceful actor shutdown) fsyncs the journal
-    (unless durability is "none") and stops the threads; nothing returned depends on it.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *,
-        save_format: SaveFormat | str = SaveFormat.SAFETENSORS,
-        dict_mode: DictMode | str = DictMode.SINGLE,
-        manifest: bool = True,
-        skip_existing: bool = False,
-        **asyncwriter_options: Any,
-    ) -> None:
-        _check_option_names("CommittedBatchWriter", asyncwriter_options)
-        self.path = os.path.abspath(path)
-        self._options: dict[str, Any] = {
-            "save_format": save_format,
-            "dict_mode": dict_mode,
-            "manifest": manifest,
-            "skip_existing": skip_existing,
-            **asyncwriter_options,
-        }
-        checked = WriterOptions(out_root=Path(self.path), **self._options)
-        self._suffix = "." + checked.save_format.value
-        self._split = checked.dict_mode is DictMode.SPLIT
-        self._writer: AsyncWriter | None = None
-        self._lock = threading.Lock()
-
-    @property
-    def writer(self) -> AsyncWriter:
-        """The AsyncWriter, made at the first write (in the actor, whichever thread gets there first)."""
-        with self._lock:
-            if self._writer is None:
-                self._writer = AsyncWriter(self.path, **self._options)
-            return self._writer
-
-    def write(self, keys: Sequence[object] | np.ndarray, outputs: object) -> dict[str, np.ndarray]:
-        """Write sample i of `outputs` under keys[i]; return the committed files as a batch of rows."""
-        names = _keys(keys)
-        if isinstance(outputs, (list, tuple, str, bytes)):
-            raise TypeError(
-                f"CommittedBatchWriter.write(outputs=...) takes a tensor or a mapping of tensors batched "
-                f"along the first dimension, not a {type(outputs).__name__}"
-            )
-        writer = self.writer
-        writer.write_batch(names, outputs).result()  # raises the write's own failure
-        parts = list(outputs) if self._split and isinstance(outputs, Mapping) else None
-        row_keys, paths, sizes = [], [], []
-        for name in names:
-            key = validate_key(name)
-            suffixes = [self._suffix] if parts is None else [f"_{part}{self._suffix}" for part in parts]
-            for suffix in suffixes:
-                path = file_path(self.path, key, suffix)
-                row_keys.append(name)
-                paths.append(path)
-                sizes.append(os.stat(path).st_size)
-        return {
-            "key": np.array(row_keys, dtype=object),
-            "path": np.array(paths, dtype=object),
-            "bytes": np.array(sizes, dtype=np.int64),
-        }
-
-    def close(self) -> None:
-        with self._lock:
-            writer, self._writer = self._writer, None
-        if writer is not None:
-            writer.close()
-
-    def __del__(self) -> None:
-        with contextlib.suppress(Exception):
-            self.close()
-
-    def __getstate__(self) -> dict[str, Any]:  # made on the driver, used in an actor: no threads travel
-        state = self.__dict__.copy()
-        state["_writer"] = None
-        del state["_lock"]
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-
-def _keys(column: Any) -> list[str]:
-    """File keys from a key column: str as they are, ints in decimal; anything else is passed on for
-    AsyncWriter to refuse with its own InvalidKeyError."""
-    keys: list[Any] = []
-    for value in column.tolist() if isinstance(column, np.ndarray) else list(column):
-        if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-            keys.append(str(int(value)))
-        else:
-            keys.append(value)
-    for key in keys:
-        validate_key(key)
-    return keys
-
-
 def _tensor_columns(names: list[str], key_column: str, columns: list[str] | None) -> list[str]:
     if key_column not in names:
         raise KeyError(f"TensorDatasink(key_column={key_column!r}) is not a column; the dataset has {names}")
@@ -365,22 +299,3 @@ def _tensor_columns(names: list[str], key_column: str, columns: list[str] | None
     if missing:
         raise KeyError(f"TensorDatasink(columns=...): {missing} not in the dataset's columns {names}")
     return columns
-
-
-def _asyncwriter_options() -> list[str]:
-    names = inspect.signature(AsyncWriter.__init__).parameters
-    return [name for name in names if name not in ("self", "out_root")]
-
-
-def _check_option_names(owner: str, options: Mapping[str, Any]) -> None:
-    known = _asyncwriter_options()
-    for name in options:
-        if name == "out_root":
-            raise TypeError(f"{owner}(out_root=...): the output folder is the first argument, path")
-        if name not in known:
-            close = difflib.get_close_matches(name, known, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise TypeError(
-                f"{owner}() got an unexpected keyword argument {name!r}; {hint}it takes AsyncWriter's "
-                f"options: {', '.join(known)}"
-            )

@@ -11,7 +11,7 @@ import pytest
 ray = pytest.importorskip("ray")
 from safetensors.numpy import load_file  # noqa: E402
 
-from tensorsink import sweep  # noqa: E402
+from tensorsink import InvalidKeyError, sweep  # noqa: E402
 from tensorsink.commit import is_temporary  # noqa: E402
 from tensorsink.manifest import JOURNAL_DIR, Manifest, verify  # noqa: E402
 from tensorsink.ray import CommittedBatchWriter, TensorDatasink  # noqa: E402
@@ -144,6 +144,53 @@ def test_skip_existing_writes_only_missing_rows(tmp_path: Path) -> None:
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # untouched
     assert len(_final_files(tmp_path)) == 20
     assert verify(tmp_path).ok
+
+
+def _keyed(keys: list[str], blocks: int) -> Any:
+    """Rows with the given keys (in order, in `blocks` blocks) and a vector that tells them apart."""
+    rows = [{"key": key, "x": np.full(2, i, np.float32)} for i, key in enumerate(keys)]
+    return ray.data.from_items(rows, override_num_blocks=blocks).materialize()
+
+
+def test_a_key_in_two_write_tasks_fails_the_write_naming_it(tmp_path: Path) -> None:
+    """Two rows of one key in different tasks would leave one file for both: the driver refuses."""
+    ds = _keyed(["a", "b", "c", "./a"], blocks=2)  # "./a" is "a": one file
+    sink = TensorDatasink(tmp_path, key_column="key", min_bytes_per_write=None)  # a task per block
+    with pytest.raises(
+        InvalidKeyError, match=r"key_column='key'\): key 'a' is in rows of more than one write task"
+    ):
+        ds.write_datasink(sink)
+    assert sink.result is None
+    assert not [p for p in _journals(tmp_path) if "merged" in p.name], "a failed write merges nothing"
+
+
+def test_many_keys_in_two_tasks_are_counted_and_some_named(tmp_path: Path) -> None:
+    keys = [f"k{i}" for i in range(8)]
+    with pytest.raises(
+        InvalidKeyError, match=r"8 keys \('k0', 'k1', 'k2', 'k3', 'k4' and 3 more\) are each in rows of"
+    ):
+        _keyed(keys + keys, blocks=2).write_datasink(
+            TensorDatasink(tmp_path, key_column="key", min_bytes_per_write=None)
+        )
+
+
+@pytest.mark.parametrize("blocks", [1, 2], ids=["one-block", "two-blocks"])
+def test_a_key_twice_in_one_write_task_fails_it_naming_the_key(tmp_path: Path, blocks: int) -> None:
+    """In one block, or in two blocks gathered into one task (64 MiB by default): refused in the task."""
+    with pytest.raises(Exception, match=r"key 'scene/1' is in two rows of one write task"):
+        _keyed(["scene/0", "scene/1", "scene/2", "scene/1"], blocks).write_datasink(
+            TensorDatasink(tmp_path, key_column="key")
+        )
+    # Refused before its block is queued: only an earlier block's rows (each once) are written.
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in _final_files(tmp_path))
+    assert written == ([] if blocks == 1 else ["scene/0.safetensors", "scene/1.safetensors"])
+
+
+def test_distinct_keys_in_many_tasks_pass_the_check(tmp_path: Path) -> None:
+    sink = TensorDatasink(tmp_path, key_column="key", min_bytes_per_write=None)
+    _keyed([f"{i}" for i in range(12)], blocks=4).write_datasink(sink)
+    assert sink.result is not None
+    assert (sink.result.rows, sink.result.tasks) == (12, 4)
 
 
 class _DiesOnce(TensorDatasink):
