@@ -7,6 +7,7 @@ import typing
 from .commit import sweep
 from .errors import (
     BackendUnavailableError,
+    GraphCaptureError,
     InvalidKeyError,
     InvalidLayoutError,
     SaveFunctionError,
@@ -42,6 +43,7 @@ __all__ = [
     "BackendUnavailableError",
     "DictMode",
     "Durability",
+    "GraphCaptureError",
     "InvalidKeyError",
     "InvalidLayoutError",
     "SaveFormat",

@@ -23,6 +23,7 @@ __all__ = [
     "nbytes",
     "numpy_dtype",
     "plain_byte_view",
+    "producer_stream",
     "safetensors_dtype",
     "safetensors_tag",
     "torch_dtype",
@@ -103,10 +104,24 @@ def as_array(value: object) -> Array | None:
         tensor = torch.as_tensor(value)  # on the device that holds it
         stream = interface.get("stream")
         if stream:
-            producer = torch.cuda.ExternalStream(stream, device=tensor.device)  # type: ignore[no-untyped-call]
-            torch.cuda.current_stream(tensor.device).wait_stream(producer)
+            torch.cuda.current_stream(tensor.device).wait_stream(producer_stream(stream, tensor.device))
         return tensor
     return None
+
+
+#: The interface's stream numbers that name no stream object: 1 the legacy default stream (as CuPy and
+#: Numba report it), 2 the per-thread default stream.
+LEGACY_DEFAULT_STREAM = 1
+PER_THREAD_DEFAULT_STREAM = 2
+
+
+def producer_stream(handle: int, device: torch.device) -> torch.cuda.Stream:
+    """The stream a `__cuda_array_interface__` names: 1 is the legacy default stream, which torch calls
+    the device's default stream (torch takes odd handles for its own streams, and asserts on
+    ExternalStream(1)); any other is an external stream (2, the per-thread default, is one)."""
+    if handle == LEGACY_DEFAULT_STREAM:
+        return torch.cuda.default_stream(device)
+    return torch.cuda.ExternalStream(handle, device=device)  # type: ignore[no-untyped-call]
 
 
 def plain_byte_view(array: Array, *, native: bool = False) -> memoryview | None:

@@ -4,6 +4,7 @@ Each one is also an instance of the builtin it refines, so code that catches the
 
     TensorsinkError
     ├── BackendUnavailableError (RuntimeError) backend="kvikio" where kvikio cannot write
+    ├── GraphCaptureError      (RuntimeError) write() of a CUDA tensor inside a CUDA graph capture
     ├── InvalidKeyError        (ValueError)   a key that is absolute, empty, climbs out with "..", is too
     │   │                                     long, not valid Unicode, or names tensorsink's own files
     │   └── SymlinkError                      a key that leads through a symlink out of the root
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 __all__ = [
     "BackendUnavailableError",
+    "GraphCaptureError",
     "InvalidKeyError",
     "InvalidLayoutError",
     "SaveFunctionError",
@@ -39,6 +41,11 @@ class TensorsinkError(Exception):
 
 class BackendUnavailableError(TensorsinkError, RuntimeError):
     """An explicitly requested backend cannot work here; the message says why."""
+
+
+class GraphCaptureError(TensorsinkError, RuntimeError):
+    """write() of a CUDA tensor while the caller's stream captures a CUDA graph (the copy would be
+    recorded into the graph, not run): write the outputs after replay instead."""
 
 
 class InvalidKeyError(TensorsinkError, ValueError):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import WriterClosedError
 from .future import Callbacks, WriteFuture
+from .staging.cudart import own_thread
 
 __all__ = ["Budget", "Finished", "Gate", "Pipeline"]
 
@@ -109,7 +110,7 @@ class Pipeline:
 
     def __init__(self, workers: int, max_count: int, max_bytes: int) -> None:
         self.budget = Budget(max_count, max_bytes)
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tensorsink")
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tensorsink", initializer=own_thread)
         self.callbacks = Callbacks()  # futures made with it run their done-callbacks there
         # Added by callers and discarded by completions without a lock: set.add, set.discard and list(set)
         # are each one step under the GIL, and a lock here would be one a completion can hold while it

@@ -27,6 +27,7 @@ class FakeEngine:
         self.copies: list[int] = []  # tensors per copy() call
         self.readies = 0
         self.snapshots = 0
+        self.capture = False  # as if the caller's stream were capturing a CUDA graph
 
     def put(self, tensor: torch.Tensor) -> torch.Tensor:
         """Mark `tensor` as living on the fake device."""
@@ -36,6 +37,9 @@ class FakeEngine:
     def owns(self, array: object) -> bool:
         ref = self._device.get(id(array))
         return ref is not None and ref() is array
+
+    def capturing(self) -> bool:
+        return self.capture
 
     def ready(self, source: torch.Tensor) -> object:
         self.readies += 1

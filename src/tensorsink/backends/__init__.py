@@ -19,6 +19,7 @@ from ..errors import BackendUnavailableError
 from ..formats import FileEntry, Format, HeaderFormat
 from ..options import Backend, WriterOptions
 from ..staging import on_device
+from ..staging.cudart import before_cuda, own_thread
 from . import probe
 from .kvikio_writer import KvikioWriter
 from .probe import Verdict, probe_kvikio
@@ -97,6 +98,8 @@ class Route:
         return f"{self._format.save_format.name} is written from host memory (pinned staging)"
 
     def _resolve_auto(self) -> None:
+        own_thread()
+        before_cuda()  # the probe opens files with cuFile: no capture of the producer's may see it
         try:
             verdict = probe.verdict_for(self._root)
             kvikio = self._kvikio_writer() if verdict.gds else None

@@ -12,6 +12,7 @@ from ..commit import find_symlink
 from ..errors import SymlinkError
 from ..manifest import Journal
 from ..options import Durability
+from ..staging.cudart import own_thread
 from ._native import Engine as _Native
 from ._native import bare_loop
 from .base import Completion, Engine, FileJob, FileOutcome
@@ -55,6 +56,7 @@ class NativeEngine(Engine):
         self._engine.submit((token, files), files)
 
     def _reap(self) -> None:
+        own_thread()  # completions wait for copy events and give pool blocks back
         while (finished := self._engine.reap(_REAP_SECONDS)) is not None:
             if not finished:
                 continue

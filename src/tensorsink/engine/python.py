@@ -15,6 +15,7 @@ from ..commit import Committer
 from ..formats import write_buffers
 from ..manifest import Journal, crc32_of_path
 from ..options import Durability
+from ..staging.cudart import own_thread
 from .base import Completion, Engine, FileJob, FileOutcome
 
 __all__ = ["PythonEngine"]
@@ -39,7 +40,7 @@ class PythonEngine(Engine):
         )
         self.committer = Committer(durability, root, follow_symlinks=follow_symlinks)
         self._inline_below = inline_below if durability is Durability.NONE else 0
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tensorsink")
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tensorsink", initializer=own_thread)
 
     def reserve(self, paths: list[str]) -> list[int]:
         return [self.committer.order.reserve(path) for path in paths]

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import torch
 
+from .cudart import before_cuda
+
 __all__ = ["Completion", "CopyEngine", "CudaEngine"]
 
 
@@ -31,6 +33,10 @@ class CopyEngine(Protocol):
 
     def ready(self, source: torch.Tensor) -> object:
         """A marker on the producer's stream: work queued there so far has finished writing `source`."""
+        ...
+
+    def capturing(self) -> bool:
+        """Whether the calling thread's current stream is capturing a graph (no copy may be queued)."""
         ...
 
     def snapshot(self, source: torch.Tensor) -> torch.Tensor:
@@ -58,31 +64,47 @@ class _EventCompletion:
         self._sources = sources  # alive until the copy is done, whatever the caller does
 
     def wait(self) -> None:
+        before_cuda()
         self._event.synchronize()
         self._sources = []
 
 
 class CudaEngine:
-    """Copies on one dedicated stream per device, ordered after the producer by CUDA events."""
+    """Copies on a dedicated stream per producer stream, ordered after the producer by CUDA events.
+
+    One copy stream per producer: a copy waits for its producer's marker on its stream, so with one
+    copy stream a write from an idle stream would queue behind a busy stream's wait (and streams that
+    wait on each other could deadlock over a full pool). At most `MAX_STREAMS` are kept; beyond that
+    the oldest is forgotten (torch pools its streams, so none is destroyed under a queued copy).
+    """
+
+    MAX_STREAMS = 64
 
     def __init__(self) -> None:
-        self._streams: dict[int, torch.cuda.Stream] = {}
+        self._streams: dict[tuple[int, int], torch.cuda.Stream] = {}
         self._lock = threading.Lock()
 
     def owns(self, array: object) -> bool:
         return isinstance(array, torch.Tensor) and array.is_cuda
 
     def _copy_stream(self, device: torch.device) -> torch.cuda.Stream:
+        """The copy stream for the calling thread's current stream on `device` (the producer's)."""
         index = device.index if device.index is not None else torch.cuda.current_device()
-        stream = self._streams.get(index)
+        key = (index, torch.cuda.current_stream(index).cuda_stream)
+        stream = self._streams.get(key)
         if stream is None:
             with self._lock:
-                stream = self._streams.get(index)
+                stream = self._streams.get(key)
                 if stream is None:
+                    if len(self._streams) >= self.MAX_STREAMS:
+                        del self._streams[next(iter(self._streams))]
                     # from torch's high-priority pool, which producers' streams rarely come from
                     stream = torch.cuda.Stream(device=index, priority=-1)  # type: ignore[no-untyped-call]
-                    self._streams[index] = stream
+                    self._streams[key] = stream
         return stream
+
+    def capturing(self) -> bool:
+        return torch.cuda.is_current_stream_capturing()
 
     def ready(self, source: torch.Tensor) -> torch.cuda.Event:
         # Blocking: a worker may wait on it (fence) while the producer runs; a default event's
@@ -107,6 +129,7 @@ class CudaEngine:
 
     def copy(self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], after: object) -> _EventCompletion:
         assert isinstance(after, torch.cuda.Event)
+        before_cuda()  # a worker's chunked copy; on the caller's thread this does nothing
         stream = self._copy_stream(pairs[0][1].device)
         stream.wait_event(after)
         sources = []

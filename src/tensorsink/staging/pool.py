@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .cudart import before_cuda, clear_last_error
+
 log = logging.getLogger("tensorsink")
 
 __all__ = ["ALIGNMENT", "Block", "PinnedPool", "default_pool_bytes"]
@@ -50,6 +52,7 @@ def pinned_buffer(nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
     memory mapped here and registered with CUDA for every device. Where that fails (or torch offers
     no cudaHostRegister), torch's pinned allocator, which rounds up to a power of two, with a log
     line saying so."""
+    before_cuda()
     cudart = torch.cuda.cudart()  # type: ignore[no-untyped-call]
     register = getattr(cudart, "cudaHostRegister", None)
     if register is not None:
@@ -58,13 +61,23 @@ def pinned_buffer(nbytes: int) -> tuple[torch.Tensor, Callable[[], None]]:
         address = buffer.data_ptr()
         error = int(register(address, nbytes, _PORTABLE))
         if error == 0:
-            return buffer, lambda: cudart.cudaHostUnregister(address)
+
+            def unpin() -> None:
+                before_cuda()
+                cudart.cudaHostUnregister(address)
+
+            return buffer, unpin
+        clear_last_error()  # else the thread's next kernel launch would raise this error
         log.warning(
             "tensorsink: pinning %d bytes failed (CUDA error %d); using torch's pinned memory", nbytes, error
         )
     else:
         log.warning("tensorsink: no cudaHostRegister in this torch; the pinned pool is rounded up")
-    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True), lambda: None
+    return _torch_pinned(nbytes), lambda: None
+
+
+def _torch_pinned(nbytes: int) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 @dataclass(frozen=True)
@@ -85,17 +98,24 @@ class PinnedPool:
         if capacity < ALIGNMENT:
             raise ValueError(f"pinned_pool_bytes={capacity} is too small; use at least {ALIGNMENT}")
         self.capacity = capacity // ALIGNMENT * ALIGNMENT
+        self._unpin: weakref.finalize[[], PinnedPool] | None = None
         if pin:
             self.buffer, unpin = pinned_buffer(self.capacity)
-            # Unpinned only once the pool itself is gone (staged writes hold it while their copies
-            # run), never at interpreter exit, when workers may still read it.
-            weakref.finalize(self, unpin).atexit = False
+            # Unpinned by close() (the writer's), or else once the pool itself is gone (staged writes
+            # hold it while their copies run); never at interpreter exit, when workers may still read it.
+            self._unpin = weakref.finalize(self, unpin)
+            self._unpin.atexit = False
         else:
             self.buffer = torch.empty(self.capacity, dtype=torch.uint8)
         self._free: list[tuple[int, int]] = [(0, self.capacity)]  # (offset, size), sorted by offset
         self._cond = threading.Condition()
         self.in_use = 0
         self.peak = 0
+
+    def close(self) -> None:
+        """Unpin the memory now (no block may be in use): it stays valid, as ordinary memory."""
+        if self._unpin is not None:
+            self._unpin()  # once: a finalize runs its function at most once
 
     @staticmethod
     def rounded(nbytes: int) -> int:

@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from ..arrays import Array, nbytes
+from ..errors import GraphCaptureError
 from ..formats import FileEntry
+from .cudart import own_thread
 from .engine import Completion, CopyEngine, CudaEngine
 from .pool import ALIGNMENT, Block, PinnedPool
 
@@ -54,6 +56,14 @@ def _plain_source(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.is_conj() or tensor.is_neg():
         tensor = tensor.resolve_conj().resolve_neg()
     return tensor
+
+
+def _unpin(pool: PinnedPool) -> None:
+    own_thread()
+    try:
+        pool.close()
+    except Exception as exc:  # memory that stays pinned is a leak, not a failed write
+        log.warning("tensorsink: unpinning the pool failed: %r", exc)
 
 
 def _host_copy(array: Array) -> Array:
@@ -131,6 +141,7 @@ class Stager:
             self._preparing.start()
 
     def _make_pool(self, device: int | None) -> None:
+        own_thread()
         try:
             if device is not None:
                 torch.cuda.set_device(device)
@@ -152,8 +163,15 @@ class Stager:
 
     @property
     def pool(self) -> PinnedPool:
-        """The pool, made at the first use unless prepare() started it (then its end is waited for)."""
+        """The pool, made at the first use unless prepare() started it (then its end is waited for).
+
+        It is pinned on a thread of its own, never the caller's: the caller may be capturing a CUDA
+        graph, and a failed pin's error must not stay behind on its thread. If that fails, it is made
+        here (torch's pinned allocator), raising its own error."""
         if self._pool is None:
+            if self._pin and self._preparing is None:
+                device = torch.cuda.current_device() if torch.cuda.is_initialized() else None  # type: ignore[no-untyped-call]
+                self.prepare(device)
             preparing = self._preparing
             if preparing is not None:
                 preparing.join()
@@ -161,6 +179,19 @@ class Stager:
                 if self._pool is None:
                     self._pool = PinnedPool(self.pool_bytes, pin=self._pin)
         return self._pool
+
+    def close(self) -> None:
+        """Unpin the pool (no write may be in flight), on a thread of the writer's: the caller's may be
+        capturing. A pool still being pinned is waited for first."""
+        preparing = self._preparing
+        if preparing is not None:
+            preparing.join()
+        pool = self._pool
+        if pool is None:
+            return
+        unpinning = threading.Thread(target=_unpin, args=(pool,), name="tensorsink-unpin", daemon=True)
+        unpinning.start()
+        unpinning.join()
 
     @property
     def pool_started(self) -> bool:
@@ -204,6 +235,12 @@ class Stager:
                     staged.arrays[i][j] = array.detach().to("cpu")
         if staged is None:
             return entries, None
+        if found and self.engine.capturing():
+            raise GraphCaptureError(
+                "write() of a CUDA tensor while the current stream captures a CUDA graph: its copy would "
+                "be captured too, not run. Write the graph's outputs after replay() (copy=True if the "
+                "graph overwrites them next), outside the capture"
+            )
         try:
             if found and direct is not None and direct():
                 self._keep_on_device(staged, list(found.values()), copy)
