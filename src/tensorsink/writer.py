@@ -80,8 +80,8 @@ class _Writer:
         self._stats = StatsRecorder()
         o = self.options
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
-        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]  # a job on a GPU: pin now, off its thread
-            self._stager.prepare(torch.cuda.current_device())
+        if torch.cuda.is_initialized() and o.backend is not Backend.KVIKIO:  # type: ignore[no-untyped-call]
+            self._stager.prepare(torch.cuda.current_device())  # a job on a GPU: pin now, off its thread
         self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
         self._gate = Gate()
         self._closed = threading.Event()
@@ -498,6 +498,7 @@ class _Writer:
                     self._submitting.join()
                     self._pipeline.shutdown()
                     self._engine.close()
+                    self._stager.close()
                     if self._journal is not None:
                         self._journal.close()  # its fsync may fail: a failure like any other, below
                 except Exception as exc:
