@@ -11,6 +11,7 @@ what is tested here, on a GDS host too (tests/test_gds.py tests kvikio's).
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,16 +54,33 @@ def report(request: pytest.FixtureRequest, name: str, value: object) -> None:
     print(f"{request.node.name}: {name} = {value}")
 
 
-@functools.cache
-def cycles_per_second() -> float:
-    """Clock cycles per second of torch.cuda._sleep on this GPU (the fastest of three timings, so
-    that sleeps last at least as long as asked)."""
+def warm_the_clock(seconds: float = 0.5) -> None:
+    """Keep the GPU busy with 4096 x 4096 matmuls for about `seconds`, queued on the current stream.
+
+    torch.cuda._sleep counts SM clock cycles, and the SM clock moves with load (345-1980 MHz on an
+    H200): cycles counted at an idle clock would make every later sleep several times shorter than
+    asked once the clock is up, and the still-busy checks would fail falsely."""
+    a = torch.randn(4096, 4096, device="cuda")
+    b = torch.empty_like(a)
+    began = time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        for _ in range(8):
+            torch.matmul(a, a, out=b)
+        torch.cuda.current_stream().synchronize()
+
+
+def sleep_rates(*, warm: bool, cycles: int = 100_000_000, repeats: int = 3) -> list[float]:
+    """SM cycles per second that torch.cuda._sleep counts, timed `repeats` times with events on a
+    side stream; with `warm`, right behind warm_the_clock's matmuls, so the clock is at its load
+    rate (gpu_smoke.py also reports the idle rate)."""
     stream = torch.cuda.Stream()
-    cycles = 100_000_000
     rates = []
     with torch.cuda.stream(stream):
         torch.cuda._sleep(1_000_000)  # loads the kernel
-        for _ in range(3):
+        stream.synchronize()
+        if warm:
+            warm_the_clock()
+        for _ in range(repeats):
             start = torch.cuda.Event(enable_timing=True)
             end = torch.cuda.Event(enable_timing=True)
             start.record(stream)
@@ -70,7 +88,25 @@ def cycles_per_second() -> float:
             end.record(stream)
             end.synchronize()
             rates.append(cycles / (start.elapsed_time(end) / 1e3))
+    return rates
+
+
+@functools.cache
+def cycles_per_second() -> float:
+    """Clock cycles per second of torch.cuda._sleep on this GPU under load: the fastest of three
+    timings after warm matmuls, so that later sleeps last at least as long as asked (a lower clock
+    later only makes them longer)."""
+    rates = sleep_rates(warm=True)
+    print(f"torch.cuda._sleep calibrated at {[round(r / 1e6) for r in rates]} MHz (warm); taking the most")
     return max(rates)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sleep_clock_property(record_testsuite_property: Callable[[str, object], None]) -> Iterator[None]:
+    """The calibrated sleep rate, as a property of the JUnit test suite (once, if a test calibrated)."""
+    yield
+    if cycles_per_second.cache_info().currsize:
+        record_testsuite_property("sleep_cycles_per_s", round(cycles_per_second()))
 
 
 def busy(stream: torch.cuda.Stream, seconds: float) -> None:
@@ -81,7 +117,16 @@ def busy(stream: torch.cuda.Stream, seconds: float) -> None:
 
 
 def still_busy(stream: torch.cuda.Stream, when: str) -> None:
-    assert not stream.query(), f"the producer was idle {when}: the test proves nothing, or write() waited"
+    assert not stream.query(), (
+        f"the producer was idle {when}: the test proves nothing, or write() waited{_calibration()}"
+    )
+
+
+def _calibration() -> str:
+    """What the sleeps were calibrated at, for a failure's message (nothing if they were not)."""
+    if not cycles_per_second.cache_info().currsize:
+        return ""
+    return f" (sleeps calibrated at {cycles_per_second() / 1e6:.0f} MHz)"
 
 
 def poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -228,6 +273,7 @@ def check_a_waiting_worker_sleeps(
         expected = source.cpu()
         producer = torch.cuda.Stream()
         cycles_per_second()  # calibrated (which waits by spinning) before the measurement
+        gc.collect()  # the pools of earlier writers unpinned now, not in the timed window
         torch.cuda.synchronize()
         cpu, wall = time.process_time(), time.perf_counter()
         late(producer, value, source, 1.0)
@@ -606,6 +652,13 @@ elements = 1 << 18  # 1 MiB of int32 a write
 base = torch.arange(elements, dtype=torch.int32, device="cuda")
 outputs = [torch.full((elements,), -1, dtype=torch.int32, device="cuda") for _ in range(count)]
 torch.cuda._sleep(1000000)
+a = torch.randn(4096, 4096, device="cuda")  # the clock up first, as tests/test_cuda.py's warm_the_clock
+b = torch.empty_like(a)
+began = time.perf_counter()
+while time.perf_counter() - began < 0.5:
+    for _ in range(8):
+        torch.matmul(a, a, out=b)
+    torch.cuda.synchronize()
 rates = []
 for _ in range(3):
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -614,6 +667,7 @@ for _ in range(3):
     end.record()
     end.synchronize()
     rates.append(100000000 / (start.elapsed_time(end) / 1e3))
+del a, b
 torch.cuda.synchronize()
 writer = AsyncWriter(root, SaveFormat.SAFETENSORS, durability="none")  # auto: nothing pinned or probed yet
 producer = torch.cuda.default_stream() if where == "default" else torch.cuda.Stream()
@@ -645,6 +699,7 @@ print(json.dumps({
     "wrong": wrong,
     "backend": backend,
     "bytes_by_backend": writer.stats().bytes_by_backend,
+    "sleep_cycles_per_s": round(max(rates)),
 }))
 """
 

@@ -18,7 +18,16 @@ from tensorsink import GraphCaptureError, SaveFormat
 from tensorsink.staging import cudart
 from tensorsink.staging import pool as pool_module
 from tests.support import assert_same, random_tensor
-from tests.test_cuda import _stored, _writer, busy, late_tensor, run_child, seed_of, still_busy
+from tests.test_cuda import (
+    _stored,
+    _writer,
+    busy,
+    late_tensor,
+    run_child,
+    seed_of,
+    sleep_clock_property,  # noqa: F401  (records the calibrated clock in JUnit)
+    still_busy,
+)
 
 pytestmark = [
     pytest.mark.gpu,
