@@ -7,6 +7,8 @@ BENCH_OUT ?= bench-out
 # The quick look `make bench` takes (under a minute on 2 cores); `make bench BENCH_ARGS=` runs the full set.
 BENCH_ARGS ?= --count small=200 mid=32 mapping=32 --durability none file
 BIN := $(VENV)/bin
+# The C extensions' sources (setup.py): a change to any of them rebuilds them.
+C_SOURCES := $(wildcard src/tensorsink/engine/_native/*.[ch] src/tensorsink/_crc.c src/tensorsink/bench/_bare.c)
 
 .PHONY: install lint typecheck test bench clean
 
@@ -17,11 +19,11 @@ $(VENV)/.made:
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	touch $@
 
-$(VENV)/.bench: $(VENV)/.made pyproject.toml setup.py src/tensorsink/engine/_native.c
+$(VENV)/.bench: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES)
 	$(BIN)/python -m pip install -q -e ".[bench]"
 	touch $@
 
-$(VENV)/.ci: $(VENV)/.made pyproject.toml setup.py src/tensorsink/engine/_native.c | $(VENV)/.fuse
+$(VENV)/.ci: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES) | $(VENV)/.fuse
 	$(BIN)/python -m pip install -q -e ".[ci]"
 	touch $@ $(VENV)/.bench
 

@@ -303,45 +303,61 @@ fi
 
 # -- build ----------------------------------------------------------------------------------------
 step "build (no build isolation, no network)"
-# Built in the scratch folder, then renamed into src/tensorsink/engine: a new file, never one written
-# over in place (a process that has the extension loaded would crash). Not rebuilt where this
-# interpreter's build of it is newer than its source.
+# The three extensions of setup.py, each built in the scratch folder, then renamed into src/: a new file,
+# never one written over in place (a process that has an extension loaded would crash). Not rebuilt
+# where this interpreter's builds of all three are newer than every C source.
 native_check='from tensorsink.engine import available_engines; import sys; sys.exit("native" not in available_engines())'
 suffix=$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))' 2>>"$log")
-target="src/tensorsink/engine/_native$suffix"
+c_dir=src/tensorsink/engine/_native
+# Each extension as its module path, a colon, and its C files (as setup.py lists them).
+extensions=(
+  "tensorsink/_crc:src/tensorsink/_crc.c $c_dir/crc.c"
+  "tensorsink/engine/_native:$(echo "$c_dir"/*.c)"
+  "tensorsink/bench/_bare:src/tensorsink/bench/_bare.c $c_dir/files.c"
+)
+newest=$(ls -t src/tensorsink/_crc.c src/tensorsink/bench/_bare.c "$c_dir"/*.[ch] 2>>"$log" | head -n 1)
+stale=""
+for extension in "${extensions[@]}"; do
+  if ! [[ src/${extension%%:*}$suffix -nt $newest ]]; then
+    stale="$stale ${extension%%:*}"
+  fi
+done
 cap=$(limit 120)
-if [[ -n $suffix && $target -nt src/tensorsink/engine/_native.c ]]; then
+if [[ -n $suffix && -n $newest && -z $stale ]]; then
   if capped 60 "$python" -c "$native_check"; then
     native=yes
   fi
-  outcome "build" "native engine $native (built already, newer than its source: not rebuilt)"
+  outcome "build" "native engine $native (built already, newer than its sources: not rebuilt)"
 elif [[ -z $suffix ]]; then
   outcome "build" "skipped: $python gives no extension suffix"
 elif ((cap < 10)); then
   outcome "build" "skipped: the budget is spent"
 else
-  built=""
-  if capped "$cap" "$python" setup.py -q build_ext --build-temp "$scratch/build" --build-lib "$scratch/lib"; then
-    built=$(find "$scratch/lib" -name "_native$suffix" | head -n 1)
+  capped "$cap" "$python" setup.py -q build_ext --build-temp "$scratch/build" --build-lib "$scratch/lib"
+  include=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>>"$log")
+  compiler=${CC:-cc}
+  if ! command -v "$compiler" >/dev/null; then
+    compiler=gcc
   fi
-  if [[ -z $built ]]; then
-    say "setup.py build_ext built nothing; compiling the native engine with the C compiler directly"
-    include=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])' 2>>"$log")
-    compiler=${CC:-cc}
-    if ! command -v "$compiler" >/dev/null; then
-      compiler=gcc
+  for extension in "${extensions[@]}"; do
+    name=${extension%%:*}
+    read -ra sources <<<"${extension#*:}"
+    target="src/$name$suffix"
+    built=$(find "$scratch/lib" -path "*/$name$suffix" 2>>"$log" | head -n 1)
+    if [[ -z $built ]]; then
+      say "setup.py build_ext built no $name; compiling it with the C compiler directly"
+      if capped "$(limit 120)" "$compiler" -O2 -pthread -std=gnu11 -shared -fPIC -I"$include" \
+        "${sources[@]}" -o "$scratch/${name##*/}$suffix" -pthread; then
+        built="$scratch/${name##*/}$suffix"
+      fi
     fi
-    if capped "$(limit 120)" "$compiler" -O2 -pthread -std=gnu11 -shared -fPIC -I"$include" \
-      src/tensorsink/engine/_native.c -o "$scratch/_native$suffix" -pthread; then
-      built="$scratch/_native$suffix"
+    if [[ -n $built ]] && cp "$built" "$target.new.$$" && mv -f "$target.new.$$" "$target"; then
+      say "built: $target"
+    else
+      rm -f "$target.new.$$"
+      say "$name could not be built: its Python fallback runs"
     fi
-  fi
-  if [[ -n $built ]] && cp "$built" "$target.new.$$" && mv -f "$target.new.$$" "$target"; then
-    say "native engine built: $target"
-  else
-    rm -f "$target.new.$$"
-    say "no native engine could be built: the Python engine runs"
-  fi
+  done
   if capped 60 "$python" -c "$native_check"; then
     native=yes
   fi

@@ -63,6 +63,21 @@ def test_the_narrow_path_on_large_buffers_in_a_child() -> None:
     assert "vpclmulqdq" not in out.stdout
 
 
+def test_imports_nothing_of_ours_but_its_extension() -> None:
+    """A leaf: no import circle through the engine, which checksums with it (the package's own
+    __init__ left out, to see what checksum alone pulls in)."""
+    code = (
+        "import importlib.util, sys, types\n"
+        "package = types.ModuleType('tensorsink')\n"
+        "package.__path__ = list(importlib.util.find_spec('tensorsink').submodule_search_locations)\n"
+        "sys.modules['tensorsink'] = package\n"
+        "import tensorsink.checksum\n"
+        "print(' '.join(sorted(name for name in sys.modules if name.startswith('tensorsink.'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert set(out.stdout.split()) <= {"tensorsink.checksum", "tensorsink._crc"}, out.stdout
+
+
 def test_refuses_what_zlib_refuses() -> None:
     with pytest.raises(TypeError):
         crc32("text")  # type: ignore[arg-type]
@@ -115,10 +130,10 @@ def test_records_carry_the_files_crc_in_each_engine(tmp_path: Path, save_format:
 
 
 def test_without_the_extension_zlib_and_the_python_combine_serve(tmp_path: Path) -> None:
-    """A build without the C extension: crc32 is zlib's, and NPZ's file CRCs still come out right."""
+    """A build without the C extensions: crc32 is zlib's, and NPZ's file CRCs still come out right."""
     code = f"""
 import sys, zlib, json
-sys.modules["tensorsink.engine._native"] = None  # as if it had not been built
+sys.modules["tensorsink._crc"] = sys.modules["tensorsink.engine._native"] = None  # as if not built
 import torch
 from tensorsink import AsyncWriter, checksum
 assert checksum.crc32 is zlib.crc32 and checksum.IMPLEMENTATION == "zlib", checksum.IMPLEMENTATION

@@ -1,7 +1,7 @@
 """CRC-32 (ZIP's polynomial, zlib's values), the one checksum the package computes: in the manifest,
 in NPZ's and .pt's ZIP records, and in verify.
 
-Where the native extension is built and the CPU multiplies carry-less, `crc32` folds the data in
+Where the `_crc` extension is built and the CPU multiplies carry-less, `crc32` folds the data in
 16-byte lanes: with AVX-512's VPCLMULQDQ 256 bytes a step, else with PCLMULQDQ (x86-64 since 2010)
 64 bytes. On the 2-core VM of benchmarks/README.md that is 26 GB/s out of memory and 65 GB/s in
 cache, against zlib's 2.2 and 5. Elsewhere it is `zlib.crc32`. Both release the GIL on large buffers
@@ -57,16 +57,16 @@ def _python_combine(crc1: int, crc2: int, len2: int) -> int:
 crc32: Callable[..., int]
 crc32_combine: Callable[[int, int, int], int]
 try:
-    from .engine import _native
+    from . import _crc
 except ImportError:  # not built: zlib, and the combine in Python
     crc32, crc32_combine, IMPLEMENTATION = zlib.crc32, _python_combine, "zlib"
 else:
-    method = _native.crc32_method()  # without carry-less multiply, zlib's own code
+    method = _crc.crc32_method()  # without carry-less multiply, zlib's own code
     if method == "table":
         crc32, IMPLEMENTATION = zlib.crc32, "zlib"
     else:
-        crc32, IMPLEMENTATION = _native.crc32, f"native ({method})"
-    crc32_combine = _native.crc32_combine
+        crc32, IMPLEMENTATION = _crc.crc32, f"native ({method})"
+    crc32_combine = _crc.crc32_combine
 
 
 def crc32_of(buffers: Iterable[Any]) -> int:

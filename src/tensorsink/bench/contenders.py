@@ -28,8 +28,8 @@ from .workloads import Item, item_bytes
 
 native_loop: Callable[[list[str], list[str], list[Sequence[object]], int, int], None] | None
 try:
-    from ..engine.native import bare_loop as native_loop
-except ImportError:  # the native engine was not built: the Python loop is the ceiling
+    from ._bare import bare_loop as native_loop
+except ImportError:  # the bare loop's extension was not built: the Python loop is the ceiling
     native_loop = None
 
 __all__ = ["SAVERS", "Contender", "PoolWriter", "Sample", "Saver", "contenders_for"]

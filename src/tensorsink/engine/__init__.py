@@ -9,32 +9,10 @@ conformance suite (tests/engine/) runs against both.
 
 from __future__ import annotations
 
-import importlib
 import os
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from .base import Completion, Engine, FileJob, FileOutcome
-    from .python import PythonEngine
-
-#: Loaded at first use, so that the extension alone (tensorsink.checksum's CRC-32) can be imported
-#: without the engines, which import the manifest, which checksums with it.
-_LAZY = {
-    "Completion": "base",
-    "Engine": "base",
-    "FileJob": "base",
-    "FileOutcome": "base",
-    "PythonEngine": "python",
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .base import Completion, Engine, FileJob, FileOutcome
+from .python import PythonEngine
 
 __all__ = [
     "ENGINE_VARIABLE",
@@ -50,8 +28,6 @@ __all__ = [
 
 def available_engines() -> dict[str, type[Engine]]:
     """The engines that can run here, by name."""
-    from .python import PythonEngine
-
     engines: dict[str, type[Engine]] = {"python": PythonEngine}
     try:
         from .native import NativeEngine

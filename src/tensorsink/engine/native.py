@@ -14,10 +14,9 @@ from ..manifest import Journal
 from ..options import Durability
 from ..staging.cudart import own_thread
 from ._native import Engine as _Native
-from ._native import bare_loop
 from .base import Completion, Engine, FileJob, FileOutcome
 
-__all__ = ["NativeEngine", "bare_loop"]
+__all__ = ["NativeEngine"]
 
 log = logging.getLogger("tensorsink")
 _DURABILITY = {Durability.NONE: 0, Durability.FILE: 1, Durability.FULL: 2}
