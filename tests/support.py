@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +82,14 @@ def wait_for_waiter(condition: threading.Condition) -> None:
     deadline = time.monotonic() + 10
     while not waiters:
         assert time.monotonic() < deadline, "nothing ever waited"
+        time.sleep(0.001)
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    """Until `condition()` holds (polled; no fixed sleep); fails with `what` after 10 s."""
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline, what
         time.sleep(0.001)
 
 

@@ -14,10 +14,10 @@ from tensorsink.future import WriteFuture
 
 
 def test_a_write_makes_no_condition_until_someone_looks(tmp_path: Path) -> None:
-    with AsyncWriter(tmp_path, "npy", durability="none") as writer:
-        future = writer.write("a", torch.ones(4))
+    with AsyncWriter(tmp_path, "npy", durability="none", engine="python") as writer:  # its WriteFuture
+        future = writer.write("a", torch.ones(100_000))  # above small_sync_bytes: not written inline
         assert future._made_condition is None  # write() and the completion make none
-        writer.flush()  # waits: that makes one
+        future.result(timeout=10)  # looking makes one
     assert future._made_condition is not None
     assert future.result() == [tmp_path / "a.npy"]
     assert all(isinstance(path, Path) for path in future.result())

@@ -17,12 +17,14 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from tensorsink import AsyncWriter, SaveFormat
 from tensorsink.__main__ import main
 from tensorsink.commit import is_temporary
-from tensorsink.manifest import JOURNAL_DIR, Manifest, verify
+from tensorsink.manifest import JOURNAL_DIR, Journal, Manifest, verify
 
 
 def _journals(root: Path) -> list[Path]:
@@ -342,11 +344,12 @@ def test_write_racing_close_never_succeeds_after_close_returned(tmp_path: Path) 
         ) -> None:
             started.wait()
             for i in range(100_000):
+                began = time.monotonic()
                 try:
                     writer.write(f"t{thread}/{i}", torch.zeros(4))
                 except WriterClosedError:
                     return
-                returned.append(time.monotonic())
+                returned.append(began)  # it returned: it began before close() returned
 
         threads = [threading.Thread(target=produce, args=(t,)) for t in range(3)]
         for thread in threads:
@@ -358,7 +361,7 @@ def test_write_racing_close_never_succeeds_after_close_returned(tmp_path: Path) 
         closed_at = time.monotonic()
         for thread in threads:
             thread.join(timeout=30)
-        assert not any(t > closed_at for t in returned), "a write returned after close() had returned"
+        assert not any(t > closed_at for t in returned), "a write begun after close() returned succeeded"
         assert not [link for link in _open_files() if JOURNAL_DIR in link], "a journal fd outlived close()"
         report = verify(root)
         assert report.ok, report
@@ -505,3 +508,24 @@ def test_a_journal_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     with AsyncWriter(root, follow_symlinks=True) as writer:  # asked for: as for any folder
         writer.write("a", torch.ones(2))
     assert len(list(outside.iterdir())) == 1
+
+
+@given(
+    key=st.text(min_size=1, max_size=30),
+    names=st.lists(st.text(max_size=10), max_size=3),
+    shape=st.one_of(st.none(), st.lists(st.integers(0, 2**40), max_size=4)),
+    files=st.integers(1, 5),
+)
+def test_a_records_prefix_is_the_json_of_its_fields(
+    tmp_path_factory: pytest.TempPathFactory, key: str, names: list[str], shape: list[int] | None, files: int
+) -> None:
+    """The prefix is built by hand for speed: it must be what json.dumps writes, to the byte."""
+    root = str(tmp_path_factory.getbasetemp())
+    journal = Journal.__new__(Journal)  # only prefix() is used: no file
+    journal._root, journal._root_slash = root, root + "/"
+    arrays = [[name, "float32", shape] for name in names]
+    head: dict[str, Any] = {"key": key, "path": f"{key}.npy", "format": "npy", "arrays": arrays}
+    if files != 1:
+        head["files"] = files
+    expected = json.dumps(head, separators=(",", ":"))[:-1].encode()
+    assert journal.prefix(key, f"{root}/{key}.npy", "npy", arrays, files) == expected

@@ -13,7 +13,7 @@ import torch
 
 from tensorsink import AsyncWriter, DictMode, Durability, SaveFormat, WriterClosedError
 from tensorsink.commit import is_temporary
-from tests.support import GatedFormat, outputs_under, wait_for_waiter
+from tests.support import GatedFormat, outputs_under, wait_until
 
 BIG = 100_000  # bytes per tensor below; above the default small_sync_bytes
 
@@ -52,7 +52,7 @@ def _in_thread(target, *args):  # type: ignore[no-untyped-def]
 
 
 def _wait_until_blocked(writer: AsyncWriter) -> None:
-    wait_for_waiter(writer._pipeline.budget._cond)
+    wait_until(lambda: writer._pipeline.budget.waiting > 0, "no write() waited for the budget")
 
 
 def _files(root: Path) -> list[Path]:

@@ -17,7 +17,7 @@ from .errors import (
     WriterClosedError,
     WriterForkedError,
 )
-from .future import WriteFuture
+from .future import WriteFuture, WriteHandle
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .stats import WriterStats
 
@@ -52,6 +52,7 @@ __all__ = [
     "TensorsinkError",
     "UnsupportedValueError",
     "WriteFuture",
+    "WriteHandle",
     "WriterClosedError",
     "WriterForkedError",
     "WriterOptions",

@@ -32,6 +32,7 @@ __all__ = [
     "UnsupportedValueError",
     "WriterClosedError",
     "WriterForkedError",
+    "naming",
 ]
 
 
@@ -92,3 +93,12 @@ class WriterClosedError(TensorsinkError, RuntimeError):
 
 class WriterForkedError(TensorsinkError, RuntimeError):
     """A writer made before fork() was used in the child, which has none of its threads."""
+
+
+def naming(error: BaseException, key: str, path: str) -> BaseException:
+    """`error`, with a note naming the write's key and file: a background failure is raised later, by
+    another call, where its own message (a custom writer's "boom") may say neither."""
+    note = f"tensorsink: while writing key {key!r} to {path}"
+    if note not in getattr(error, "__notes__", ()) and hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note(note)
+    return error

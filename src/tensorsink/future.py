@@ -9,8 +9,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError, wait
 from concurrent.futures._base import FINISHED, PENDING
 from pathlib import Path
+from typing import Any, Protocol
 
-__all__ = ["Callbacks", "WriteFuture"]
+__all__ = ["Callbacks", "WriteFuture", "WriteHandle", "as_future", "run_callback"]
 
 log = logging.getLogger("tensorsink")
 
@@ -18,6 +19,21 @@ log = logging.getLogger("tensorsink")
 #: Reentrant, and only ever held for a few bytecodes (the Condition is made before it is taken): a
 #: signal handler or a finalizer that looks at a future while this thread holds it must not deadlock.
 _WAKING = threading.RLock()
+
+
+class WriteHandle(Protocol):
+    """What write() and write_batch() return: a WriteFuture, or the native engine's handle (made and
+    settled in C, without a Python thread), which has the same methods but is not a
+    concurrent.futures.Future: `as_future()` makes one of it, for concurrent.futures.wait."""
+
+    def done(self) -> bool: ...
+    def result(self, timeout: float | None = None) -> list[Path]: ...
+    def exception(self, timeout: float | None = None) -> BaseException | None: ...
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+    def cancel(self) -> bool: ...
+    def staged(self) -> bool: ...
+    def wait_staged(self, timeout: float | None = None) -> bool: ...
+    def as_future(self) -> Future[list[Path]]: ...
 
 
 class WriteFuture(Future[list[Path]]):
@@ -98,6 +114,10 @@ class WriteFuture(Future[list[Path]]):
     def cancel(self) -> bool:
         return False
 
+    def as_future(self) -> Future[list[Path]]:
+        """This handle as a concurrent.futures.Future (for concurrent.futures.wait): itself."""
+        return self
+
     def _invoke_callbacks(self) -> None:
         """Done-callbacks run on the writer's callback thread, never on the thread that completes
         writes: one that calls write() on a full budget would wait there for itself."""
@@ -159,3 +179,27 @@ class Callbacks:
             self._queue.put(None)
             if threading.current_thread() is not thread:
                 thread.join()
+
+
+def run_callback(callback: Callable[[Any], object], handle: Any) -> None:
+    """Call a done-callback as a concurrent.futures.Future does: an exception is logged, not raised."""
+    try:
+        callback(handle)
+    except Exception:
+        log.exception("tensorsink: a write's done-callback %r raised", callback)
+
+
+def as_future(handle: Any) -> Future[list[Path]]:
+    """A concurrent.futures.Future settled with `handle` (a write's handle of the native engine, which
+    is not one), for concurrent.futures.wait and as_completed."""
+    future: Future[list[Path]] = Future()
+
+    def settle(done: Any) -> None:
+        failure = done.exception()
+        if failure is not None:
+            future.set_exception(failure)
+        else:
+            future.set_result(done.result())
+
+    handle.add_done_callback(settle)
+    return future

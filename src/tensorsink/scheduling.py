@@ -8,9 +8,13 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import WriterClosedError
 from .future import Callbacks, WriteFuture
+
+if TYPE_CHECKING:
+    from .engine.base import BudgetLike
 from .staging.cudart import own_thread
 
 __all__ = ["Budget", "Finished", "Gate", "Pipeline"]
@@ -37,6 +41,11 @@ class Budget:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._waiting = 0
+
+    @property
+    def waiting(self) -> int:
+        """Callers waiting for room now."""
+        return self._waiting
 
     def _fits(self, nbytes: int) -> bool:
         return self.count < self.max_count and (self.count == 0 or self.bytes + nbytes <= self.max_bytes)
@@ -108,15 +117,16 @@ class Pipeline:
     staging copies and run custom writers; the engine does the writing.
     """
 
-    def __init__(self, workers: int, max_count: int, max_bytes: int) -> None:
-        self.budget = Budget(max_count, max_bytes)
+    def __init__(self, workers: int, budget: BudgetLike, callbacks: Callbacks | None = None) -> None:
+        self.budget = budget  # the engine's: its ready route gives room back without Python
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tensorsink", initializer=own_thread)
-        self.callbacks = Callbacks()  # futures made with it run their done-callbacks there
+        self.callbacks = callbacks or Callbacks()  # futures made with it run their done-callbacks there
         # Added by callers and discarded by completions without a lock: set.add, set.discard and list(set)
         # are each one step under the GIL, and a lock here would be one a completion can hold while it
         # waits for the GIL, stalling the caller's next write().
         self._in_flight: set[WriteFuture] = set()
         self._error: BaseException | None = None
+        self.failed_at = 0.0
         self._error_lock = threading.Lock()
 
     @property
@@ -158,6 +168,7 @@ class Pipeline:
         with self._error_lock:
             if self._error is None:
                 self._error = exc
+                self.failed_at = time.perf_counter()
                 return
         if exc is not self._error:
             log.error("tensorsink: a further write failed: %r", exc)
@@ -166,6 +177,11 @@ class Pipeline:
         """Raise the first failure, if any (every time: a failed writer stays failed)."""
         if self._error is not None:
             raise self._error
+
+    @property
+    def error(self) -> BaseException | None:
+        """The first failure, if any; `failed_at` says when (time.perf_counter())."""
+        return self._error
 
     def drain(self) -> None:
         """Wait for every write admitted before this call, and for their done-callbacks."""

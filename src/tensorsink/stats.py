@@ -74,6 +74,7 @@ class StatsRecorder:
         self._by_backend: dict[str, int] = {}
         self._first: float | None = None
         self._last: float | None = None
+        self._ready = (0, 0, 0, 0.0)  # the engine's own counts of its ready route, as last read
 
     def write_started(self) -> None:
         if self._first is None:
@@ -91,6 +92,11 @@ class StatsRecorder:
                 self._bytes += nbytes
                 self._by_backend[backend] = self._by_backend.get(backend, 0) + nbytes
             self._last = time.perf_counter()
+
+    def merge_ready(self, files: int, nbytes: int, failed: int, last: float) -> None:
+        """The engine's counts of the writes it completed itself (all of them so far, each time)."""
+        with self._lock:
+            self._ready = (files, nbytes, failed, last)
 
     def skipped(self, count: int) -> None:
         with self._lock:
@@ -121,19 +127,24 @@ class StatsRecorder:
         engine: str = "python",
     ) -> WriterStats:
         with self._lock:
+            files, nbytes, failed, ready_last = self._ready
+            by_backend = dict(self._by_backend)
+            if nbytes:
+                by_backend["posix"] = by_backend.get("posix", 0) + nbytes
+            last = max(self._last or 0.0, ready_last) if files or self._last is not None else None
             elapsed = 0.0
-            if self._first is not None and self._last is not None:
-                elapsed = self._last - self._first
+            if self._first is not None and last is not None:
+                elapsed = last - self._first
             return WriterStats(
-                self._files,
-                self._bytes,
-                self._errors,
+                self._files + files,
+                self._bytes + nbytes,
+                self._errors + failed,
                 in_flight,
                 self._blocked,
                 elapsed,
                 pinned_pool_bytes,
                 pinned_peak_bytes,
-                dict(self._by_backend),
+                by_backend,
                 self._skipped,
                 engine,
                 self._write_seconds,

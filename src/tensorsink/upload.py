@@ -37,7 +37,7 @@ from types import ModuleType, TracebackType
 from typing import Any, TypeVar, cast
 
 from .errors import TensorsinkError
-from .future import WriteFuture
+from .future import WriteHandle
 from .manifest import JOURNAL_DIR, Manifest, VerifyReport, file_problems
 from .options import WriterOptions
 from .writer import AsyncWriter
@@ -554,7 +554,7 @@ class S3SpoolingWriter(_ClosedOnExit):
             self.uploader.close()  # nothing was queued, so nothing can have failed
             raise
 
-    def write(self, key: str | os.PathLike[str], to_save: object, *, copy: bool = False) -> WriteFuture:
+    def write(self, key: str | os.PathLike[str], to_save: object, *, copy: bool = False) -> WriteHandle:
         return self.writer.write(key, to_save, copy=copy)
 
     def write_batch(
@@ -564,7 +564,7 @@ class S3SpoolingWriter(_ClosedOnExit):
         *,
         save: Callable[[Path, Any], None] | None = None,
         suffix: str = "",
-    ) -> WriteFuture:
+    ) -> WriteHandle:
         return self.writer.write_batch(keys, batch, save=save, suffix=suffix)
 
     def close(self) -> None:

@@ -25,9 +25,9 @@ from .backends import Route
 from .batches import split_batch, tensors_of
 from .commit import Committer, find_symlink, take_saved
 from .engine import Engine, FileJob, FileOutcome, PythonEngine, engine_class
-from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError
+from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError, naming
 from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
-from .future import WriteFuture
+from .future import Callbacks, WriteFuture, WriteHandle
 from .manifest import Journal, Manifest, arrays_of
 from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .plan import check_distinct_files, file_path, plan_files, validate_key, validate_suffix
@@ -82,7 +82,7 @@ class _Writer:
         self._stager = Stager(o.pinned_pool_bytes or default_pool_bytes())
         if torch.cuda.is_initialized() and o.backend is not Backend.KVIKIO:  # type: ignore[no-untyped-call]
             self._stager.prepare(torch.cuda.current_device())  # a job on a GPU: pin now, off its thread
-        self._pipeline = Pipeline(o.workers, o.max_inflight, o.max_inflight_bytes)
+        self._callbacks = Callbacks()  # done-callbacks run there, never where writes complete
         self._gate = Gate()
         self._closed = threading.Event()
         kind = engine_class(o.engine)  # an engine that cannot run here fails before the journal is made
@@ -98,12 +98,12 @@ class _Writer:
             if self._journal is not None:
                 self._journal.close()
             raise
+        self._pipeline = Pipeline(o.workers, self._engine.budget, self._callbacks)
+        self._use_format(self._format)  # again, now that the engine is known
         self._written: set[str] = set()  # keys this writer committed (is_done() knows them too)
+        self._handles: dict[str, WriteHandle] = {}  # with skip_existing: each key's latest ready-route handle
         self._said_no_suffix = False
         self._progress_at = time.monotonic()
-        self._handoff: queue.SimpleQueue[_Write | None] = queue.SimpleQueue()
-        self._submitting = threading.Thread(target=self._submitter, name="tensorsink-submit", daemon=True)
-        self._submitting.start()
         inline = self._engine.name == "python" and o.durability is Durability.NONE
         self._inline_below = o.small_sync_bytes if inline else 0
         log.info(
@@ -115,24 +115,36 @@ class _Writer:
         self._format = fmt
         self._header_format = isinstance(fmt, HeaderFormat)  # once, not per write: ABCs' isinstance is slow
         self._buffer_format = isinstance(fmt, BufferFormat)
+        engine = getattr(self, "_engine", None)
+        # The ready route: a header and views of host memory, committed and completed by the engine
+        # alone. An upload queue needs Python per file, so its writes are completed in Python.
+        self._ready_route = (
+            engine is not None
+            and engine.ready_route
+            and self._header_format
+            and not self.options.upload_queue
+        )
 
     def _make_engine(self, kind: type[Engine]) -> Engine:
         o = self.options
+        common: dict[str, Any] = {
+            "follow_symlinks": o.follow_symlinks,
+            "journal": self._journal,
+            "max_count": o.max_inflight,
+            "max_bytes": o.max_inflight_bytes,
+            "on_due": self._callbacks.run,
+        }
         if kind is not PythonEngine:
-            return kind(
-                o.workers, o.durability, self._root, self._completed, follow_symlinks=o.follow_symlinks,
-                journal=self._journal,
-            )  # fmt: skip
+            return kind(o.workers, o.durability, self._root, self._completed, **common)
         # A small write is cheaper on the caller than a queue hop in Python, unless it waits for an fsync
         # (~1 ms): then the caller would stall on the disk, and workers can fsync several at once.
         return PythonEngine(
-            o.workers, o.durability, self._root, self._completed, follow_symlinks=o.follow_symlinks,
-            journal=self._journal, inline_below=o.small_sync_bytes,
-        )  # fmt: skip
+            o.workers, o.durability, self._root, self._completed, inline_below=o.small_sync_bytes, **common
+        )
 
     def write(
         self, relative_path_no_ext: str | os.PathLike[str], to_save: object, *, copy: bool = False
-    ) -> WriteFuture:
+    ) -> WriteHandle:
         began = self._enter(relative_path_no_ext)
         try:
             name = validate_key(relative_path_no_ext)
@@ -141,7 +153,11 @@ class _Writer:
             if self._already_written(entries):
                 return self._skipped([Path(entry.path) for entry in entries])
             entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
-            future = WriteFuture(staged_apart=staged is not None or copy, callbacks=self._pipeline.callbacks)
+            if staged is None and self._ready_route:
+                handle = self._write_ready([name] * len(entries), entries)
+                if handle is not None:
+                    return handle
+            future = WriteFuture(staged_apart=staged is not None or copy, callbacks=self._callbacks)
             if copy:
                 future.set_staged()
             pending = _Write(future, entries, [name] * len(entries), staged)
@@ -166,7 +182,7 @@ class _Writer:
         save: Callable[[Path, Any], None] | None = None,
         suffix: str = "",
         allow_empty: bool = False,
-    ) -> WriteFuture:
+    ) -> WriteHandle:
         began = self._enter(keys)
         try:
             return self._write_batch(keys, batch, save, suffix, allow_empty)
@@ -180,7 +196,7 @@ class _Writer:
         save: Callable[[Path, Any], None] | None,
         suffix: str,
         allow_empty: bool,
-    ) -> WriteFuture:
+    ) -> WriteHandle:
         if isinstance(keys, (str, bytes, bytearray)):
             raise InvalidKeyError(
                 f"keys {keys!r} is one {type(keys).__name__}, not a sequence of keys; pass a list, "
@@ -220,7 +236,11 @@ class _Writer:
         _, staged = self._stager.stage(to_stage)
         flat = [entry for entries in planned for entry in entries]
         entry_keys = [names[i] for i, entries in zip(kept, planned, strict=True) for _ in entries]
-        future = WriteFuture(staged_apart=staged is not None, callbacks=self._pipeline.callbacks)
+        if staged is None and save is None and self._ready_route:
+            handle = self._write_ready(entry_keys, flat)
+            if handle is not None:
+                return handle
+        future = WriteFuture(staged_apart=staged is not None, callbacks=self._callbacks)
         pending = _Write(future, flat, entry_keys, staged)
         if staged is None and save is None:
             return self._start(pending, None)
@@ -256,24 +276,44 @@ class _Writer:
                 pending.staged.release()
             raise
         self._stats.blocked(blocked + (pending.staged.blocked_seconds if pending.staged is not None else 0.0))
-        if ready is None and pending.nbytes < self._inline_below:
-            self._submit(pending, pending.entries, None)  # the Python engine's inline writes
-        elif ready is None and self._header_format:
-            self._handoff.put(pending)  # a header and views: the submitter thread hands it on
+        encoded = self._encoded_here(pending) if ready is None else None
+        if ready is None and (encoded is not None or pending.nbytes < self._inline_below):
+            self._submit(pending, pending.entries, None, encoded)  # a header and views; or small, inline
         else:  # a serializer to run (.pt, .npz, a copy, a staging wait): the pool's threads, in parallel
             entries = pending.entries
             self._pipeline.prepare(lambda: self._prepare(pending, ready or (lambda: (entries, None))))
         return pending.future
 
-    def _submitter(self) -> None:
-        """Builds the headers of host writes in a header format and submits them: the caller's write()
-        only numbers and queues them. Views cost nothing; an array that needs a copy is copied here."""
-        handoff = self._handoff
-        while (pending := handoff.get()) is not None:
-            try:
-                self._submit(pending, pending.entries, None, self._encoded_here(pending))
-            except BaseException as exc:  # _submit finishes its write on failure; this is a last resort
-                log.exception("tensorsink: submitting a write failed: %r", exc)
+    def _write_ready(self, keys: list[str], entries: list[FileEntry]) -> WriteHandle | None:
+        """The ready route: the files' headers and views of host memory go to the engine in one call,
+        which numbers them, waits for room and queues them; its threads complete the write. None where
+        an array needs a copy first (then the write goes the other way)."""
+        fmt = cast(HeaderFormat, self._format)
+        journal = self._journal
+        kind = fmt.save_format.value
+        files_of = Counter(keys) if journal is not None and len(keys) > 1 else None
+        files: list[tuple[object, ...]] = []
+        nbytes = 0
+        for key, entry in zip(keys, entries, strict=True):
+            buffers = fmt.encode_plain(entry)
+            if buffers is None:
+                return None
+            record = None
+            if journal is not None:
+                count = files_of[key] if files_of is not None else 1
+                record = journal.prefix(key, entry.path, kind, arrays_of(entry), count)
+            directory, _, name = entry.path.rpartition("/")
+            temporary = self._committer.temporary_for(directory, name)
+            files.append((entry.path, temporary, buffers, record is not None, record, None, entry.nbytes))
+            nbytes += entry.nbytes
+        handle, blocked = self._engine.write_ready(keys, files, nbytes)  # type: ignore[arg-type]  # tuples
+        self._stats.write_started()
+        if blocked:
+            self._stats.blocked(blocked)
+        if self._done is not None:
+            for key in keys:
+                self._handles[key] = handle
+        return cast(WriteHandle, handle)
 
     def _prepare(self, pending: _Write, ready: _Ready) -> None:
         """In a worker: wait for the staged bytes (or run custom writers), then submit."""
@@ -281,7 +321,7 @@ class _Writer:
             entries, savers = ready()
         except BaseException as exc:
             self._engine.release([entry.path for entry in pending.entries])
-            self._finish([(pending, None, _naming(exc, pending.keys[0], pending.entries[0].path))])
+            self._finish([(pending, None, naming(exc, pending.keys[0], pending.entries[0].path))])
             return
         self._submit(pending, entries, savers)
 
@@ -344,7 +384,7 @@ class _Writer:
                 if job.buffers is None:
                     _discard(job)
             self._engine.release([entry.path for entry in pending.entries])
-            self._finish([(pending, None, _naming(exc, pending.keys[k], entries[k].path))])
+            self._finish([(pending, None, naming(exc, pending.keys[k], entries[k].path))])
 
     def _file_writer(self, entry: FileEntry) -> _FileWriter | None:
         """None where the engine writes the format's buffers itself; else what writes the file
@@ -385,7 +425,7 @@ class _Writer:
                     zip(pending.entries, pending.backends, outcomes, strict=True)
                 ):
                     if outcome.error is not None:
-                        error = error or _naming(outcome.error, pending.keys[k], entry.path)
+                        error = error or naming(outcome.error, pending.keys[k], entry.path)
                         continue
                     files += 1
                     by_backend[backend] = by_backend.get(backend, 0) + entry.nbytes
@@ -394,12 +434,17 @@ class _Writer:
                     if outcome.replaced and uploads is not None:
                         uploads.put(path)
             except Exception as exc:  # an upload queue that refuses, say: the write fails, nothing hangs
-                error = error or _naming(exc, pending.keys[0], pending.entries[0].path)
+                error = error or naming(exc, pending.keys[0], pending.entries[0].path)
             done.append((pending, paths, error))
         self._stats.files_committed(files, by_backend)
         if self._done is not None:
             self._written.update(key for pending, _, error in done if error is None for key in pending.keys)
         self._finish(done)
+        self._progress()
+
+    def _progress(self) -> None:
+        """A progress line every progress_seconds, from whichever thread gets there: the caller's (the
+        ready route completes without Python) or a completion's."""
         every = self.options.progress_seconds
         if every is not None and time.monotonic() - self._progress_at >= every:
             self._progress_at = time.monotonic()
@@ -441,7 +486,12 @@ class _Writer:
                 "is_done() needs AsyncWriter(..., skip_existing=True), which loads the manifest"
             )
         name = validate_key(key)
-        return name in self._written or self._done.done(name)
+        if name in self._written:
+            return True
+        handle = self._handles.get(name)
+        if handle is not None and handle.done() and handle.exception() is None:
+            return True
+        return self._done.done(name)
 
     def _enter(self, key: object) -> float:
         """Admit one write() or write_batch() call (close() waits for every call admitted); returns
@@ -451,7 +501,7 @@ class _Writer:
         if not self._gate.enter():
             raise WriterClosedError(f"write({key!r}) after close(); create a new AsyncWriter")
         try:
-            self._pipeline.raise_if_failed()
+            self._raise_if_failed()
         except BaseException:
             self._gate.leave()
             raise
@@ -460,6 +510,8 @@ class _Writer:
     def _leave(self, began: float) -> None:
         self._stats.called(time.perf_counter() - began)
         self._gate.leave()
+        if self.options.progress_seconds is not None:
+            self._progress()
 
     def _check_folders(self, entries: list[FileEntry]) -> None:
         """SymlinkError, on the caller's thread, if a folder on the way to a file is a symlink (the
@@ -481,21 +533,33 @@ class _Writer:
 
     def flush(self) -> None:
         self._refuse_if_forked()
-        self._pipeline.drain()
+        self._drain()
         if self._journal is not None:
             self._journal.sync()
-        self._pipeline.raise_if_failed()
+        self._raise_if_failed()
+
+    def _drain(self) -> None:
+        """Wait for every write so far, on either route, and for their done-callbacks."""
+        self._pipeline.drain()
+        self._engine.drain()
+        self._callbacks.wait()
+
+    def _raise_if_failed(self) -> None:
+        """Raise the first failure of either route (every time: a failed writer stays failed)."""
+        error, failure = self._pipeline.error, self._engine.failure()
+        if failure is not None and (error is None or self._engine.counters()[5] < self._pipeline.failed_at):
+            raise failure
+        if error is not None:
+            raise error
 
     def close(self) -> None:
         self._refuse_if_forked()
         _open_writers.discard(self)
         if self._gate.close():  # waits for the write() calls already admitted
             try:
-                self._pipeline.drain()
+                self._drain()
             finally:
                 try:
-                    self._handoff.put(None)
-                    self._submitting.join()
                     self._pipeline.shutdown()
                     self._engine.close()
                     self._stager.close()
@@ -508,7 +572,7 @@ class _Writer:
                         log.info("tensorsink: closed after %s", self.stats())
                     self._closed.set()
         self._closed.wait()  # a close() racing the first one returns only once that one is done
-        self._pipeline.raise_if_failed()
+        self._raise_if_failed()
 
     def _refuse_if_forked(self) -> None:
         if self._pid != os.getpid():
@@ -527,7 +591,9 @@ class _Writer:
             _close_and_log(self, "dropped without close()")
 
     def stats(self) -> WriterStats:
-        in_flight, engine = self._pipeline.in_flight, self._engine.name
+        files, nbytes, failed, last, pending, _ = self._engine.counters()  # the ready route's
+        self._stats.merge_ready(files, nbytes, failed, last)
+        in_flight, engine = self._pipeline.in_flight + pending, self._engine.name
         if not self._stager.pool_started:
             return self._stats.snapshot(in_flight, engine=engine)
         pool = self._stager.pool
@@ -545,7 +611,7 @@ class AsyncWriter:
     """Asynchronous, crash-safe writer of tensors, mappings and sequences of tensors under `out_root`.
 
     `write(key, value)` checks the key and the value, waits while the budget (`max_inflight` writes,
-    `max_inflight_bytes` bytes) is full, and returns a WriteFuture; the write engine (`engine`: native
+    `max_inflight_bytes` bytes) is full, and returns a WriteHandle; the write engine (`engine`: native
     C threads, or their pure-Python twin) writes the file into a temporary sibling and renames it into
     place. With the Python engine and durability NONE, payloads under `small_sync_bytes` are written on
     the caller's thread instead, where a queue hop would cost more than the write. A failed write,
@@ -655,7 +721,7 @@ class AsyncWriter:
 
     def write(
         self, relative_path_no_ext: str | os.PathLike[str], to_save: object, *, copy: bool = False
-    ) -> WriteFuture:
+    ) -> WriteHandle:
         """Write `to_save` to `<out_root>/<relative_path_no_ext><suffix>` (several files with SPLIT).
 
         Returns at once unless the budget is full. Device tensors are copied to pinned host memory on
@@ -675,7 +741,7 @@ class AsyncWriter:
         save: Callable[[Path, Any], None] | None = None,
         suffix: str = "",
         allow_empty: bool = False,
-    ) -> WriteFuture:
+    ) -> WriteHandle:
         """Write sample i of `batch` under keys[i]: one staging copy for the batch, one file per sample.
 
         `batch` is a tensor or a mapping of tensors whose first dimension indexes the samples (device
@@ -776,15 +842,6 @@ def _saving(save: Callable[[Path, Any], None], value: Any, allow_empty: bool) ->
         return take_saved(fd, temporary, allow_empty=allow_empty)
 
     return saving
-
-
-def _naming(error: BaseException, key: str, path: str) -> BaseException:
-    """`error`, with a note naming the write's key and file: a background failure is raised later, by
-    another call, where its own message (a custom writer's "boom") may say neither."""
-    note = f"tensorsink: while writing key {key!r} to {path}"
-    if note not in getattr(error, "__notes__", ()) and hasattr(error, "add_note"):  # Python >= 3.11
-        error.add_note(note)
-    return error
 
 
 def _discard(job: FileJob) -> None:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 from ..formats import Buffer
 from ..manifest import Journal
 from ..options import Durability
 
-__all__ = ["Completion", "Engine", "FileJob", "FileOutcome"]
+__all__ = ["BudgetLike", "Completion", "Due", "Engine", "FileJob", "FileOutcome", "ReadyFile"]
 
 
 class FileJob(NamedTuple):
@@ -44,6 +44,32 @@ class FileOutcome(NamedTuple):
 
 #: Called with finished batches, each as (token, one outcome per file in submission order).
 Completion = Callable[[list[tuple[object, list[FileOutcome]]]], None]
+#: Called with a settled write_ready() handle and the done-callbacks added to it while it was pending.
+Due = Callable[[Any, list[Callable[[Any], object]]], None]
+
+
+class ReadyFile(NamedTuple):
+    """One file of the ready route: its bytes are in host memory (a header and views of the arrays)."""
+
+    final: str
+    temporary: str
+    buffers: Sequence[Buffer]
+    checksum: bool
+    record: bytes | None
+    crc: int | None
+    #: The arrays' bytes, for the statistics.
+    payload: int
+
+
+class BudgetLike(Protocol):
+    """Backpressure: room for a write is taken before it is queued and given back when it is done."""
+
+    @property
+    def waiting(self) -> int: ...
+
+    def acquire(self, nbytes: int) -> float: ...
+
+    def release(self, nbytes: int, count: int = 1) -> None: ...
 
 
 class Engine(ABC):
@@ -66,6 +92,9 @@ class Engine(ABC):
         *,
         follow_symlinks: bool = False,
         journal: Journal | None = None,
+        max_count: int = 1 << 62,
+        max_bytes: int = 1 << 62,
+        on_due: Due | None = None,
     ) -> None:
         self.journal = journal
         self.threads = threads
@@ -73,6 +102,36 @@ class Engine(ABC):
         self.root = root
         self.on_complete = on_complete
         self.follow_symlinks = follow_symlinks
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.on_due = on_due
+
+    #: Whether write_ready() is here: a write whose bytes are in host memory goes to the engine's
+    #: threads in one call and is completed, counted and given its budget back without Python.
+    ready_route: ClassVar[bool] = False
+
+    @property
+    @abstractmethod
+    def budget(self) -> BudgetLike:
+        """The writer's budget (max_count writes, max_bytes bytes in flight)."""
+
+    def write_ready(self, keys: list[str], files: list[ReadyFile], nbytes: int) -> tuple[Any, float]:
+        """Number, admit (under the budget) and queue one write on the ready route; its handle and the
+        seconds it waited for room. Only where `ready_route`."""
+        raise NotImplementedError(f"the {self.name} engine has no ready route")
+
+    def drain(self) -> None:
+        """Wait for every write_ready() so far, and for the hand-off of their done-callbacks."""
+        return None
+
+    def failure(self) -> BaseException | None:
+        """The first failed write_ready(), as an exception (the same each time), or None."""
+        return None
+
+    def counters(self) -> tuple[int, int, int, float, int, float]:
+        """write_ready()'s files committed, their payload bytes, files failed, the time.perf_counter()
+        of the latest, writes in flight, and the time of the first failure."""
+        return 0, 0, 0, 0.0, 0, 0.0
 
     @abstractmethod
     def reserve(self, paths: list[str]) -> list[int]:

@@ -15,8 +15,9 @@ from ..commit import Committer
 from ..formats import write_buffers
 from ..manifest import Journal, crc32_of_path
 from ..options import Durability
+from ..scheduling import Budget
 from ..staging.cudart import own_thread
-from .base import Completion, Engine, FileJob, FileOutcome
+from .base import Completion, Due, Engine, FileJob, FileOutcome
 
 __all__ = ["PythonEngine"]
 
@@ -34,13 +35,22 @@ class PythonEngine(Engine):
         follow_symlinks: bool = False,
         journal: Journal | None = None,
         inline_below: int = 0,
+        max_count: int = 1 << 62,
+        max_bytes: int = 1 << 62,
+        on_due: Due | None = None,
     ) -> None:
         super().__init__(
-            threads, durability, root, on_complete, follow_symlinks=follow_symlinks, journal=journal
-        )
+            threads, durability, root, on_complete, follow_symlinks=follow_symlinks, journal=journal,
+            max_count=max_count, max_bytes=max_bytes, on_due=on_due,
+        )  # fmt: skip
+        self._budget = Budget(max_count, max_bytes)
         self.committer = Committer(durability, root, follow_symlinks=follow_symlinks)
         self._inline_below = inline_below if durability is Durability.NONE else 0
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tensorsink", initializer=own_thread)
+
+    @property
+    def budget(self) -> Budget:
+        return self._budget
 
     def reserve(self, paths: list[str]) -> list[int]:
         return [self.committer.order.reserve(path) for path in paths]

@@ -54,6 +54,70 @@ static double wall_clock(void) {
     return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
 }
 
+double monotonic_seconds(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now); /* time.perf_counter()'s clock on Linux */
+    return (double)now.tv_sec + (double)now.tv_nsec * 1e-9;
+}
+
+/* A ready-route batch is finished (called under e->lock by the thread that finished its last file):
+ * count it, give its room back, record a failure, settle its ticket; its Python objects are freed
+ * later with the GIL (the garbage), or by the reaper once it has handed on the ticket's callbacks. */
+void settle(Engine *e, Batch *batch) {
+    Ticket *t = batch->ticket;
+    Job *failed = NULL;
+    for (Py_ssize_t i = 0; i < batch->njobs; i++) {
+        Job *job = &batch->jobs[i];
+        if (job->error) {
+            e->files_failed++;
+            if (!failed) failed = job;
+        } else {
+            e->files_done++;
+            e->bytes_done += (long long)job->payload;
+        }
+    }
+    e->last_commit = monotonic_seconds();
+    if (failed && !e->failed) {
+        e->failed = 1;
+        e->failed_at = e->last_commit;
+        e->failed_ticket = t;
+        e->fail_errno = failed->error;
+        e->fail_operation = failed->operation;
+        e->fail_final = strdup(failed->final);
+        e->fail_key = strdup(failed->key ? failed->key : "");
+    }
+    pthread_mutex_lock(&e->budget_lock);
+    e->budget_count -= 1;
+    e->budget_bytes -= batch->budget_bytes;
+    if (e->budget_waiting) pthread_cond_broadcast(&e->budget_cond);
+    pthread_mutex_unlock(&e->budget_lock);
+    pthread_mutex_lock(&e->ticket_lock);
+    if (failed) {
+        t->error = failed->error;
+        t->operation = failed->operation;
+        t->failed_final = strdup(failed->final);
+        t->failed_key = strdup(failed->key ? failed->key : "");
+    }
+    t->done = 1;
+    if (t->prev) t->prev->next = t->next; else e->pending = t->next;
+    if (t->next) t->next->prev = t->prev;
+    t->prev = t->next = NULL;
+    e->npending--;
+    int due = t->callbacks != NULL;
+    pthread_cond_broadcast(&e->ticket_cond);
+    pthread_mutex_unlock(&e->ticket_lock);
+    batch->next = NULL;
+    if (due) { /* the reaper hands the callbacks on, then frees the batch */
+        e->due_count++;
+        if (e->due_tail) e->due_tail->next = batch; else e->due_head = batch;
+        e->due_tail = batch;
+        pthread_cond_broadcast(&e->done);
+    } else {
+        batch->next = e->garbage;
+        e->garbage = batch;
+    }
+}
+
 static void run_job(Engine *e, Job *job) {
     char *folder = strndup(job->final, job->directory_length);
     int fd = job->fd;
@@ -140,24 +204,47 @@ finish:
     pthread_mutex_lock(&e->lock);
     Batch *batch = job->batch;
     if (--batch->remaining == 0) {
-        batch->next = NULL;
-        if (e->done_tail) e->done_tail->next = batch; else e->done_head = batch;
-        e->done_tail = batch;
-        pthread_cond_broadcast(&e->done);
+        if (batch->ticket) {
+            settle(e, batch);
+        } else {
+            batch->next = NULL;
+            if (e->done_tail) e->done_tail->next = batch; else e->done_head = batch;
+            e->done_tail = batch;
+            pthread_cond_broadcast(&e->done);
+        }
     }
     pthread_mutex_unlock(&e->lock);
 }
 
 void *worker(void *arg) {
     Engine *e = arg;
+    pthread_mutex_lock(&e->lock);
     for (;;) {
-        pthread_mutex_lock(&e->lock);
         while (!e->head && !e->stopping) pthread_cond_wait(&e->work, &e->lock);
         Job *job = e->head;
         if (!job) { pthread_mutex_unlock(&e->lock); return NULL; }
         e->head = job->next;
         if (!e->head) e->tail = NULL;
+        e->queued--;
+        e->busy++;
         pthread_mutex_unlock(&e->lock);
         run_job(e, job);
+        pthread_mutex_lock(&e->lock);
+        e->busy--;
     }
+}
+
+/* `n` jobs of `nbytes` in all were queued (under e->lock): wake workers for them. Without fsyncs a
+ * small file costs only CPU, and a worker already running takes the next job as soon as it is done:
+ * waking another would only make it and the caller take turns on the CPUs (on 2 cores, 16 KiB files
+ * in memory went from 26,000 to 45,000 a second). So then a sleeping worker is woken only for a large
+ * job, or when the queue grows longer than the running workers drain. */
+#define WAKE_BYTES (1 << 20)
+#define BACKLOG_PER_WORKER 8
+void wake_workers(Engine *e, Py_ssize_t n, long long nbytes) {
+    e->queued += n;
+    if (e->durability == DURABILITY_NONE && e->busy > 0 && nbytes < WAKE_BYTES &&
+        e->queued <= (long long)e->busy * BACKLOG_PER_WORKER)
+        return;
+    if (n == 1) pthread_cond_signal(&e->work); else pthread_cond_broadcast(&e->work);
 }

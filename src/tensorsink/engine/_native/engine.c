@@ -4,23 +4,39 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
 
-static void free_batch(Batch *batch) { /* with the GIL */
+void free_batch(Batch *batch) { /* with the GIL */
     for (Py_ssize_t i = 0; i < batch->njobs; i++) {
         Job *job = &batch->jobs[i];
         for (Py_ssize_t k = 0; k < job->nviews; k++) PyBuffer_Release(&job->views[k]);
         PyMem_RawFree(job->views);
         free(job->record);
+        free(job->key);
         free(job->final);
         free(job->temporary);
     }
     PyMem_RawFree(batch->jobs);
     Py_XDECREF(batch->token);
     PyMem_RawFree(batch);
+}
+
+/* Free the ready route's settled batches (their buffers' views, their tickets' references): with the
+ * GIL, from whichever call into the engine comes next, so that no Python thread wakes per batch. */
+void collect_garbage(Engine *e) {
+    if (!e->garbage) return; /* read without the lock: a batch added meanwhile waits for the next call */
+    pthread_mutex_lock(&e->lock);
+    Batch *taken = e->garbage;
+    e->garbage = NULL;
+    pthread_mutex_unlock(&e->lock);
+    for (Batch *b = taken, *next; b; b = next) {
+        next = b->next;
+        free_batch(b);
+    }
 }
 
 static void stop_threads(Engine *e) {
@@ -50,17 +66,27 @@ static int usable(Engine *e) {
 }
 
 static int Engine_init(Engine *e, PyObject *args, PyObject *kwargs) {
-    static char *names[] = {"threads", "durability", "root", "follow_symlinks", "journal", NULL};
+    static char *names[] = {"threads", "durability", "root", "follow_symlinks", "journal", "max_count",
+                            "max_bytes", "error_factory", NULL};
     int threads, durability, follow = 0, journal = -1;
-    PyObject *root;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiU|pi", names, &threads, &durability, &root, &follow,
-                                     &journal))
+    long long max_count = LLONG_MAX, max_bytes = LLONG_MAX;
+    PyObject *root, *error_factory = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "iiU|piLLO", names, &threads, &durability, &root, &follow,
+                                     &journal, &max_count, &max_bytes, &error_factory))
         return -1;
     if (e->threads) { PyErr_SetString(PyExc_RuntimeError, "Engine already initialised"); return -1; }
-    if (threads < 1 || durability < 0 || durability > 2) {
-        PyErr_SetString(PyExc_ValueError, "threads must be >= 1 and durability 0, 1 or 2");
+    if (threads < 1 || durability < 0 || durability > 2 || max_count < 1 || max_bytes < 1) {
+        PyErr_SetString(PyExc_ValueError, "threads, max_count and max_bytes must be >= 1, durability 0, 1 or 2");
         return -1;
     }
+    e->max_count = max_count;
+    e->max_bytes = max_bytes;
+    Py_INCREF(error_factory);
+    e->error_factory = error_factory;
+    pthread_mutex_init(&e->ticket_lock, NULL);
+    pthread_cond_init(&e->ticket_cond, NULL);
+    pthread_mutex_init(&e->budget_lock, NULL);
+    pthread_cond_init(&e->budget_cond, NULL);
     e->root = copy_path(root);
     if (!e->root) return -1;
     e->durability = durability;
@@ -93,6 +119,60 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kwargs) {
     return 0;
 }
 
+/* A CRC the format computed already (`known`, or None): taken, and no checksum pass (`*checksum`
+ * cleared). 0, or -1 with an exception set. */
+static int known_crc(Job *job, PyObject *known, int *checksum) {
+    if (!*checksum || known == Py_None) return 0;
+    unsigned long value = PyLong_AsUnsignedLong(known);
+    if (value == (unsigned long)-1 && PyErr_Occurred()) return -1;
+    if (value > 0xFFFFFFFFul) {
+        PyErr_Format(PyExc_ValueError, "a file's crc is 32 bits, not %lu", value);
+        return -1;
+    }
+    job->crc = (uint32_t)value;
+    *checksum = 0;
+    return 0;
+}
+
+/* A job's paths and journal record from Python: 0, or -1 with an exception set. */
+static int fill_job(Engine *e, Job *job, PyObject *final, PyObject *temporary, PyObject *record) {
+    if (record != Py_None) {
+        if (!PyBytes_Check(record) || e->journal < 0) {
+            PyErr_SetString(PyExc_TypeError, "a record is bytes, for an engine with a journal");
+            return -1;
+        }
+        job->record_length = (size_t)PyBytes_GET_SIZE(record);
+        job->record = malloc(job->record_length + 1);
+        if (!job->record) { PyErr_NoMemory(); return -1; }
+        memcpy(job->record, PyBytes_AS_STRING(record), job->record_length);
+    }
+    job->final = copy_path(final);
+    job->temporary = job->final ? copy_path(temporary) : NULL;
+    if (!job->temporary) return -1;
+    char *slash = strrchr(job->final, '/');
+    if (!slash) { PyErr_Format(PyExc_ValueError, "final path %R is not absolute", final); return -1; }
+    job->directory_length = (size_t)(slash - job->final);
+    return 0;
+}
+
+/* Views of a job's buffers (released by free_batch): 0, or -1 with an exception set. */
+static int job_views(Job *job, PyObject *buffers) {
+    PyObject *sequence = PySequence_Fast(buffers, "buffers must be a sequence of bytes-like objects");
+    if (!sequence) return -1;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    job->views = PyMem_RawCalloc((size_t)(count ? count : 1), sizeof(Py_buffer));
+    if (!job->views) { Py_DECREF(sequence); PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t k = 0; k < count; k++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sequence, k), &job->views[k], PyBUF_SIMPLE) != 0) {
+            Py_DECREF(sequence);
+            return -1;
+        }
+        job->nviews++;
+    }
+    Py_DECREF(sequence);
+    return 0;
+}
+
 static PyObject *Engine_submit(Engine *e, PyObject *args) {
     PyObject *token, *files;
     if (!PyArg_ParseTuple(args, "OO!", &token, &PyList_Type, &files) || !usable(e)) return NULL;
@@ -122,52 +202,16 @@ static PyObject *Engine_submit(Engine *e, PyObject *args) {
                                 "each file is (final, temporary, buffers, fd, checksum, number, record, crc)");
             goto error;
         }
-        if (checksum && known != Py_None) { /* the format has it already: no second pass */
-            unsigned long value = PyLong_AsUnsignedLong(known);
-            if (value == (unsigned long)-1 && PyErr_Occurred()) goto error;
-            if (value > 0xFFFFFFFFul) {
-                PyErr_Format(PyExc_ValueError, "a file's crc is 32 bits, not %lu", value);
-                goto error;
-            }
-            job->crc = (uint32_t)value;
-            checksum = 0;
-        }
+        if (known_crc(job, known, &checksum) != 0) goto error;
         job->number = number;
-        if (record != Py_None) {
-            if (!PyBytes_Check(record) || e->journal < 0) {
-                PyErr_SetString(PyExc_TypeError, "a record is bytes, for an engine with a journal");
-                goto error;
-            }
-            job->record_length = (size_t)PyBytes_GET_SIZE(record);
-            job->record = malloc(job->record_length + 1);
-            if (!job->record) { PyErr_NoMemory(); goto error; }
-            memcpy(job->record, PyBytes_AS_STRING(record), job->record_length);
-        }
-        job->final = copy_path(final);
-        job->temporary = job->final ? copy_path(temporary) : NULL;
-        if (!job->temporary) goto error;
-        char *slash = strrchr(job->final, '/');
-        if (!slash) { PyErr_Format(PyExc_ValueError, "final path %R is not absolute", final); goto error; }
-        job->directory_length = (size_t)(slash - job->final);
+        if (fill_job(e, job, final, temporary, record) != 0) goto error;
         job->checksum = checksum;
         if (buffers == Py_None) {
             if (fd < 0) { PyErr_SetString(PyExc_ValueError, "a file without buffers needs its fd"); goto error; }
             job->fd = fd;
             continue;
         }
-        PyObject *sequence = PySequence_Fast(buffers, "buffers must be a sequence of bytes-like objects");
-        if (!sequence) goto error;
-        Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
-        job->views = PyMem_RawCalloc((size_t)(count ? count : 1), sizeof(Py_buffer));
-        if (!job->views) { Py_DECREF(sequence); PyErr_NoMemory(); goto error; }
-        for (Py_ssize_t k = 0; k < count; k++) {
-            if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(sequence, k), &job->views[k], PyBUF_SIMPLE) != 0) {
-                Py_DECREF(sequence);
-                goto error;
-            }
-            job->nviews++;
-        }
-        Py_DECREF(sequence);
+        if (job_views(job, buffers) != 0) goto error;
     }
     pthread_mutex_lock(&e->lock);
     e->unreaped++;
@@ -176,7 +220,7 @@ static PyObject *Engine_submit(Engine *e, PyObject *args) {
         if (e->tail) e->tail->next = &jobs[i]; else e->head = &jobs[i];
         e->tail = &jobs[i];
     }
-    if (n == 1) pthread_cond_signal(&e->work); else pthread_cond_broadcast(&e->work);
+    wake_workers(e, n, LLONG_MAX); /* prepared files: the caller's route, waking as before */
     pthread_mutex_unlock(&e->lock);
     Py_RETURN_NONE;
 error:
@@ -248,7 +292,7 @@ static PyObject *Engine_reap(Engine *e, PyObject *args) {
     double timeout;
     if (!PyArg_ParseTuple(args, "d", &timeout)) return NULL;
     if (!usable(e)) return NULL;
-    Batch *taken = NULL;
+    Batch *taken = NULL, *due = NULL;
     int finished = 0;
     Py_BEGIN_ALLOW_THREADS
     struct timespec deadline;
@@ -257,15 +301,18 @@ static PyObject *Engine_reap(Engine *e, PyObject *args) {
     deadline.tv_nsec += (long)((timeout - (double)(time_t)timeout) * 1e9);
     if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
     pthread_mutex_lock(&e->lock);
-    while (!e->done_head && !(e->closed && e->unreaped == 0)) {
+    while (!e->done_head && !e->due_head && !(e->closed && e->unreaped == 0)) {
         if (pthread_cond_timedwait(&e->done, &e->lock, &deadline) == ETIMEDOUT) break;
     }
     taken = e->done_head;
     e->done_head = e->done_tail = NULL;
     for (Batch *b = taken; b; b = b->next) e->unreaped--;
-    finished = !taken && e->closed && e->unreaped == 0;
+    due = e->due_head;
+    e->due_head = e->due_tail = NULL;
+    finished = !taken && !due && e->closed && e->unreaped == 0;
     pthread_mutex_unlock(&e->lock);
     Py_END_ALLOW_THREADS
+    collect_garbage(e);
     if (finished) Py_RETURN_NONE;
     PyObject *out = PyList_New(0);
     for (Batch *b = taken, *next; b; b = next) {
@@ -275,7 +322,248 @@ static PyObject *Engine_reap(Engine *e, PyObject *args) {
         else Py_CLEAR(out);
         free_batch(b);
     }
+    for (Batch *b = due, *next; b; b = next) { /* (ticket, None): its done-callbacks are due */
+        next = b->next;
+        PyObject *pair = out ? PyTuple_Pack(2, (PyObject *)b->ticket, Py_None) : NULL;
+        if (pair) { if (PyList_Append(out, pair) != 0) Py_CLEAR(out); Py_DECREF(pair); }
+        else Py_CLEAR(out);
+        free_batch(b);
+    }
     return out;
+}
+
+/* ---- The budget, and the ready route ------------------------------------------------------------ */
+
+static int budget_fits(Engine *e, long long nbytes) {
+    return e->budget_count < e->max_count && (e->budget_count == 0 || e->budget_bytes + nbytes <= e->max_bytes);
+}
+
+/* Take room for one write of `nbytes` (waiting without the GIL); the seconds waited. The lock is
+ * never held while the GIL is taken: a thread holding the GIL may be waiting for the lock. */
+static double budget_take(Engine *e, long long nbytes) {
+    pthread_mutex_lock(&e->budget_lock);
+    if (budget_fits(e, nbytes)) {
+        e->budget_count++;
+        e->budget_bytes += nbytes;
+        pthread_mutex_unlock(&e->budget_lock);
+        return 0;
+    }
+    pthread_mutex_unlock(&e->budget_lock);
+    double waited;
+    Py_BEGIN_ALLOW_THREADS
+    double start = monotonic_seconds();
+    pthread_mutex_lock(&e->budget_lock);
+    e->budget_waiting++;
+    while (!budget_fits(e, nbytes)) pthread_cond_wait(&e->budget_cond, &e->budget_lock);
+    e->budget_waiting--;
+    e->budget_count++;
+    e->budget_bytes += nbytes;
+    pthread_mutex_unlock(&e->budget_lock);
+    waited = monotonic_seconds() - start;
+    Py_END_ALLOW_THREADS
+    return waited;
+}
+
+static void budget_give(Engine *e, long long nbytes, long long count) {
+    pthread_mutex_lock(&e->budget_lock);
+    e->budget_count -= count;
+    e->budget_bytes -= nbytes;
+    if (e->budget_waiting) pthread_cond_broadcast(&e->budget_cond);
+    pthread_mutex_unlock(&e->budget_lock);
+}
+
+static PyObject *Engine_admit(Engine *e, PyObject *arg) {
+    if (!usable(e)) return NULL;
+    long long nbytes = PyLong_AsLongLong(arg);
+    if (nbytes == -1 && PyErr_Occurred()) return NULL;
+    return PyFloat_FromDouble(budget_take(e, nbytes));
+}
+
+static PyObject *Engine_give_back(Engine *e, PyObject *args) {
+    long long nbytes, count;
+    if (!PyArg_ParseTuple(args, "LL", &nbytes, &count) || !usable(e)) return NULL;
+    budget_give(e, nbytes, count);
+    Py_RETURN_NONE;
+}
+
+/* write_ready(keys, files, nbytes): one write whose bytes are in host memory, in one call: number
+ * its files, take room in the budget (waiting without the GIL), queue them, and return its handle
+ * with the seconds waited. Each file is (final, temporary, buffers, checksum, record, crc, payload);
+ * keys[i] names file i's write in a failure. Completion, statistics and the budget are the threads'. */
+static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
+    PyObject *keys, *files;
+    long long nbytes;
+    if (!PyArg_ParseTuple(args, "O!O!L", &PyList_Type, &keys, &PyList_Type, &files, &nbytes) || !usable(e))
+        return NULL;
+    if (e->closed) { PyErr_SetString(PyExc_RuntimeError, "the engine is closed"); return NULL; }
+    Py_ssize_t n = PyList_GET_SIZE(files);
+    if (n == 0 || PyList_GET_SIZE(keys) != n) {
+        PyErr_SetString(PyExc_ValueError, "write_ready() takes one key per file, and at least one file");
+        return NULL;
+    }
+    if (import_helpers() != 0) return NULL;
+    collect_garbage(e);
+    Batch *batch = PyMem_RawCalloc(1, sizeof(Batch));
+    Job *jobs = PyMem_RawCalloc((size_t)n, sizeof(Job));
+    Ticket *ticket = PyObject_New(Ticket, &HandleType);
+    PyObject *paths = PyList_New(n);
+    if (!batch || !jobs || !ticket || !paths) {
+        PyMem_RawFree(batch);
+        PyMem_RawFree(jobs);
+        Py_XDECREF((PyObject *)ticket);
+        Py_XDECREF(paths);
+        return PyErr_NoMemory();
+    }
+    memset((char *)ticket + sizeof(PyObject), 0, sizeof(Ticket) - sizeof(PyObject));
+    Py_INCREF(e);
+    ticket->engine = e;
+    ticket->paths = paths;
+    batch->jobs = jobs;
+    batch->njobs = n;
+    batch->remaining = n;
+    batch->token = (PyObject *)ticket; /* the batch's reference, given up with it */
+    batch->ticket = ticket;
+    batch->budget_bytes = nbytes;
+    Py_ssize_t reserved = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PyList_GET_ITEM(files, i), *final, *temporary, *buffers, *record, *known;
+        int checksum;
+        unsigned long long payload;
+        Job *job = &jobs[i];
+        job->batch = batch;
+        job->fd = -1;
+        if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "UUOpOOK", &final, &temporary, &buffers, &checksum,
+                                                      &record, &known, &payload)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError,
+                                "each file is (final, temporary, buffers, checksum, record, crc, payload)");
+            goto error;
+        }
+        Py_INCREF(final);
+        PyList_SET_ITEM(paths, i, final);
+        job->payload = payload;
+        if (known_crc(job, known, &checksum) != 0 || fill_job(e, job, final, temporary, record) != 0 ||
+            job_views(job, buffers) != 0)
+            goto error;
+        job->checksum = checksum;
+        PyObject *key = PyUnicode_AsUTF8String(PyList_GET_ITEM(keys, i));
+        if (!key) goto error;
+        job->key = strdup(PyBytes_AS_STRING(key));
+        Py_DECREF(key);
+        if (!job->key) { PyErr_NoMemory(); goto error; }
+    }
+    for (; reserved < n; reserved++) { /* numbered in call order: the latest write to a path wins */
+        Job *job = &jobs[reserved];
+        uint64_t h;
+        size_t stripe = stripe_of(job->final, &h);
+        pthread_mutex_lock(&e->order_locks[stripe]);
+        Slot *slot = table_find(&e->order[stripe], job->final, h, 1);
+        job->number = ++e->counter;
+        if (slot && slot->a++ == 0) slot->b = -1;
+        pthread_mutex_unlock(&e->order_locks[stripe]);
+        if (!slot) { PyErr_NoMemory(); goto error; }
+    }
+    double waited = budget_take(e, nbytes);
+    pthread_mutex_lock(&e->ticket_lock);
+    ticket->next = e->pending;
+    if (e->pending) e->pending->prev = ticket;
+    e->pending = ticket;
+    e->npending++;
+    pthread_mutex_unlock(&e->ticket_lock);
+    pthread_mutex_lock(&e->lock);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        jobs[i].next = NULL;
+        if (e->tail) e->tail->next = &jobs[i]; else e->head = &jobs[i];
+        e->tail = &jobs[i];
+    }
+    wake_workers(e, n, nbytes);
+    pthread_mutex_unlock(&e->lock);
+    Py_INCREF(ticket); /* the caller's reference */
+    return Py_BuildValue("(Nd)", (PyObject *)ticket, waited);
+error:
+    for (Py_ssize_t i = 0; i < reserved; i++) release_order(e, jobs[i].final);
+    free_batch(batch); /* and the ticket with it */
+    return NULL;
+}
+
+/* drain(): wait for every ready-route write made before this call. */
+static PyObject *Engine_drain(Engine *e, PyObject *unused) {
+    if (!usable(e)) return NULL;
+    collect_garbage(e);
+    pthread_mutex_lock(&e->ticket_lock);
+    Py_ssize_t n = e->npending, k = 0;
+    Ticket **waiting = n ? PyMem_Malloc((size_t)n * sizeof(Ticket *)) : NULL;
+    if (n && !waiting) { pthread_mutex_unlock(&e->ticket_lock); return PyErr_NoMemory(); }
+    for (Ticket *t = e->pending; t && k < n; t = t->next) { Py_INCREF(t); waiting[k++] = t; }
+    pthread_mutex_unlock(&e->ticket_lock);
+    int failed = 0;
+    for (Py_ssize_t i = 0; i < k; i++) {
+        if (!failed && ticket_wait(waiting[i], Py_None) < 0) failed = 1;
+        Py_DECREF(waiting[i]);
+    }
+    PyMem_Free(waiting);
+    if (failed) return NULL;
+    Py_BEGIN_ALLOW_THREADS /* and for their done-callbacks to be handed on (see handed()) */
+    pthread_mutex_lock(&e->lock);
+    while (e->due_count > 0 && !e->closed) pthread_cond_wait(&e->done, &e->lock);
+    pthread_mutex_unlock(&e->lock);
+    Py_END_ALLOW_THREADS
+    collect_garbage(e);
+    Py_RETURN_NONE;
+}
+
+/* handed(n): the reaper has handed on the callbacks of `n` settled handles that reap() gave it. */
+static PyObject *Engine_handed(Engine *e, PyObject *arg) {
+    long long n = PyLong_AsLongLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    pthread_mutex_lock(&e->lock);
+    e->due_count -= n;
+    pthread_cond_broadcast(&e->done);
+    pthread_mutex_unlock(&e->lock);
+    Py_RETURN_NONE;
+}
+
+/* counters(): the ready route's (files committed, their payload bytes, files failed, time of the
+ * latest in time.perf_counter()'s clock, writes in flight, time of the first failure). */
+static PyObject *Engine_counters(Engine *e, PyObject *unused) {
+    pthread_mutex_lock(&e->lock);
+    long long files = e->files_done, nbytes = e->bytes_done, failed = e->files_failed;
+    double last = e->last_commit, failed_at = e->failed_at;
+    pthread_mutex_unlock(&e->lock);
+    pthread_mutex_lock(&e->ticket_lock);
+    Py_ssize_t pending = e->npending;
+    pthread_mutex_unlock(&e->ticket_lock);
+    return Py_BuildValue("(LLLdnd)", files, nbytes, failed, last, pending, failed_at);
+}
+
+static PyObject *Engine_budget_waiting(Engine *e, void *unused) {
+    pthread_mutex_lock(&e->budget_lock);
+    int waiting = e->budget_waiting;
+    pthread_mutex_unlock(&e->budget_lock);
+    return PyLong_FromLong(waiting);
+}
+
+/* failure: the ready route's first failed write as an exception (the same object each time), or None. */
+static PyObject *Engine_failure(Engine *e, void *unused) {
+    if (e->failure) { Py_INCREF(e->failure); return e->failure; }
+    pthread_mutex_lock(&e->lock);
+    int failed = e->failed;
+    Ticket *ticket = e->failed_ticket;
+    if (ticket) Py_INCREF(ticket); /* with the GIL: it cannot be freed meanwhile */
+    pthread_mutex_unlock(&e->lock);
+    if (!failed) Py_RETURN_NONE;
+    if (ticket) { /* the same exception its write's handle raises */
+        PyObject *shared = ticket_exception(ticket);
+        Py_DECREF(ticket);
+        if (!shared) return NULL;
+        if (!e->failure) { e->failure = shared; Py_INCREF(shared); }
+        return shared;
+    }
+    PyObject *made = PyObject_CallFunction(e->error_factory, "isss", e->fail_errno, e->fail_operation,
+                                           e->fail_final ? e->fail_final : "", e->fail_key ? e->fail_key : "");
+    if (!made) return NULL;
+    if (!e->failure) { e->failure = made; Py_INCREF(made); }
+    return made;
 }
 
 static PyObject *Engine_close(Engine *e, PyObject *unused) {
@@ -288,6 +576,7 @@ static PyObject *Engine_close(Engine *e, PyObject *unused) {
     pthread_cond_broadcast(&e->done);
     pthread_mutex_unlock(&e->lock);
     Py_END_ALLOW_THREADS
+    collect_garbage(e);
     Py_RETURN_NONE;
 }
 
@@ -301,12 +590,18 @@ static void Engine_dealloc(Engine *e) {
         stop_threads(e);
         Py_END_ALLOW_THREADS
         for (Batch *b = e->done_head, *n; b; b = n) { n = b->next; free_batch(b); }
+        for (Batch *b = e->due_head, *n; b; b = n) { n = b->next; free_batch(b); }
+        collect_garbage(e);
         table_free(&e->syncs);
         table_free(&e->folders);
         for (int i = 0; i < STRIPES; i++) table_free(&e->order[i]);
         free(e->threads);
     }
     free(e->root);
+    free(e->fail_final);
+    free(e->fail_key);
+    Py_XDECREF(e->failure);
+    Py_XDECREF(e->error_factory);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -328,11 +623,23 @@ static PyMethodDef Engine_methods[] = {
      "reap(timeout): finished batches as (token, [(replaced, size, crc, renamed_at, errno, operation)]); "
      "[] on timeout, None once closed and all reaped."},
     {"close", (PyCFunction)Engine_close, METH_NOARGS, "close(): finish every queued file, stop the threads."},
+    {"admit", (PyCFunction)Engine_admit, METH_O,
+     "admit(nbytes): take room in the budget for one write (waiting for it); the seconds waited."},
+    {"give_back", (PyCFunction)Engine_give_back, METH_VARARGS,
+     "give_back(nbytes, count): return the room of `count` writes that took `nbytes` in all."},
+    {"write_ready", (PyCFunction)Engine_write_ready, METH_VARARGS,
+     "write_ready(keys, files, nbytes): queue one write whose bytes are in host memory; (handle, waited)."},
+    {"drain", (PyCFunction)Engine_drain, METH_NOARGS, "drain(): wait for every write_ready() made so far."},
+    {"handed", (PyCFunction)Engine_handed, METH_O, "handed(n): n handles' due callbacks were handed on."},
+    {"counters", (PyCFunction)Engine_counters, METH_NOARGS,
+     "counters(): (files, payload bytes, files failed, latest commit time, writes in flight) of write_ready()."},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Engine_getset[] = {
     {"pending", (getter)Engine_pending, NULL, "batches submitted and not yet reaped", NULL},
+    {"failure", (getter)Engine_failure, NULL, "the first write_ready() failure as an exception, or None", NULL},
+    {"budget_waiting", (getter)Engine_budget_waiting, NULL, "callers waiting for room in the budget", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -5,7 +5,10 @@
  * descriptor) in one call; the threads create each temporary, write its buffers with writev, fsync by
  * durability, close, rename it into place unless a later write to that path was renamed already
  * (latest write wins), fsync directories together (FULL) and unlink the temporary on failure. Python
- * collects finished batches in one call (`reap`), which releases the buffers it had pinned.
+ * collects finished batches in one call (`reap`), which releases the buffers it had pinned. A write
+ * whose bytes are in host memory takes the ready route instead (`write_ready`): numbered, admitted
+ * under the budget and queued in one call, then settled, counted and given its budget back by the
+ * threads, its Python objects freed by the next call that holds the GIL.
  *
  * This header holds what the engine's files share: the Engine object, its batches and their files
  * (jobs), and the functions one file calls in another:
@@ -14,7 +17,8 @@
  *   folders.c  folders made (mkdir -p below the root, symlinks refused) and fsynced together (FULL)
  *   order.c    latest write wins: the per-path numbers, striped
  *   journal.c  the journal lines around each rename
- *   module.c   the module: its type, and the CRC chosen at import
+ *   handle.c   the ready route's handle: a future settled by the threads, without the GIL
+ *   module.c   the module: its types, and the CRC chosen at import
  */
 #ifndef TENSORSINK_ENGINE_H
 #define TENSORSINK_ENGINE_H
@@ -46,6 +50,8 @@ typedef struct Job {
     char *record; /* the journal line's start ({"key":...,"arrays":[...]), or NULL: no journal */
     size_t record_length;
     int64_t number; /* order of reserve(): the latest number renamed wins */
+    char *key;        /* the write's key, on the ready route (to name it in a failure), else NULL */
+    uint64_t payload; /* the arrays' bytes, for the statistics (the ready route) */
     /* outcome */
     int replaced, error;
     const char *operation;
@@ -54,9 +60,13 @@ typedef struct Job {
     double renamed_at;
 } Job;
 
+typedef struct Ticket Ticket;
+
 struct Batch {
-    Batch *next; /* in the done queue */
+    Batch *next; /* in the done queue, or the garbage */
     PyObject *token;
+    Ticket *ticket; /* the ready route's handle, settled here (the token holds it); NULL: reaped */
+    long long budget_bytes; /* what the ready route's write took of the budget */
     Job *jobs;
     Py_ssize_t njobs, remaining;
 };
@@ -66,6 +76,8 @@ struct Batch {
 typedef struct {
     PyObject_HEAD
     int durability, follow_symlinks, nthreads, started, stopping, closed;
+    int busy;           /* workers running a job (lock) */
+    long long queued;   /* jobs in the queue (lock) */
     pid_t pid; /* the process that started the threads: a child of fork() has none of them */
     char *root;
     pthread_t *threads;
@@ -89,7 +101,46 @@ typedef struct {
     /* the journal: records appended whole (cut back on failure) */
     int journal;
     pthread_mutex_t journal_lock;
+    /* The ready route (see "Tickets" below). Lock order: lock, then ticket_lock or budget_lock. */
+    pthread_mutex_t ticket_lock; /* tickets' states, the pending list */
+    pthread_cond_t ticket_cond;  /* a ticket was settled */
+    Ticket *pending;             /* tickets not yet settled (a doubly linked list) */
+    Py_ssize_t npending;
+    Batch *due_head, *due_tail;  /* settled batches whose done-callbacks the reaper must hand on (lock) */
+    long long due_count;         /* of those, not yet handed on (lock): drain() waits for them too */
+    Batch *garbage;              /* settled batches whose Python objects wait for the GIL (lock) */
+    pthread_mutex_t budget_lock; /* the writer's budget: writes and bytes in flight */
+    pthread_cond_t budget_cond;
+    long long budget_count, budget_bytes, max_count, max_bytes;
+    int budget_waiting;
+    long long files_done, bytes_done, files_failed; /* the ready route's statistics (lock) */
+    double last_commit;                             /* CLOCK_MONOTONIC seconds of the latest (lock) */
+    double failed_at;                               /* and of the first failure (lock) */
+    int failed; /* the ready route's first failure (lock): its errno, operation, file and key */
+    int fail_errno;
+    const char *fail_operation;
+    char *fail_final, *fail_key;
+    PyObject *failure;       /* that failure as an exception, made on first ask (with the GIL) */
+    Ticket *failed_ticket;   /* its ticket while alive (lock; cleared when freed): they share it */
+    PyObject *error_factory; /* error_factory(errno, operation, final, key) -> the exception */
 } Engine;
+
+/* The handle of one ready-route write: settled by the thread that finishes its last file, which
+ * needs no GIL for it (see "Tickets" below for its Python side). Fields below `done` are written
+ * under the engine's ticket_lock until `done` is set, and only read after. */
+struct Ticket {
+    PyObject_HEAD
+    Engine *engine;             /* a reference: its lock and condition outlive the ticket's waits */
+    Ticket *prev, *next;        /* in the engine's pending list while not settled */
+    int done;
+    int error;                  /* the first failed file's errno, 0 if none failed */
+    const char *operation;
+    char *failed_final, *failed_key;
+    PyObject *paths;            /* the final paths (str), in order */
+    PyObject *result;           /* the paths as pathlib.Path, made on first ask */
+    PyObject *exception;        /* the failure as an exception, made on first ask */
+    PyObject *callbacks;        /* done-callbacks added while pending (a list), or NULL */
+};
 
 #pragma GCC visibility push(hidden) /* shared by the extension's files, not exported from it */
 
@@ -110,6 +161,23 @@ void release_order(Engine *e, const char *path);
 
 /* journal.c: append the job's journal line, before its rename or after it. */
 int journal_line(Engine *e, Job *job, int renaming, double when);
+
+/* commit.c: time.perf_counter()'s clock; wake workers for jobs queued (under e->lock); a ready-route
+ * batch is finished: count it, give its budget back, settle its handle (under e->lock). */
+double monotonic_seconds(void);
+void wake_workers(Engine *e, Py_ssize_t n, long long nbytes);
+void settle(Engine *e, Batch *batch);
+
+/* engine.c: free a batch, and the ready route's settled ones (with the GIL). */
+void free_batch(Batch *batch);
+void collect_garbage(Engine *e);
+
+/* handle.c: the ready route's handle type; wait for one (1 settled, 0 timed out, -1 error); its
+ * failure as an exception (new reference, or NULL: none, or an error set); the Python helpers. */
+extern PyTypeObject HandleType;
+int ticket_wait(Ticket *t, PyObject *timeout);
+PyObject *ticket_exception(Ticket *t);
+int import_helpers(void);
 
 #pragma GCC visibility pop
 

@@ -13,12 +13,18 @@ static struct PyModuleDef module_def = {
 
 PyMODINIT_FUNC PyInit__native(void) {
     crc_setup();
-    if (PyType_Ready(&EngineType) < 0) return NULL;
+    if (PyType_Ready(&EngineType) < 0 || PyType_Ready(&HandleType) < 0) return NULL;
     PyObject *module = PyModule_Create(&module_def);
     if (!module) return NULL;
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(module, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    Py_INCREF(&HandleType);
+    if (PyModule_AddObject(module, "Handle", (PyObject *)&HandleType) < 0) {
+        Py_DECREF(&HandleType);
         Py_DECREF(module);
         return NULL;
     }
