@@ -6,6 +6,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -218,6 +219,12 @@ finish:
 
 void *worker(void *arg) {
     Engine *e = arg;
+#ifdef SCHED_BATCH
+    /* A woken worker must not preempt the thread that woke it: that is the producer, whose next kernel
+     * launch is due. SCHED_BATCH is ordinary time-sharing without wakeup preemption (Linux). */
+    struct sched_param batch = {0};
+    (void)pthread_setschedparam(pthread_self(), SCHED_BATCH, &batch);
+#endif
     pthread_mutex_lock(&e->lock);
     for (;;) {
         while (!e->head && !e->stopping) pthread_cond_wait(&e->work, &e->lock);
