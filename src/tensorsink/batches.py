@@ -65,6 +65,8 @@ def split_batch(batch: object, count: int) -> Batch:
             )
         names, arrays = [], []
         for name, value in batch.items():
+            if not isinstance(name, str):  # as write() says: 1 and "1" would name one file
+                raise UnsupportedValueError(f"batch key {name!r} must be a str, not {type(name).__name__}")
             entry = as_array(value)
             if entry is None:
                 raise UnsupportedValueError(

@@ -4,9 +4,10 @@ The protocol: write into a temporary sibling (same directory, so the rename stay
 fsync it (Durability.FILE and FULL), os.replace it onto the final name, then fsync the directory
 (Durability.FULL). On any failure the temporary is removed and the final name is left as it was.
 Temporaries are named `.<name>.tsink-<token>.partial`: hidden, so no reader takes one for a result, and
-`sweep` can remove exactly them. A temporary that a save function writes ends in the file's suffix as
-well (`.partial.png`), since such functions pick the format from the path or append it (np.save);
-whatever else they make beside it (`.partial.png.npy`) is a temporary to `sweep` too.
+`sweep` can remove exactly them. A save function writes into a private folder of that name, under the
+final file's own name (`.scan.nii.gz.tsink-<token>.partial/scan.nii.gz`): libraries that pick the
+format from the path, or add an extension to it (np.save), write what they would have written; the
+file is then moved out beside it (`....partial.file`) and the folder removed with whatever else it got.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import itertools
 import os
 import re
 import secrets
+import shutil
 import stat
 import threading
 import time
@@ -26,14 +28,20 @@ from pathlib import Path
 from .errors import SaveFunctionError, SymlinkError
 from .options import Durability
 
-__all__ = ["Committer", "DirectorySync", "KeyOrder", "find_symlink", "is_temporary", "sweep", "take_saved"]
+__all__ = [
+    "Committer",
+    "DirectorySync",
+    "KeyOrder",
+    "find_symlink",
+    "is_temporary",
+    "remove_private_folder",
+    "sweep",
+    "take_saved",
+]
 
-_TEMP_PATTERN = re.compile(r"\..+\.tsink-[0-9a-f]+\.partial(?:\..*)?", re.DOTALL)
+_TEMP_PATTERN = re.compile(r"\..+\.tsink-[0-9a-f]+\.partial(?:\.file)?", re.DOTALL)
 # Bytes of the final name kept in its temporary's name: with the rest (at most 47 bytes) it fits NAME_MAX.
 _NAME_KEPT = 200
-# A suffix kept at the end of a save function's temporary; longer ones are left off (and taken from the
-# name's bytes otherwise).
-_SUFFIX_KEPT = 24
 _CREATE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -49,7 +57,11 @@ def sweep(root: str | os.PathLike[str]) -> list[Path]:
     temporaries are indistinguishable from a dead one's.
     """
     removed: list[Path] = []
-    for directory, _, files in os.walk(root):
+    for directory, folders, files in os.walk(root):
+        for name in [folder for folder in folders if is_temporary(folder)]:  # a save function's own
+            folders.remove(name)
+            shutil.rmtree(Path(directory, name), ignore_errors=True)
+            removed.append(Path(directory, name))
         for name in files:
             if is_temporary(name):
                 path = Path(directory, name)
@@ -177,22 +189,36 @@ class Committer:
         self._known_directories: set[str] = set()
         self._make_root()
 
-    def temporary_for(self, directory: str, name: str, suffix: str = "") -> str:
-        """A new temporary's path for the file `name` in `directory`, ending in `suffix` if given."""
-        if len(suffix.encode("utf-8", "surrogateescape")) > _SUFFIX_KEPT:
-            suffix = ""
-        kept = _NAME_KEPT - len(suffix.encode("utf-8", "surrogateescape"))
-        if len(name) > kept // 4:  # may be over `kept` bytes: cut at a character boundary
-            name = name.encode("utf-8", "surrogateescape")[:kept].decode("utf-8", "ignore")
-        return f"{directory}/.{name}.tsink-{self._token}{next(self._counter):x}.partial{suffix}"
+    def temporary_for(self, directory: str, name: str) -> str:
+        """A new temporary's path for the file `name` in `directory`."""
+        if len(name) > _NAME_KEPT // 4:  # may be over _NAME_KEPT bytes: cut at a character boundary
+            name = name.encode("utf-8", "surrogateescape")[:_NAME_KEPT].decode("utf-8", "ignore")
+        return f"{directory}/.{name}.tsink-{self._token}{next(self._counter):x}.partial"
 
-    def create(self, final: str, *, keep_suffix: bool = False) -> tuple[int, str]:
-        """A new temporary for `final`, open for writing: its descriptor and path. With `keep_suffix`
-        its name ends in the final name's suffix, for a save function that goes by it."""
+    def create(self, final: str, *, private: bool = False) -> tuple[int, str]:
+        """A new temporary for `final`, open for writing: its descriptor and path. With `private`, the
+        file is `final`'s own name in a new folder of its own (for a save function: see take_saved)."""
         directory, _, name = final.rpartition("/")
-        suffix = os.path.splitext(name)[1] if keep_suffix else ""
-        temporary = self.temporary_for(directory, name, suffix)
-        return self.open_temporary(directory, temporary), temporary
+        temporary = self.temporary_for(directory, name)
+        if not private:
+            return self.open_temporary(directory, temporary), temporary
+        self.make_folder(directory, temporary)
+        try:
+            return os.open(f"{temporary}/{name}", _CREATE_FLAGS, 0o666), f"{temporary}/{name}"
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+
+    def make_folder(self, directory: str, folder: str) -> None:
+        """Make `folder` (new) in `directory`, making the folders it needs."""
+        if directory not in self._known_directories:
+            self.make_directories(directory)
+        try:
+            os.mkdir(folder)
+        except FileNotFoundError:  # removed since we made it
+            self._known_directories.discard(directory)
+            self.make_directories(directory)
+            os.mkdir(folder)
 
     def finish(
         self,
@@ -296,44 +322,53 @@ class Committer:
         self._known_directories.add(self.root)
 
 
-def take_saved(fd: int, temporary: str, *, allow_empty: bool = False) -> int:
-    """The descriptor of what a save function left at `temporary` (it was given `fd`'s file there).
+def take_saved(fd: int, path: str, *, allow_empty: bool = False) -> tuple[int, str]:
+    """What a save function left at `path`, in its private folder (Committer.create(private=True)),
+    moved out beside the folder as an ordinary temporary: its descriptor and path. The folder goes,
+    with whatever else the function wrote there (a sidecar, np.save's `.npy` added to another suffix).
 
     A function that replaced the file (a library that writes atomically itself) is taken at its word:
-    the descriptor returned is the new file's, so its size, CRC and fsync are the new file's, and `fd` is
-    closed. One that left the file empty most likely wrote beside it (np.save's added `.npy`,
-    `with_suffix`): SaveFunctionError, naming what it made, which is removed; so is a file replaced by
-    something that is not a regular file, or removed. `allow_empty` lets an empty file through.
+    the descriptor returned is the new file's, so its size, CRC and fsync are the new file's. One that
+    left the file empty most likely wrote beside it: SaveFunctionError, naming what it wrote; so is a
+    file replaced by something that is not a regular file, or removed. `allow_empty` lets an empty
+    file through. On failure `fd` is still the caller's to close.
     """
+    folder = path.rpartition("/")[0]
     try:
-        found = os.lstat(temporary)
-    except FileNotFoundError:
-        found = None
-    if found is None or not stat.S_ISREG(found.st_mode):
-        what = "removed it" if found is None else "put something that is not a regular file there"
-        raise SaveFunctionError(f"the save function {what}", _strays(temporary))
-    if found.st_size == 0 and not allow_empty:
-        raise SaveFunctionError("the save function left it empty", _strays(temporary))
-    given = os.fstat(fd)
-    if (found.st_dev, found.st_ino) == (given.st_dev, given.st_ino):
-        return fd
-    replaced = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
-    os.close(fd)
-    return replaced
+        try:
+            found = os.lstat(path)
+        except FileNotFoundError:
+            found = None
+        if found is None or not stat.S_ISREG(found.st_mode):
+            what = "removed it" if found is None else "put something that is not a regular file there"
+            raise SaveFunctionError(f"the save function {what}", _beside(path))
+        if found.st_size == 0 and not allow_empty:
+            raise SaveFunctionError("the save function left it empty", _beside(path))
+        given = os.fstat(fd)
+        if (found.st_dev, found.st_ino) != (given.st_dev, given.st_ino):
+            replaced = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+            os.close(fd)
+            fd = replaced
+        temporary = f"{folder}.file"  # a temporary's name too: sweep knows it
+        os.rename(path, temporary)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return fd, temporary
 
 
-def _strays(temporary: str) -> list[str]:
-    """What a save function made beside its temporary (names that begin with it), removed."""
-    directory, _, name = temporary.rpartition("/")
-    stem = name.rpartition(".partial")[0] + ".partial"
-    removed = []
-    with contextlib.suppress(OSError), os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.name != name and entry.name.startswith(stem) and is_temporary(entry.name):
-                with contextlib.suppress(OSError):
-                    os.unlink(entry.path)
-                    removed.append(entry.path)
-    return sorted(removed)
+def _beside(path: str) -> list[str]:
+    """What a save function wrote in its folder besides `path` (the folder is removed after)."""
+    folder, _, name = path.rpartition("/")
+    with contextlib.suppress(OSError):
+        return sorted(other for other in os.listdir(folder) if other != name)
+    return []
+
+
+def remove_private_folder(path: str) -> None:
+    """Remove the private folder a save function was given `path` in, if it was (a failed write)."""
+    folder = path.rpartition("/")[0]
+    if is_temporary(folder.rpartition("/")[2]):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _naming(exc: OSError, final: str) -> OSError:

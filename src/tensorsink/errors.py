@@ -57,12 +57,16 @@ class SymlinkError(InvalidKeyError):
     """A folder on a key's way is a symlink: writing through it could create or replace files anywhere."""
 
     def __init__(self, link: str, target: str, root: str) -> None:
+        self._given = (link, target, root)
         super().__init__(
             f"{link} is a symlink (to {target}); tensorsink writes only into real folders under {root}, "
             "so that no key reaches outside it. Pass AsyncWriter(..., follow_symlinks=True) to write "
             "through symlinked folders"
         )
         self.link = link
+
+    def __reduce__(self) -> tuple[type[SymlinkError], tuple[str, str, str]]:
+        return type(self), self._given  # pickled by what it was made from (Ray, multiprocessing)
 
 
 class InvalidLayoutError(TensorsinkError, ValueError):
@@ -75,12 +79,16 @@ class SaveFunctionError(TensorsinkError, RuntimeError):
     the path (`strays`) is removed."""
 
     def __init__(self, what: str, strays: list[str]) -> None:
+        self.what = what
         beside = f"; it wrote {', '.join(strays)} instead (removed)" if strays else ""
         super().__init__(
-            f"{what}{beside}. A save function must write to the path it is given, as it is (the path "
-            "ends in the file's suffix): e.g. np.save(path, a) or image.save(path)"
+            f"{what}{beside}. A save function must write to the path it is given, as it is (it has the "
+            "file's own name and suffix): e.g. np.save(path, a) or image.save(path)"
         )
         self.strays = strays
+
+    def __reduce__(self) -> tuple[type[SaveFunctionError], tuple[str, list[str]]]:
+        return type(self), (self.what, self.strays)  # pickled by what it was made from
 
 
 class UnsupportedValueError(TensorsinkError, TypeError):

@@ -61,6 +61,7 @@ class WriteFuture(Future[list[Path]]):
         self._made_condition: threading.Condition | None = None
         self._staged = threading.Event() if staged_apart else None
         self._callbacks_runner = callbacks
+        self._reserved = False  # the runner counts this future's callbacks already
 
     @property
     def _condition(self) -> threading.Condition:  # type: ignore[override]  # Future's, made on first use
@@ -92,6 +93,7 @@ class WriteFuture(Future[list[Path]]):
             self._staged.set()
         if self._settled_bare(result, None):
             return
+        self._reserve_callbacks()
         super().set_result(result)
 
     def set_exception(self, exception: BaseException | None) -> None:
@@ -99,7 +101,18 @@ class WriteFuture(Future[list[Path]]):
             self._staged.set()
         if self._settled_bare(None, exception):
             return
+        self._reserve_callbacks()
         super().set_exception(exception)
+
+    def _reserve_callbacks(self) -> None:
+        """Count the callbacks as due before the waiters are woken: a flush() woken by this future
+        must find them pending, not yet handed over (Future wakes waiters, then calls callbacks)."""
+        runner = self._callbacks_runner
+        if runner is not None:
+            with self._condition:
+                if self._done_callbacks and not self._reserved:
+                    runner.reserve()
+                    self._reserved = True
 
     def _settled_bare(self, result: list[Path] | None, exception: BaseException | None) -> bool:
         """Settle without a Condition where none was made: then nobody waits, and no callback is set."""
@@ -126,7 +139,7 @@ class WriteFuture(Future[list[Path]]):
             super()._invoke_callbacks()  # type: ignore[misc]  # Future's own, on this thread
             return
         callbacks, self._done_callbacks = self._done_callbacks, []
-        runner.run(self, callbacks)
+        runner.run(self, callbacks, reserved=self._reserved)
 
 
 class Callbacks:
@@ -143,15 +156,35 @@ class Callbacks:
         self._pending = 0
         self._thread: threading.Thread | None = None
 
-    def run(self, future: Future[list[Path]], callbacks: list[Callable[..., object]]) -> None:
+    def reserve(self) -> None:
+        """Count one future's callbacks as pending before they are handed over (see run)."""
         with self._cond:
             self._pending += 1
+
+    def run(
+        self, future: Future[list[Path]], callbacks: list[Callable[..., object]], *, reserved: bool = False
+    ) -> None:
+        with self._cond:
+            if not reserved:
+                self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="tensorsink-callbacks", daemon=True)
                 self._thread.start()
         self._queue.put((future, callbacks))
 
+    @property
+    def here(self) -> bool:
+        """Whether the calling thread is the one that runs the callbacks."""
+        return threading.current_thread() is self._thread
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
     def _loop(self) -> None:
+        from .staging.cudart import own_thread  # here: `import tensorsink` loads no torch
+
+        own_thread()  # the writer's: a writer dropped here is closed on a thread of its own
         while (item := self._queue.get()) is not None:
             future, callbacks = item
             for callback in callbacks:
@@ -172,12 +205,12 @@ class Callbacks:
             while self._pending:
                 self._cond.wait()
 
-    def stop(self) -> None:
-        """Run what is queued, then end the thread."""
+    def stop(self, *, wait: bool = True) -> None:
+        """Run what is queued, then end the thread (joined unless `wait` is False)."""
         thread = self._thread
         if thread is not None:
             self._queue.put(None)
-            if threading.current_thread() is not thread:
+            if wait and threading.current_thread() is not thread:
                 thread.join()
 
 

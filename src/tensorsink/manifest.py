@@ -232,6 +232,10 @@ class Manifest:
             index.setdefault(self.candidates(path)[0]["key"], []).append(path)
         return index
 
+    def files_of(self, key: str) -> list[str]:
+        """The absolute paths of the files recorded under `key`."""
+        return [str(self.root / path) for path in self._paths_by_key.get(key, [])]
+
     def done(self, key: str) -> bool:
         """Whether `key` was written: every file of its write is recorded (a record says how many its
         write made: `files`, 1 if absent), and each is still there, whole in size."""

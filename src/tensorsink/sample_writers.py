@@ -2,8 +2,8 @@
 
 Format writers (each SaveFormat by its name: pt, npy, npz, safetensors; and tensor, the same as pt) go
 through the AsyncWriter's own formats, with CUDA staging and zero-copy headers. Function writers are
-called as `save(path, value)` in the writer's pool with the same atomic commit; `path` is a temporary
-whose name ends in the suffix, so `np.save(path, a)`, Pillow's `image.save(path)` and
+called as `save(path, value)` in the writer's pool with the same atomic commit; `path` has the final
+file's own name, in a private folder beside it, so `np.save(path, a)`, Pillow's `image.save(path)` and
 `path.with_suffix(suffix)` write to it as they would to the final name. A writer is itself such a
 function: `writers.get("image_2d")(path, value)` writes one file, and can be called or wrapped.
 """

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,7 +18,15 @@ if TYPE_CHECKING:
     from .engine.base import BudgetLike
 from .staging.cudart import own_thread
 
-__all__ = ["Budget", "Finished", "Gate", "Pipeline"]
+__all__ = ["Budget", "Finished", "Gate", "Pipeline", "executors_stopped"]
+
+
+def executors_stopped() -> bool:
+    """Whether the interpreter's exit has stopped the thread pools (concurrent.futures.thread)."""
+    import concurrent.futures.thread as pools
+
+    return bool(getattr(pools, "_shutdown", False))
+
 
 log = logging.getLogger("tensorsink")
 
@@ -143,8 +152,12 @@ class Pipeline:
         """Run `job` (which finishes its write itself, also on failure) on a worker thread."""
         try:
             self.executor.submit(job)
-        except RuntimeError as exc:  # the executor was shut down: cannot happen while close() waits
-            raise WriterClosedError("the writer was closed while this write() was starting") from exc
+        except RuntimeError:
+            # The interpreter is exiting: its exit hook has stopped every executor, while a thread
+            # still writes (writers are closed after those threads end). The job runs here instead.
+            if not sys.is_finalizing() and not executors_stopped():
+                raise WriterClosedError("the writer was closed while this write() was starting") from None
+            job()
 
     def finish(self, done: list[Finished]) -> None:
         """Writes are done: give back their room at once, complete their futures; a failure fails the
@@ -184,10 +197,9 @@ class Pipeline:
         return self._error
 
     def drain(self) -> None:
-        """Wait for every write admitted before this call, and for their done-callbacks."""
+        """Wait for every write admitted before this call."""
         wait(list(self._in_flight))
-        self.callbacks.wait()
 
-    def shutdown(self) -> None:
+    def shutdown(self, *, wait_callbacks: bool = True) -> None:
         self.executor.shutdown(wait=True)
-        self.callbacks.stop()
+        self.callbacks.stop(wait=wait_callbacks)

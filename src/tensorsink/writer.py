@@ -16,14 +16,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, NoReturn, SupportsIndex, cast
 
 import torch
 
 from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
-from .commit import Committer, find_symlink, take_saved
+from .commit import Committer, find_symlink, remove_private_folder, take_saved
 from .engine import Engine, FileJob, FileOutcome, PythonEngine, engine_class
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError, naming
 from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
@@ -33,6 +33,7 @@ from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
 from .plan import check_distinct_files, file_path, plan_files, validate_key, validate_suffix
 from .scheduling import Gate, Pipeline
 from .staging import Staged, Stager, default_pool_bytes
+from .staging.cudart import own_thread_now
 from .stats import StatsRecorder, WriterStats
 
 __all__ = ["AsyncWriter"]
@@ -44,23 +45,30 @@ _open_writers: set[_Writer] = set()
 
 
 def _close_and_log(writer: _Writer, why: str) -> None:
-    """Close `writer` where nobody can be raised to: its failure, naming the key, goes to the log."""
+    """Close `writer` where nobody can be raised to: its failure, naming the key, goes to the log. Its
+    done-callbacks are not waited for (one that blocks must not hang the exit); those left are said."""
     try:
-        writer.close()
+        writer.close(callbacks=False)
     except BaseException as exc:
         notes = "; ".join(getattr(exc, "__notes__", ()))
         log.error("tensorsink: a write failed in a writer %s: %r%s", why, exc, f" ({notes})" if notes else "")
+    left = writer._callbacks.pending
+    if left:
+        log.warning(
+            "tensorsink: %d writes' done-callbacks had not run when a writer %s was closed", left, why
+        )
 
 
 def _close_at_exit() -> None:
-    """Finish the writes of every writer still open, as ThreadPoolExecutor finishes its queue: before
-    the interpreter stops its threads (so this runs ahead of the executors' own exit hook)."""
+    """Finish the writes of every writer still open. An atexit hook: it runs once the interpreter has
+    waited for its non-daemon threads, so a producer thread still writing loses nothing (the thread
+    pools are stopped by then: their jobs run on the calling thread)."""
     for writer in list(_open_writers):
         if writer._pid == os.getpid():
             _close_and_log(writer, "open at exit")
 
 
-getattr(threading, "_register_atexit", atexit.register)(_close_at_exit)
+atexit.register(_close_at_exit)
 
 
 class _Writer:
@@ -100,8 +108,10 @@ class _Writer:
             raise
         self._pipeline = Pipeline(o.workers, self._engine.budget, self._callbacks)
         self._use_format(self._format)  # again, now that the engine is known
-        self._written: set[str] = set()  # keys this writer committed (is_done() knows them too)
-        self._handles: dict[str, WriteHandle] = {}  # with skip_existing: each key's latest ready-route handle
+        # With skip_existing, what is_done() asks of this writer's own writes: each key's latest write
+        # (its handle and files), and the key whose write each path was last given to.
+        self._latest: dict[str, tuple[WriteHandle, list[str]]] = {}
+        self._owner: dict[str, str] = {}
         self._said_no_suffix = False
         self._progress_at = time.monotonic()
         inline = self._engine.name == "python" and o.durability is Durability.NONE
@@ -267,6 +277,8 @@ class _Writer:
         in host memory already (`ready` None), else from a worker once `ready()` has them."""
         paths = [entry.path for entry in pending.entries]
         pending.numbers = self._engine.reserve(paths)
+        if self._done is not None:
+            self._remember(pending.keys, paths, pending.future)
         self._stats.write_started()
         try:
             blocked = self._pipeline.admit(pending.nbytes, pending.future)
@@ -311,8 +323,7 @@ class _Writer:
         if blocked:
             self._stats.blocked(blocked)
         if self._done is not None:
-            for key in keys:
-                self._handles[key] = handle
+            self._remember(keys, [entry.path for entry in entries], handle)
         return cast(WriteHandle, handle)
 
     def _prepare(self, pending: _Write, ready: _Ready) -> None:
@@ -371,11 +382,11 @@ class _Writer:
                     files.append(FileJob(entry.path, temporary, buffers, -1, checksum, number, record, crc))
                     backends.append("posix")
                     continue
-                fd, temporary = self._committer.create(entry.path, keep_suffix=savers is not None)
+                fd, temporary = self._committer.create(entry.path, private=savers is not None)
                 files.append(FileJob(entry.path, temporary, None, fd, checksum, number, record))
                 written = writer(fd, temporary)
-                if written is not None:  # the file there now, where a save function replaced it
-                    files[-1] = files[-1]._replace(fd=written)
+                if written is not None:  # a save function's file, moved out of its private folder
+                    files[-1] = files[-1]._replace(fd=written[0], temporary=written[1])
                 backends.append("posix" if savers is not None else self._route.kvikio_label)
             pending.entries, pending.backends = entries, backends
             self._engine.submit(pending, files)
@@ -437,8 +448,6 @@ class _Writer:
                 error = error or naming(exc, pending.keys[0], pending.entries[0].path)
             done.append((pending, paths, error))
         self._stats.files_committed(files, by_backend)
-        if self._done is not None:
-            self._written.update(key for pending, _, error in done if error is None for key in pending.keys)
         self._finish(done)
         self._progress()
 
@@ -486,12 +495,23 @@ class _Writer:
                 "is_done() needs AsyncWriter(..., skip_existing=True), which loads the manifest"
             )
         name = validate_key(key)
-        if name in self._written:
-            return True
-        handle = self._handles.get(name)
-        if handle is not None and handle.done() and handle.exception() is None:
-            return True
-        return self._done.done(name)
+        owner = self._owner
+        latest = self._latest.get(name)
+        if latest is not None:  # written here: its latest write done whole, and every file still its own
+            handle, paths = latest
+            return handle.done() and handle.exception() is None and all(owner[p] == name for p in paths)
+        recorded = self._done.files_of(name)
+        return self._done.done(name) and all(owner.get(p, name) == name for p in recorded)
+
+    def _remember(self, keys: list[str], paths: list[str], handle: WriteHandle) -> None:
+        """With skip_existing: the write's files are given to its keys (a later write of a path, under
+        any key, takes it), and it is each key's latest write."""
+        files: dict[str, list[str]] = {}
+        for key, path in zip(keys, paths, strict=True):
+            self._owner[path] = key
+            files.setdefault(key, []).append(path)
+        for key, own in files.items():
+            self._latest[key] = (handle, own)
 
     def _enter(self, key: object) -> float:
         """Admit one write() or write_batch() call (close() waits for every call admitted); returns
@@ -538,11 +558,12 @@ class _Writer:
             self._journal.sync()
         self._raise_if_failed()
 
-    def _drain(self) -> None:
-        """Wait for every write so far, on either route, and for their done-callbacks."""
+    def _drain(self, *, callbacks: bool = True) -> None:
+        """Wait for every write so far, on either route, and (unless told not to) their done-callbacks."""
         self._pipeline.drain()
         self._engine.drain()
-        self._callbacks.wait()
+        if callbacks:
+            self._callbacks.wait()
 
     def _raise_if_failed(self) -> None:
         """Raise the first failure of either route (every time: a failed writer stays failed)."""
@@ -552,15 +573,17 @@ class _Writer:
         if error is not None:
             raise error
 
-    def close(self) -> None:
+    def close(self, *, callbacks: bool = True) -> None:
+        """See AsyncWriter.close. With callbacks=False (at exit, or for a writer nobody holds) done-
+        callbacks are not waited for: one that blocks for ever must not hang the process."""
         self._refuse_if_forked()
         _open_writers.discard(self)
         if self._gate.close():  # waits for the write() calls already admitted
             try:
-                self._drain()
+                self._drain(callbacks=callbacks)
             finally:
                 try:
-                    self._pipeline.shutdown()
+                    self._pipeline.shutdown(wait_callbacks=callbacks)
                     self._engine.close()
                     self._stager.close()
                     if self._journal is not None:
@@ -571,7 +594,8 @@ class _Writer:
                     if self.options.progress_seconds is not None:
                         log.info("tensorsink: closed after %s", self.stats())
                     self._closed.set()
-        self._closed.wait()  # a close() racing the first one returns only once that one is done
+        elif not self._callbacks.here:  # a callback's close() must not wait for the close waiting for it
+            self._closed.wait()  # a close() racing the first one returns only once that one is done
         self._raise_if_failed()
 
     def _refuse_if_forked(self) -> None:
@@ -582,13 +606,20 @@ class _Writer:
             )
 
     def dropped(self) -> None:
-        """The AsyncWriter was collected: close, and warn if it was still open (as files do)."""
+        """The AsyncWriter was collected: close, and warn if it was still open (as files do). On one of
+        the writer's own threads (a save function held the last reference, or a collection ran
+        there) the close runs on a new thread: here it would wait for itself."""
         if self._pid != os.getpid() or self._gate.closed:
             return
         try:
             warnings.warn(f"unclosed {self!r}: call close(), or use it in a `with` block", ResourceWarning, 2)
         finally:
-            _close_and_log(self, "dropped without close()")
+            if own_thread_now():
+                threading.Thread(
+                    target=_close_and_log, args=(self, "dropped without close()"), name="tensorsink-close"
+                ).start()
+            else:
+                _close_and_log(self, "dropped without close()")
 
     def stats(self) -> WriterStats:
         files, nbytes, failed, last, pending, _ = self._engine.counters()  # the ready route's
@@ -630,7 +661,6 @@ class AsyncWriter:
     new one there.
     """
 
-    __slots__ = ("__weakref__", "_finalizer", "_writer")
     _writer: _Writer
     _finalizer: weakref.finalize[[], AsyncWriter]
 
@@ -681,9 +711,9 @@ class AsyncWriter:
             progress_seconds=progress_seconds,
         )
         writer = _Writer(options)
-        object.__setattr__(self, "_writer", writer)
-        object.__setattr__(self, "_finalizer", weakref.finalize(self, writer.dropped))
-        self._finalizer.atexit = False  # at exit, _close_at_exit closes it, before the threads stop
+        self._writer = writer
+        self._finalizer = weakref.finalize(self, writer.dropped)
+        self._finalizer.atexit = False  # at exit, _close_at_exit closes it
 
     @property
     def options(self) -> WriterOptions:
@@ -785,11 +815,24 @@ class AsyncWriter:
         return self._writer.stats()
 
     def __getattr__(self, name: str) -> Any:
-        """The rest (its stages, for tests and integrations that look inside) is the writer's."""
+        """The writer's private parts (its stages, for tests and integrations that look inside)."""
+        if not name.startswith("_") or name in ("_writer", "_finalizer") or "_writer" not in self.__dict__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         return getattr(self._writer, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._writer, name, value)
+        """Its own attributes as any object's; a private part of the writer's is set there."""
+        inner = self.__dict__.get("_writer")
+        if inner is not None and name.startswith("_") and name not in self.__dict__ and hasattr(inner, name):
+            setattr(inner, name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __reduce_ex__(self, protocol: SupportsIndex) -> NoReturn:
+        raise TypeError(
+            f"cannot pickle or copy {self!r}: a writer holds threads and open files; make one where it "
+            "is used (in the worker, the actor), from the same options"
+        )
 
     def __enter__(self) -> AsyncWriter:
         return self
@@ -807,7 +850,8 @@ class AsyncWriter:
                 raise
 
     def __repr__(self) -> str:
-        return repr(self._writer)
+        inner = self.__dict__.get("_writer")
+        return repr(inner) if inner is not None else f"<{type(self).__name__}, not made>"
 
 
 def _regroup(ready: list[FileEntry], planned: list[list[FileEntry]]) -> list[list[FileEntry]]:
@@ -834,10 +878,10 @@ def _sample_values(host: list[list[FileEntry]], samples: list[Any]) -> list[Any]
 
 
 def _saving(save: Callable[[Path, Any], None], value: Any, allow_empty: bool) -> _FileWriter:
-    """Runs `save` on the temporary (its name ends in the file's suffix), then takes what it left there
+    """Runs `save` on the file's own name in a private folder, then takes what it left there
     (commit.take_saved: an empty file or one written beside fails the write)."""
 
-    def saving(fd: int, temporary: str) -> int:
+    def saving(fd: int, temporary: str) -> tuple[int, str]:
         save(Path(temporary), value)
         return take_saved(fd, temporary, allow_empty=allow_empty)
 
@@ -845,16 +889,17 @@ def _saving(save: Callable[[Path, Any], None], value: Any, allow_empty: bool) ->
 
 
 def _discard(job: FileJob) -> None:
-    """Close and remove a temporary that will never be submitted."""
+    """Close and remove a temporary that will never be submitted (and a save function's folder)."""
     with contextlib.suppress(OSError):
         os.close(job.fd)
     with contextlib.suppress(OSError):
         os.unlink(job.temporary)
+    remove_private_folder(job.temporary)
 
 
-#: Writes a file into the temporary open at the descriptor; returns the descriptor of the file there
-#: now where that changed (a save function replaced it), else None.
-_FileWriter = Callable[[int, str], "int | None"]
+#: Writes a file into the temporary open at the descriptor; returns the descriptor and path of the file
+#: to commit where they changed (a save function's, moved out of its private folder), else None.
+_FileWriter = Callable[[int, str], "tuple[int, str] | None"]
 #: What a worker calls to get a write's host entries (after staging), and custom writers if any.
 _Ready = Callable[[], "tuple[list[FileEntry], list[_FileWriter] | None]"]
 

@@ -8,6 +8,7 @@ where a queue hop would cost more than the write.
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ..checksum import crc32_of
@@ -15,7 +16,7 @@ from ..commit import Committer
 from ..formats import write_buffers
 from ..manifest import Journal, crc32_of_path
 from ..options import Durability
-from ..scheduling import Budget
+from ..scheduling import Budget, executors_stopped
 from ..staging.cudart import own_thread
 from .base import Completion, Due, Engine, FileJob, FileOutcome
 
@@ -64,8 +65,13 @@ class PythonEngine(Engine):
             raise ValueError("a batch needs at least one file")
         if self._inline_below and _payload(files) < self._inline_below:
             self._run(token, files)
-        else:
+            return
+        try:
             self._executor.submit(self._run, token, files)
+        except RuntimeError:
+            if not sys.is_finalizing() and not executors_stopped():
+                raise
+            self._run(token, files)  # the interpreter is exiting: its exit stopped every thread pool
 
     def _run(self, token: object, files: list[FileJob]) -> None:
         self.on_complete([(token, [self._commit(job) for job in files])])

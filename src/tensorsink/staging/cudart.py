@@ -14,12 +14,11 @@ called where CUDA is not in use.
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import threading
 from typing import Any
 
-__all__ = ["before_cuda", "clear_last_error", "own_thread"]
+__all__ = ["before_cuda", "clear_last_error", "own_thread", "own_thread_now"]
 
 log = logging.getLogger("tensorsink")
 
@@ -35,15 +34,20 @@ def own_thread() -> None:
     _state.owned = True
 
 
+def own_thread_now() -> bool:
+    """Whether the calling thread is one of a writer's own (see own_thread)."""
+    return bool(getattr(_state, "owned", False))
+
+
 def before_cuda() -> None:
     """Called before a CUDA call that a thread of the writer's makes (event waits, pinning): puts an
     own thread in relaxed capture mode, once. Does nothing on any other thread."""
     if not getattr(_state, "owned", False) or getattr(_state, "relaxed", False):
         return
-    _state.relaxed = True
     library = runtime()
-    if library is None:
+    if library is None:  # not loaded yet: asked again at the next call
         return
+    _state.relaxed = True
     mode = ctypes.c_int(CAPTURE_MODE_RELAXED)
     error = library.cudaThreadExchangeStreamCaptureMode(ctypes.byref(mode))
     if error:
@@ -56,16 +60,21 @@ def clear_last_error() -> int:
     return int(library.cudaGetLastError()) if library is not None else 0
 
 
-@functools.cache
+_found: list[Any] = []  # the runtime, once found (not finding it is not remembered: it may load later)
+
+
 def runtime() -> Any:
-    """The CUDA runtime library torch loaded into this process, or None (no CUDA in use)."""
+    """The CUDA runtime library torch loaded into this process, or None (no CUDA in use yet)."""
+    if _found:
+        return _found[0]
     for path in _loaded_libraries():
         if "libcudart.so" in path.rsplit("/", 1)[-1]:
             try:
-                return ctypes.CDLL(path)
+                _found.append(ctypes.CDLL(path))
             except OSError as exc:
                 log.warning("tensorsink: cannot open the CUDA runtime %s: %s", path, exc)
                 return None
+            return _found[0]
     return None
 
 
