@@ -515,9 +515,15 @@ def test_a_journal_folder_that_is_a_symlink_is_refused(tmp_path: Path) -> None:
     names=st.lists(st.text(max_size=10), max_size=3),
     shape=st.one_of(st.none(), st.lists(st.integers(0, 2**40), max_size=4)),
     files=st.integers(1, 5),
+    write=st.one_of(st.none(), st.text(alphabet="0123456789abcdef", min_size=1, max_size=12)),
 )
 def test_a_records_prefix_is_the_json_of_its_fields(
-    tmp_path_factory: pytest.TempPathFactory, key: str, names: list[str], shape: list[int] | None, files: int
+    tmp_path_factory: pytest.TempPathFactory,
+    key: str,
+    names: list[str],
+    shape: list[int] | None,
+    files: int,
+    write: str | None,
 ) -> None:
     """The prefix is built by hand for speed: it must be what json.dumps writes, to the byte."""
     root = str(tmp_path_factory.getbasetemp())
@@ -527,5 +533,27 @@ def test_a_records_prefix_is_the_json_of_its_fields(
     head: dict[str, Any] = {"key": key, "path": f"{key}.npy", "format": "npy", "arrays": arrays}
     if files != 1:
         head["files"] = files
+    if write is not None:
+        head["write"] = write
     expected = json.dumps(head, separators=(",", ":"))[:-1].encode()
-    assert journal.prefix(key, f"{root}/{key}.npy", "npy", arrays, files) == expected
+    assert journal.prefix(key, f"{root}/{key}.npy", "npy", arrays, files, write) == expected
+
+
+def test_a_rewrite_killed_between_its_files_is_not_done(tmp_path: Path) -> None:
+    """A first write of k made k_a and k_b; a rewrite renamed its k_a and was killed before k_b: the
+    files there are of two writes, so k is not done (resume writes it again)."""
+    (tmp_path / "k_a.npy").write_bytes(b"new")
+    (tmp_path / "k_b.npy").write_bytes(b"old")
+    (tmp_path / JOURNAL_DIR).mkdir()
+
+    def line(path: str, size: int, write: str, when: float) -> str:
+        head = {"key": "k", "path": path, "format": "npy", "arrays": [], "files": 2, "write": write}
+        return json.dumps({**head, "bytes": size, "crc32": "00000000", "time": when}) + "\n"
+
+    journal = tmp_path / JOURNAL_DIR / "journal-h-1-aa.jsonl"
+    journal.write_text(line("k_a.npy", 3, "w1", 1.0) + line("k_b.npy", 3, "w1", 2.0))
+    assert Manifest.load(tmp_path).done("k")  # the first write, whole
+    journal.write_text(journal.read_text() + line("k_a.npy", 3, "w2", 3.0))  # the rewrite's first file
+    assert not Manifest.load(tmp_path).done("k")
+    journal.write_text(journal.read_text() + line("k_b.npy", 3, "w2", 4.0))  # and its second
+    assert Manifest.load(tmp_path).done("k")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -98,7 +99,9 @@ class Journal:
         self._root_slash = root.rstrip("/") + "/"
         self._fsync = fsync  # False with Durability.NONE: the journal is as durable as its files
         folder = os.path.join(root, JOURNAL_DIR)
-        name = f"journal-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
+        self._token = secrets.token_hex(4)
+        self._writes = itertools.count()
+        name = f"journal-{socket.gethostname()}-{os.getpid()}-{self._token}.jsonl"
         self.path = os.path.join(folder, name)
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
@@ -124,7 +127,13 @@ class Journal:
             raise WriterClosedError(f"journal {self.path} is closed")
         return self._fd
 
-    def prefix(self, key: str, path: str, fmt: str, arrays: list[list[Any]], files: int = 1) -> bytes:
+    def write_id(self) -> str:
+        """A new id for one write of several files, unique among every journal under the root."""
+        return f"{self._token}{next(self._writes):x}"
+
+    def prefix(
+        self, key: str, path: str, fmt: str, arrays: list[list[Any]], files: int = 1, write: str | None = None
+    ) -> bytes:
         """The start of a file's lines, all but what the write itself tells: size, CRC, time. `files`:
         how many files the write made for `key` (SPLIT), so that a key half written is not done."""
         if path.startswith(self._root_slash):
@@ -138,6 +147,8 @@ class Journal:
             for name, dtype, shape in arrays
         )
         count = f',"files":{files}' if files != 1 else ""
+        if write is not None:
+            count += f',"write":"{write}"'
         return (
             f'{{"key":{_text(key)},"path":{_text(relative)},"format":{_text(fmt)},"arrays":[{members}]{count}'
         ).encode()
@@ -237,10 +248,20 @@ class Manifest:
         return [str(self.root / path) for path in self._paths_by_key.get(key, [])]
 
     def done(self, key: str) -> bool:
-        """Whether `key` was written: every file of its write is recorded (a record says how many its
-        write made: `files`, 1 if absent), and each is still there, whole in size."""
+        """Whether `key` was written: every file of its latest write is recorded (a record says how
+        many its write made, `files`, 1 if absent, and which write it was, `write`, where it made
+        several), and each is still there, whole in size. A rewrite killed between its files leaves
+        records of two writes: not done."""
         paths = self._paths_by_key.get(key, [])
-        needed = max((self.candidates(path)[0].get("files", 1) for path in paths), default=1)
+        if not paths:
+            return False
+        latest = {path: self.candidates(path)[0] for path in paths}
+        newest = max(latest.values(), key=lambda record: record["time"])
+        write = newest.get("write")
+        if write is not None:  # the newest write's own files, each recorded as of that write
+            paths = [path for path, record in latest.items() if record.get("write") == write]
+            return len(paths) == newest.get("files", 1) and self.paths_done(paths)
+        needed = max(record.get("files", 1) for record in latest.values())
         return len(paths) >= needed and self.paths_done(paths)
 
     def keys(self) -> set[str]:

@@ -304,6 +304,7 @@ class _Writer:
         journal = self._journal
         kind = fmt.save_format.value
         files_of = Counter(keys) if journal is not None and len(keys) > 1 else None
+        ids = _write_ids(journal, files_of)
         files: list[tuple[object, ...]] = []
         nbytes = 0
         for key, entry in zip(keys, entries, strict=True):
@@ -313,7 +314,7 @@ class _Writer:
             record = None
             if journal is not None:
                 count = files_of[key] if files_of is not None else 1
-                record = journal.prefix(key, entry.path, kind, arrays_of(entry), count)
+                record = journal.prefix(key, entry.path, kind, arrays_of(entry), count, ids.get(key))
             directory, _, name = entry.path.rpartition("/")
             temporary = self._committer.temporary_for(directory, name)
             files.append((entry.path, temporary, buffers, record is not None, record, None, entry.nbytes))
@@ -352,13 +353,16 @@ class _Writer:
         k = 0
         keys = pending.keys
         files_of = Counter(keys) if journal is not None and len(keys) > 1 else None  # files per key
+        ids = _write_ids(journal, files_of)
         try:
             for k, (entry, number) in enumerate(zip(entries, pending.numbers, strict=True)):
                 record = None
                 if journal is not None:
                     fmt = Path(entry.path).suffix[1:] if savers is not None else kind
                     count = files_of[keys[k]] if files_of is not None else 1
-                    record = journal.prefix(keys[k], entry.path, fmt, arrays_of(entry), count)
+                    record = journal.prefix(
+                        keys[k], entry.path, fmt, arrays_of(entry), count, ids.get(keys[k])
+                    )
                 checksum = record is not None
                 # Encoded: a header and views of host memory, which only the engine can write.
                 writer = (
@@ -852,6 +856,13 @@ class AsyncWriter:
     def __repr__(self) -> str:
         inner = self.__dict__.get("_writer")
         return repr(inner) if inner is not None else f"<{type(self).__name__}, not made>"
+
+
+def _write_ids(journal: Journal | None, files_of: Counter[str] | None) -> dict[str, str]:
+    """An id for each key whose write makes several files: its records say which write they are of."""
+    if journal is None or files_of is None:
+        return {}
+    return {key: journal.write_id() for key, count in files_of.items() if count > 1}
 
 
 def _regroup(ready: list[FileEntry], planned: list[list[FileEntry]]) -> list[list[FileEntry]]:
