@@ -103,12 +103,18 @@ static int parse_timeout(PyObject *args, PyObject *kwargs, PyObject **timeout) {
     return PyArg_ParseTupleAndKeywords(args, kwargs, "|O", names, timeout);
 }
 
-static PyObject *Ticket_result(Ticket *t, PyObject *args, PyObject *kwargs) {
+/* result()'s and exception()'s wait, for their `timeout`: 1 settled, else 0 with an exception set
+ * (concurrent.futures.TimeoutError, as a Future's). */
+static int wait_settled(Ticket *t, PyObject *args, PyObject *kwargs) {
     PyObject *timeout;
-    if (!parse_timeout(args, kwargs, &timeout)) return NULL;
+    if (!parse_timeout(args, kwargs, &timeout)) return 0;
     int done = ticket_wait(t, timeout);
-    if (done < 0) return NULL;
-    if (!done) { PyErr_SetString(timeout_error, "the write is not done yet"); return NULL; }
+    if (done == 0) PyErr_SetString(timeout_error, "the write is not done yet");
+    return done > 0;
+}
+
+static PyObject *Ticket_result(Ticket *t, PyObject *args, PyObject *kwargs) {
+    if (!wait_settled(t, args, kwargs)) return NULL;
     PyObject *failure = ticket_exception(t);
     if (failure) {
         PyErr_SetObject((PyObject *)Py_TYPE(failure), failure);
@@ -131,11 +137,7 @@ static PyObject *Ticket_result(Ticket *t, PyObject *args, PyObject *kwargs) {
 }
 
 static PyObject *Ticket_exception(Ticket *t, PyObject *args, PyObject *kwargs) {
-    PyObject *timeout;
-    if (!parse_timeout(args, kwargs, &timeout)) return NULL;
-    int done = ticket_wait(t, timeout);
-    if (done < 0) return NULL;
-    if (!done) { PyErr_SetString(timeout_error, "the write is not done yet"); return NULL; }
+    if (!wait_settled(t, args, kwargs)) return NULL;
     PyObject *failure = ticket_exception(t);
     if (failure || PyErr_Occurred()) return failure;
     Py_RETURN_NONE;
