@@ -74,7 +74,6 @@ class StatsRecorder:
         self._by_backend: dict[str, int] = {}
         self._first: float | None = None
         self._last: float | None = None
-        self._ready = (0, 0, 0, 0.0)  # the engine's own counts of its ready route, as last read
 
     def write_started(self) -> None:
         if self._first is None:
@@ -92,11 +91,6 @@ class StatsRecorder:
                 self._bytes += nbytes
                 self._by_backend[backend] = self._by_backend.get(backend, 0) + nbytes
             self._last = time.perf_counter()
-
-    def merge_ready(self, files: int, nbytes: int, failed: int, last: float) -> None:
-        """The engine's counts of the writes it completed itself (all of them so far, each time)."""
-        with self._lock:
-            self._ready = (files, nbytes, failed, last)
 
     def skipped(self, count: int) -> None:
         with self._lock:
@@ -125,9 +119,12 @@ class StatsRecorder:
         pinned_peak_bytes: int = 0,
         *,
         engine: str = "python",
+        ready: tuple[int, int, int, float] = (0, 0, 0, 0.0),
     ) -> WriterStats:
+        """`ready`: the engine's own counts of the writes it completed itself (files, payload bytes,
+        files failed, time of the latest), added to these."""
         with self._lock:
-            files, nbytes, failed, ready_last = self._ready
+            files, nbytes, failed, ready_last = ready
             by_backend = dict(self._by_backend)
             if nbytes:
                 by_backend["posix"] = by_backend.get("posix", 0) + nbytes

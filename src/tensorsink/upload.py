@@ -564,8 +564,9 @@ class S3SpoolingWriter(_ClosedOnExit):
         *,
         save: Callable[[Path, Any], None] | None = None,
         suffix: str = "",
+        allow_empty: bool = False,
     ) -> WriteHandle:
-        return self.writer.write_batch(keys, batch, save=save, suffix=suffix)
+        return self.writer.write_batch(keys, batch, save=save, suffix=suffix, allow_empty=allow_empty)
 
     def close(self) -> None:
         """Close the writer, then the uploader, even if the writer failed; raise the first failure."""

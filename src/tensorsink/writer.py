@@ -288,7 +288,8 @@ class _Writer:
                 pending.staged.release()
             raise
         self._stats.blocked(blocked + (pending.staged.blocked_seconds if pending.staged is not None else 0.0))
-        encoded = self._encoded_here(pending) if ready is None else None
+        # Where the ready route was open, it tried the headers already: an array needs a copy.
+        encoded = self._encoded_here(pending.entries) if ready is None and not self._ready_route else None
         if ready is None and (encoded is not None or pending.nbytes < self._inline_below):
             self._submit(pending, pending.entries, None, encoded)  # a header and views; or small, inline
         else:  # a serializer to run (.pt, .npz, a copy, a staging wait): the pool's threads, in parallel
@@ -300,21 +301,12 @@ class _Writer:
         """The ready route: the files' headers and views of host memory go to the engine in one call,
         which numbers them, waits for room and queues them; its threads complete the write. None where
         an array needs a copy first (then the write goes the other way)."""
-        fmt = cast(HeaderFormat, self._format)
-        journal = self._journal
-        kind = fmt.save_format.value
-        files_of = Counter(keys) if journal is not None and len(keys) > 1 else None
-        ids = _write_ids(journal, files_of)
+        encoded = self._encoded_here(entries)
+        if encoded is None:
+            return None
         files: list[tuple[object, ...]] = []
         nbytes = 0
-        for key, entry in zip(keys, entries, strict=True):
-            buffers = fmt.encode_plain(entry)
-            if buffers is None:
-                return None
-            record = None
-            if journal is not None:
-                count = files_of[key] if files_of is not None else 1
-                record = journal.prefix(key, entry.path, kind, arrays_of(entry), count, ids.get(key))
+        for entry, buffers, record in zip(entries, encoded, self._records(keys, entries), strict=True):
             directory, _, name = entry.path.rpartition("/")
             temporary = self._committer.temporary_for(directory, name)
             files.append((entry.path, temporary, buffers, record is not None, record, None, entry.nbytes))
@@ -346,23 +338,12 @@ class _Writer:
     ) -> None:
         """The files as the engine takes them: the format's buffers, or a temporary that a custom writer
         (or kvikio) has written already. A failure before the engine has them fails the write."""
-        journal = self._journal
-        kind = self._format.save_format.value
         files: list[FileJob] = []
         backends: list[str] = []
         k = 0
-        keys = pending.keys
-        files_of = Counter(keys) if journal is not None and len(keys) > 1 else None  # files per key
-        ids = _write_ids(journal, files_of)
+        records = self._records(pending.keys, entries, custom=savers is not None)
         try:
-            for k, (entry, number) in enumerate(zip(entries, pending.numbers, strict=True)):
-                record = None
-                if journal is not None:
-                    fmt = Path(entry.path).suffix[1:] if savers is not None else kind
-                    count = files_of[keys[k]] if files_of is not None else 1
-                    record = journal.prefix(
-                        keys[k], entry.path, fmt, arrays_of(entry), count, ids.get(keys[k])
-                    )
+            for k, (entry, number, record) in enumerate(zip(entries, pending.numbers, records, strict=True)):
                 checksum = record is not None
                 # Encoded: a header and views of host memory, which only the engine can write.
                 writer = (
@@ -410,19 +391,43 @@ class _Writer:
         fmt = self._format
         return lambda fd, temporary: fmt.write(fd, entry)
 
-    def _encoded_here(self, pending: _Write) -> list[list[Buffer]] | None:
+    def _encoded_here(self, entries: list[FileEntry]) -> list[list[Buffer]] | None:
         """The files' buffers, where the caller's thread may hand them to the engine itself: a header
         and views of host memory as it is (no copy, no serializer: microseconds). None otherwise."""
         if not self._header_format:
             return None
         fmt = cast(HeaderFormat, self._format)
         encoded = []
-        for entry in pending.entries:
+        for entry in entries:
             buffers = fmt.encode_plain(entry)
             if buffers is None:
                 return None
             encoded.append(buffers)
         return encoded
+
+    def _records(
+        self, keys: list[str], entries: list[FileEntry], *, custom: bool = False
+    ) -> list[bytes | None]:
+        """Each file's journal record start (None without a journal): its key, path, format (a custom
+        writer's by its suffix), arrays, and for a key of several files their count and the write's id,
+        so that resume knows a write of them whole from a part of one."""
+        journal = self._journal
+        if journal is None:
+            return [None] * len(entries)
+        kind = self._format.save_format.value
+        files_of = Counter(keys) if len(keys) > 1 else None
+        ids = {key: journal.write_id() for key, n in files_of.items() if n > 1} if files_of else {}
+        return [
+            journal.prefix(
+                key,
+                entry.path,
+                Path(entry.path).suffix[1:] if custom else kind,
+                arrays_of(entry),
+                files_of[key] if files_of is not None else 1,
+                ids.get(key),
+            )
+            for key, entry in zip(keys, entries, strict=True)
+        ]
 
     def _completed(self, batches: list[tuple[object, list[FileOutcome]]]) -> None:
         """Finished batches from the engine (several at once where it can): the upload queue, then the
@@ -627,12 +632,12 @@ class _Writer:
 
     def stats(self) -> WriterStats:
         files, nbytes, failed, last, pending, _ = self._engine.counters()  # the ready route's
-        self._stats.merge_ready(files, nbytes, failed, last)
-        in_flight, engine = self._pipeline.in_flight + pending, self._engine.name
+        ready, engine = (files, nbytes, failed, last), self._engine.name
+        in_flight = self._pipeline.in_flight + pending
         if not self._stager.pool_started:
-            return self._stats.snapshot(in_flight, engine=engine)
+            return self._stats.snapshot(in_flight, engine=engine, ready=ready)
         pool = self._stager.pool
-        return self._stats.snapshot(in_flight, pool.capacity, pool.peak, engine=engine)
+        return self._stats.snapshot(in_flight, pool.capacity, pool.peak, engine=engine, ready=ready)
 
     def __repr__(self) -> str:
         o = self.options
@@ -856,13 +861,6 @@ class AsyncWriter:
     def __repr__(self) -> str:
         inner = self.__dict__.get("_writer")
         return repr(inner) if inner is not None else f"<{type(self).__name__}, not made>"
-
-
-def _write_ids(journal: Journal | None, files_of: Counter[str] | None) -> dict[str, str]:
-    """An id for each key whose write makes several files: its records say which write they are of."""
-    if journal is None or files_of is None:
-        return {}
-    return {key: journal.write_id() for key, count in files_of.items() if count > 1}
 
 
 def _regroup(ready: list[FileEntry], planned: list[list[FileEntry]]) -> list[list[FileEntry]]:
