@@ -18,10 +18,23 @@ if TYPE_CHECKING:
     from .engine.base import BudgetLike
 from .staging.cudart import own_thread
 
-__all__ = ["Budget", "Finished", "Gate", "Pipeline", "executors_stopped"]
+__all__ = ["Budget", "Finished", "Gate", "Pipeline", "run_in"]
 
 
-def executors_stopped() -> bool:
+def run_in(executor: ThreadPoolExecutor, job: Callable[[], None]) -> bool:
+    """Run `job` in `executor`, or here once the interpreter's exit has stopped every thread pool (a
+    thread still writes then: writers are closed after such threads end). False if the executor was
+    shut down otherwise, and `job` not run."""
+    try:
+        executor.submit(job)
+    except RuntimeError:
+        if not sys.is_finalizing() and not _executors_stopped():
+            return False
+        job()
+    return True
+
+
+def _executors_stopped() -> bool:
     """Whether the interpreter's exit has stopped the thread pools (concurrent.futures.thread)."""
     import concurrent.futures.thread as pools
 
@@ -150,14 +163,8 @@ class Pipeline:
 
     def prepare(self, job: Callable[[], None]) -> None:
         """Run `job` (which finishes its write itself, also on failure) on a worker thread."""
-        try:
-            self.executor.submit(job)
-        except RuntimeError:
-            # The interpreter is exiting: its exit hook has stopped every executor, while a thread
-            # still writes (writers are closed after those threads end). The job runs here instead.
-            if not sys.is_finalizing() and not executors_stopped():
-                raise WriterClosedError("the writer was closed while this write() was starting") from None
-            job()
+        if not run_in(self.executor, job):
+            raise WriterClosedError("the writer was closed while this write() was starting")
 
     def finish(self, done: list[Finished]) -> None:
         """Writes are done: give back their room at once, complete their futures; a failure fails the

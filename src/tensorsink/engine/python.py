@@ -8,7 +8,6 @@ where a queue hop would cost more than the write.
 from __future__ import annotations
 
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from ..checksum import crc32_of
@@ -16,7 +15,7 @@ from ..commit import Committer
 from ..formats import write_buffers
 from ..manifest import Journal, crc32_of_path
 from ..options import Durability
-from ..scheduling import Budget, executors_stopped
+from ..scheduling import Budget, run_in
 from ..staging.cudart import own_thread
 from .base import Completion, Due, Engine, FileJob, FileOutcome
 
@@ -66,12 +65,8 @@ class PythonEngine(Engine):
         if self._inline_below and _payload(files) < self._inline_below:
             self._run(token, files)
             return
-        try:
-            self._executor.submit(self._run, token, files)
-        except RuntimeError:
-            if not sys.is_finalizing() and not executors_stopped():
-                raise
-            self._run(token, files)  # the interpreter is exiting: its exit stopped every thread pool
+        if not run_in(self._executor, lambda: self._run(token, files)):
+            raise RuntimeError("the Python engine is closed")
 
     def _run(self, token: object, files: list[FileJob]) -> None:
         self.on_complete([(token, [self._commit(job) for job in files])])

@@ -238,15 +238,10 @@ static PyObject *Engine_reserve(Engine *e, PyObject *paths) {
     for (Py_ssize_t i = 0; i < n; i++) {
         char *path = copy_path(PyList_GET_ITEM(paths, i));
         if (!path) goto error;
-        uint64_t h;
-        size_t stripe = stripe_of(path, &h);
-        pthread_mutex_lock(&e->order_locks[stripe]);
-        Slot *s = table_find(&e->order[stripe], path, h, 1);
-        int64_t number = ++e->counter; /* under the GIL: reserve() calls do not overlap */
-        if (s && s->a++ == 0) s->b = -1;
-        pthread_mutex_unlock(&e->order_locks[stripe]);
+        int64_t number;
+        int reserved = reserve_order(e, path, &number);
         free(path);
-        PyObject *value = s ? PyLong_FromLongLong(number) : PyErr_NoMemory();
+        PyObject *value = reserved == 0 ? PyLong_FromLongLong(number) : PyErr_NoMemory();
         if (!value) goto error;
         PyList_SET_ITEM(numbers, i, value);
     }
@@ -453,15 +448,7 @@ static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
         if (!job->key) { PyErr_NoMemory(); goto error; }
     }
     for (; reserved < n; reserved++) { /* numbered in call order: the latest write to a path wins */
-        Job *job = &jobs[reserved];
-        uint64_t h;
-        size_t stripe = stripe_of(job->final, &h);
-        pthread_mutex_lock(&e->order_locks[stripe]);
-        Slot *slot = table_find(&e->order[stripe], job->final, h, 1);
-        job->number = ++e->counter;
-        if (slot && slot->a++ == 0) slot->b = -1;
-        pthread_mutex_unlock(&e->order_locks[stripe]);
-        if (!slot) { PyErr_NoMemory(); goto error; }
+        if (reserve_order(e, jobs[reserved].final, &jobs[reserved].number) != 0) { PyErr_NoMemory(); goto error; }
     }
     double waited = budget_take(e, nbytes);
     pthread_mutex_lock(&e->ticket_lock);

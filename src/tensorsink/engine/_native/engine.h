@@ -155,8 +155,9 @@ int make_folders(Engine *e, const char *folder, const char **operation);
 void forget_folder(Engine *e, const char *folder);
 int sync_directory(Engine *e, const char *folder);
 
-/* order.c: the path's stripe of the order tables (and its hash); give back one number reserved for it. */
+/* order.c: the path's stripe of the order tables (and its hash); number a path, give one number back. */
 size_t stripe_of(const char *path, uint64_t *h);
+int reserve_order(Engine *e, const char *path, int64_t *number);
 void release_order(Engine *e, const char *path);
 
 /* journal.c: append the job's journal line, before its rename or after it. */
