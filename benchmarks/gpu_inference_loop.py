@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import os
 import shutil
 import statistics
@@ -54,6 +53,7 @@ from typing import Any
 
 import torch
 
+from json_file import write_whole
 from tensorsink import AsyncWriter, SaveFormat
 from tensorsink.staging import CudaEngine, PinnedPool
 
@@ -102,11 +102,8 @@ class Results:
         return [part for part in self.data["done"] if part.endswith("(failed)")]
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(temporary, self.path)
+        if self.path is not None:
+            write_whole(self.path, self.data)
 
 
 def _gb_s(nbytes: int, seconds: float) -> float:

@@ -28,7 +28,6 @@ import importlib
 import importlib.metadata
 import json
 import mmap
-import os
 import platform
 import subprocess
 import sys
@@ -37,6 +36,8 @@ import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from json_file import write_whole
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,11 +76,8 @@ class Report:
         self.save()
 
     def save(self) -> None:
-        if self.path is None:
-            return
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text(json.dumps(self.data, indent=2, default=str))
-        os.replace(temporary, self.path)
+        if self.path is not None:
+            write_whole(self.path, self.data)
 
     def check(self, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         """Run one check; its record has "status" ("ok": True pass, False fail, absent info)."""
