@@ -135,7 +135,8 @@ class Journal:
         self, key: str, path: str, fmt: str, arrays: list[list[Any]], files: int = 1, write: str | None = None
     ) -> bytes:
         """The start of a file's lines, all but what the write itself tells: size, CRC, time. `files`:
-        how many files the write made for `key` (SPLIT), so that a key half written is not done."""
+        how many files the write made for `key` (SPLIT), and `write` which write it was (write_id()), so
+        that a key half written, or half rewritten, is not done."""
         if path.startswith(self._root_slash):
             relative = path[len(self._root_slash) :]  # every path a writer makes is under its root
         else:
