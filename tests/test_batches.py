@@ -21,7 +21,7 @@ from tensorsink import (
 from tensorsink.batches import has_no_samples, split_batch
 from tensorsink.commit import is_temporary
 from tensorsink.staging import Stager
-from tests.staging.fake import POISON, FakeEngine
+from tests.staging.fake import POISON, FakeEngine, stage_on
 from tests.support import assert_same, outputs_under, random_tensor, read_back
 
 
@@ -202,7 +202,7 @@ def test_bad_suffix_is_refused(tmp_path: Path) -> None:
 def test_device_batch_is_copied_once_for_all_samples(tmp_path: Path, custom: bool) -> None:
     engine = FakeEngine(delay=0.05)
     with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY, DictMode.SPLIT) as writer:
-        writer._stager = Stager(1 << 20, engine, pin=False)
+        stage_on(writer, Stager(1 << 20, engine, pin=False))
         writer._stager.pool.buffer.fill_(POISON)
         batch = {"a": engine.put(torch.rand(6, 10)), "b": engine.put(torch.arange(12).reshape(6, 2))}
         expected = {name: t.clone() for name, t in batch.items()}
@@ -225,7 +225,7 @@ def test_a_device_0d_tensor_of_a_batch_of_one_is_staged_and_written(tmp_path: Pa
     engine = FakeEngine(delay=0.05)
     value = engine.put(torch.tensor(6.25))
     with AsyncWriter(tmp_path, SaveFormat.NUMPY_NPY) as writer:
-        writer._stager = Stager(1 << 20, engine, pin=False)
+        stage_on(writer, Stager(1 << 20, engine, pin=False))
         writer._stager.pool.buffer.fill_(POISON)
         writer.write_batch(["s"], value)
     assert engine.copies == [1]

@@ -131,6 +131,8 @@ def plain_byte_view(array: Array, *, native: bool = False) -> memoryview | None:
         host = array.numpy() if isinstance(array, torch.Tensor) else array
         if native and not host.dtype.isnative:
             return None
+        if host.size == 0:  # no bytes, whatever its strides (a memoryview will not cast a zero shape)
+            return memoryview(b"")
         return memoryview(host.data).cast("B")  # TypeError unless C-contiguous
     except (TypeError, RuntimeError, ValueError):  # device, bfloat16, requires_grad, conj, strides
         return None

@@ -139,7 +139,13 @@ class Pipeline:
     staging copies and run custom writers; the engine does the writing.
     """
 
-    def __init__(self, workers: int, budget: BudgetLike, callbacks: Callbacks | None = None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        budget: BudgetLike,
+        callbacks: Callbacks | None = None,
+        on_failure: Callable[[], object] | None = None,
+    ) -> None:
         self.budget = budget  # the engine's: its ready route gives room back without Python
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="tensorsink", initializer=own_thread)
         self.callbacks = callbacks or Callbacks()  # futures made with it run their done-callbacks there
@@ -150,6 +156,7 @@ class Pipeline:
         self._error: BaseException | None = None
         self.failed_at = 0.0
         self._error_lock = threading.Lock()
+        self._on_failure = on_failure  # told once, when the first failure is kept
 
     @property
     def in_flight(self) -> int:
@@ -186,10 +193,14 @@ class Pipeline:
     def record(self, exc: BaseException) -> None:
         """Keep `exc` as the writer's failure, unless it failed already (then it is logged)."""
         with self._error_lock:
-            if self._error is None:
+            first = self._error is None
+            if first:
                 self._error = exc
                 self.failed_at = time.perf_counter()
-                return
+        if first:
+            if self._on_failure is not None:
+                self._on_failure()
+            return
         if exc is not self._error:
             log.error("tensorsink: a further write failed: %r", exc)
 

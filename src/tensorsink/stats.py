@@ -120,30 +120,36 @@ class StatsRecorder:
         *,
         engine: str = "python",
         ready: tuple[int, int, int, float] = (0, 0, 0, 0.0),
+        plain: tuple[int, float, float, float] = (0, 0.0, 0.0, 0.0),
     ) -> WriterStats:
         """`ready`: the engine's own counts of the writes it completed itself (files, payload bytes,
-        files failed, time of the latest), added to these."""
+        files failed, time of the latest); `plain`: its counts of the write() calls it took whole
+        (calls, seconds in them, seconds of those blocked, time of the first); added to these."""
         with self._lock:
             files, nbytes, failed, ready_last = ready
+            calls, call_seconds, call_blocked, plain_first = plain
+            first = self._first
+            if calls and (first is None or plain_first < first):
+                first = plain_first
             by_backend = dict(self._by_backend)
             if nbytes:
                 by_backend["posix"] = by_backend.get("posix", 0) + nbytes
             last = max(self._last or 0.0, ready_last) if files or self._last is not None else None
             elapsed = 0.0
-            if self._first is not None and last is not None:
-                elapsed = last - self._first
+            if first is not None and last is not None:
+                elapsed = last - first
             return WriterStats(
                 self._files + files,
                 self._bytes + nbytes,
                 self._errors + failed,
                 in_flight,
-                self._blocked,
+                self._blocked + call_blocked,
                 elapsed,
                 pinned_pool_bytes,
                 pinned_peak_bytes,
                 by_backend,
                 self._skipped,
                 engine,
-                self._write_seconds,
-                self._writes,
+                self._write_seconds + call_seconds,
+                self._writes + calls,
             )

@@ -24,7 +24,7 @@ from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
 from .commit import Committer, find_symlink, remove_private_folder, take_saved
-from .engine import Engine, FileJob, FileOutcome, PythonEngine, engine_class
+from .engine import Engine, FileJob, FileOutcome, PlainWrite, PythonEngine, engine_class
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError, naming
 from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import Callbacks, WriteFuture, WriteHandle
@@ -106,7 +106,7 @@ class _Writer:
             if self._journal is not None:
                 self._journal.close()
             raise
-        self._pipeline = Pipeline(o.workers, self._engine.budget, self._callbacks)
+        self._pipeline = Pipeline(o.workers, self._engine.budget, self._callbacks, self._engine.plain_off)
         self._use_format(self._format)  # again, now that the engine is known
         # With skip_existing, what is_done() asks of this writer's own writes: each key's latest write
         # (its handle and files), and the key whose write each path was last given to.
@@ -134,6 +134,14 @@ class _Writer:
             and self._header_format
             and not self.options.upload_queue
         )
+        # write() of one host array in one call into the engine, where nothing asks Python per write
+        # (skip_existing's bookkeeping, progress lines); None where the engine has no such route.
+        plain = self._ready_route and self._done is None and self.options.progress_seconds is None
+        self.write_plain: PlainWrite | None = None
+        if engine is not None and plain:
+            self.write_plain = engine.open_plain(fmt)
+        elif engine is not None:
+            engine.plain_off()
 
     def _make_engine(self, kind: type[Engine]) -> Engine:
         o = self.options
@@ -555,6 +563,7 @@ class _Writer:
                 if link is not None:
                     raise SymlinkError(link, os.path.realpath(link), self._root)
                 checked.add(folder)
+                self._engine.folder_checked(folder)
 
     def wait_backend(self, timeout: float | None = None) -> str:
         self._route.wait(timeout)
@@ -587,6 +596,7 @@ class _Writer:
         callbacks are not waited for: one that blocks for ever must not hang the process."""
         self._refuse_if_forked()
         _open_writers.discard(self)
+        self._engine.plain_off(True)  # and wait for the plain writes inside the engine
         if self._gate.close():  # waits for the write() calls already admitted
             try:
                 self._drain(callbacks=callbacks)
@@ -631,13 +641,15 @@ class _Writer:
                 _close_and_log(self, "dropped without close()")
 
     def stats(self) -> WriterStats:
-        files, nbytes, failed, last, pending, _ = self._engine.counters()  # the ready route's
+        files, nbytes, failed, last, pending, _, plain = self._engine.counters()  # the engine's own
         ready, engine = (files, nbytes, failed, last), self._engine.name
         in_flight = self._pipeline.in_flight + pending
         if not self._stager.pool_started:
-            return self._stats.snapshot(in_flight, engine=engine, ready=ready)
+            return self._stats.snapshot(in_flight, engine=engine, ready=ready, plain=plain)
         pool = self._stager.pool
-        return self._stats.snapshot(in_flight, pool.capacity, pool.peak, engine=engine, ready=ready)
+        return self._stats.snapshot(
+            in_flight, pool.capacity, pool.peak, engine=engine, ready=ready, plain=plain
+        )
 
     def __repr__(self) -> str:
         o = self.options
@@ -770,6 +782,11 @@ class AsyncWriter:
         InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
         (RuntimeError), or the first background failure, before anything is queued.
         """
+        plain = self._writer.write_plain
+        if plain is not None and not copy:  # one host array: one call into the engine, where it can
+            handle = plain(relative_path_no_ext, to_save)
+            if handle is not None:
+                return cast(WriteHandle, handle)
         return self._writer.write(relative_path_no_ext, to_save, copy=copy)
 
     def write_batch(

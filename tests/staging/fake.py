@@ -6,10 +6,21 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
+from tensorsink.staging import Stager
+
 POISON = 0xAB
+
+
+def stage_on(writer: Any, stager: Stager) -> Stager:
+    """Give `writer` a stager over the stand-in device. Its tensors are host tensors to everything but
+    that stager, so the writer's plain route (host arrays, taken whole in C) is closed for it."""
+    writer._stager = stager
+    writer._writer.write_plain = None
+    return stager
 
 
 class _LateCompletion:

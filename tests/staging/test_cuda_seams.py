@@ -21,7 +21,7 @@ from tensorsink import arrays as arrays_module
 from tensorsink.staging import Stager, cudart
 from tensorsink.staging import pool as pool_module
 from tensorsink.staging.engine import CudaEngine, _EventCompletion
-from tests.staging.fake import FakeEngine
+from tests.staging.fake import FakeEngine, stage_on
 
 
 class _Runtime:
@@ -141,7 +141,7 @@ def test_the_pool_is_pinned_and_unpinned_off_the_callers_thread(
     monkeypatch.setattr(pool_module, "pinned_buffer", pins)
     writer = AsyncWriter(tmp_path, "npy")
     engine = FakeEngine(0.0)
-    writer._stager = Stager(1 << 20, engine)  # pinned, through the stand-in
+    stage_on(writer, Stager(1 << 20, engine))  # pinned, through the stand-in
     writer.write("a", engine.put(torch.arange(1000, dtype=torch.float32))).result()
     assert pins.calls == [("pin", "tensorsink-pin")], "the first CUDA write pins on the pin thread"
     writer.flush()
@@ -207,7 +207,7 @@ def test_each_producer_stream_gets_its_own_copy_stream(monkeypatch: pytest.Monke
 def test_a_write_inside_a_graph_capture_is_refused_and_the_writer_goes_on(tmp_path: Path) -> None:
     engine = FakeEngine(0.0)
     with AsyncWriter(tmp_path, "npy") as writer:
-        writer._stager = Stager(1 << 20, engine, pin=False)
+        stage_on(writer, Stager(1 << 20, engine, pin=False))
         engine.capture = True
         with pytest.raises(GraphCaptureError, match="captures a CUDA graph"):
             writer.write("in-capture", engine.put(torch.ones(4)))

@@ -13,7 +13,7 @@ import torch
 
 from tensorsink import AsyncWriter, DictMode, SaveFormat
 from tensorsink.staging import ALIGNMENT, Stager
-from tests.staging.fake import POISON, FakeEngine
+from tests.staging.fake import POISON, FakeEngine, stage_on
 from tests.support import GatedFormat, assert_same, random_tensor, read_back, wait_for_waiter
 
 
@@ -21,7 +21,7 @@ def _writer(
     root: Path, pool_bytes: int = 64 * ALIGNMENT, delay: float = 0.05, **kwargs: object
 ) -> AsyncWriter:
     writer = AsyncWriter(root, **kwargs)  # type: ignore[arg-type]
-    writer._stager = Stager(pool_bytes, FakeEngine(delay), pin=False)
+    stage_on(writer, Stager(pool_bytes, FakeEngine(delay), pin=False))
     writer._stager.pool.buffer.fill_(POISON)
     return writer
 

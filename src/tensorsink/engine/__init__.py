@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Completion, Engine, FileJob, FileOutcome
+from .base import Completion, Engine, FileJob, FileOutcome, PlainWrite
 from .python import PythonEngine
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Engine",
     "FileJob",
     "FileOutcome",
+    "PlainWrite",
     "PythonEngine",
     "available_engines",
     "engine_class",

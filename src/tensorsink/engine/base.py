@@ -6,11 +6,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
 
-from ..formats import Buffer
+from ..formats import Buffer, Format
 from ..manifest import Journal
 from ..options import Durability
 
-__all__ = ["BudgetLike", "Completion", "Due", "Engine", "FileJob", "FileOutcome", "ReadyFile"]
+__all__ = ["BudgetLike", "Completion", "Due", "Engine", "FileJob", "FileOutcome", "PlainWrite", "ReadyFile"]
 
 
 class FileJob(NamedTuple):
@@ -46,6 +46,8 @@ class FileOutcome(NamedTuple):
 Completion = Callable[[list[tuple[object, list[FileOutcome]]]], None]
 #: Called with a settled write_ready() handle and the done-callbacks added to it while it was pending.
 Due = Callable[[Any, list[Callable[[Any], object]]], None]
+#: The plain route's write(key, value): the write's handle, or None where Python decides the write.
+PlainWrite = Callable[[object, object], Any]
 
 
 class ReadyFile(NamedTuple):
@@ -128,10 +130,27 @@ class Engine(ABC):
         """The first failed write_ready(), as an exception (the same each time), or None."""
         return None
 
-    def counters(self) -> tuple[int, int, int, float, int, float]:
+    def counters(self) -> tuple[int, int, int, float, int, float, tuple[int, float, float, float]]:
         """write_ready()'s files committed, their payload bytes, files failed, the time.perf_counter()
-        of the latest, writes in flight, and the time of the first failure."""
-        return 0, 0, 0, 0.0, 0, 0.0
+        of the latest, writes in flight, and the time of the first failure; then the plain route's
+        (calls that wrote, the seconds spent in them, of those the seconds waiting for room, the
+        time.perf_counter() of the first)."""
+        return 0, 0, 0, 0.0, 0, 0.0, (0, 0.0, 0.0, 0.0)
+
+    def open_plain(self, fmt: Format) -> PlainWrite | None:
+        """Open the plain route for `fmt`, where the engine has one for it: write(key, value) of one
+        host array in one call that runs no Python (see engine/_native/plain.c); the call returns the
+        write's handle, or None where Python must decide the write. None: no plain route (closed,
+        if it was open for another format)."""
+        return None
+
+    def folder_checked(self, folder: str) -> None:
+        """The writer found `folder` free of symlinks: plain writes may go there."""
+        return None
+
+    def plain_off(self, wait: bool = False) -> None:
+        """Close the plain route (the writer failed, or closes); with `wait`, wait for calls inside it."""
+        return None
 
     @abstractmethod
     def reserve(self, paths: list[str]) -> list[int]:

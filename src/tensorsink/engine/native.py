@@ -11,23 +11,32 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 from typing import Any, cast
 
+import numpy as np
+import torch
+
 from ..commit import find_symlink
 from ..errors import SymlinkError, naming
+from ..formats import Format, NpyFormat, SafetensorsFormat
 from ..manifest import Journal
 from ..options import Durability
 from ..staging.cudart import own_thread
 from ._native import Engine as _Native
 from ._native import Handle
-from .base import Completion, Due, Engine, FileJob, FileOutcome
+from .base import Completion, Due, Engine, FileJob, FileOutcome, PlainWrite
 
 __all__ = ["Handle", "NativeEngine"]
 
 log = logging.getLogger("tensorsink")
 _DURABILITY = {Durability.NONE: 0, Durability.FILE: 1, Durability.FULL: 2}
 _REAP_SECONDS = 0.5  # how long the reaper sleeps in C between looks at whether it should stop
+_PLAIN: dict[type[Format], int] = {
+    NpyFormat: 1,
+    SafetensorsFormat: 2,
+}  # plain.c's names for the formats it lays out itself
 
 
 class _Budget:
@@ -76,6 +85,8 @@ class NativeEngine(Engine):
         self.write_ready = self._engine.write_ready  # type: ignore[method-assign,assignment]  # no frame
         self.drain = self._engine.drain  # type: ignore[method-assign]
         self.counters = self._engine.counters  # type: ignore[method-assign]
+        self.folder_checked = self._engine.folder_checked  # type: ignore[method-assign,assignment]
+        self.plain_off = self._engine.plain_off  # type: ignore[method-assign,assignment]
         self._reaper = threading.Thread(target=self._reap, name="tensorsink-reaper", daemon=True)
         self._reaper.start()
 
@@ -85,6 +96,16 @@ class NativeEngine(Engine):
 
     def failure(self) -> BaseException | None:
         return self._engine.failure
+
+    def open_plain(self, fmt: Format) -> PlainWrite | None:
+        code = _PLAIN.get(type(fmt))
+        if code is None:  # another format, or one wrapped: Python lays it out
+            self._engine.plain_off()
+            return None
+        alignment = cast(NpyFormat | SafetensorsFormat, fmt).alignment
+        self._engine.plain(code, alignment, torch.Tensor, np.ndarray, secrets.token_hex(4))
+        write_plain: PlainWrite = self._engine.write_plain
+        return write_plain
 
     def reserve(self, paths: list[str]) -> list[int]:
         numbers: list[int] = self._engine.reserve(paths)

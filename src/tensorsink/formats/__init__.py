@@ -16,6 +16,8 @@ __all__ = [
     "FileEntry",
     "Format",
     "HeaderFormat",
+    "NpyFormat",
+    "SafetensorsFormat",
     "format_for",
     "write_buffers",
 ]

@@ -335,7 +335,7 @@ static int budget_fits(Engine *e, long long nbytes) {
 
 /* Take room for one write of `nbytes` (waiting without the GIL); the seconds waited. The lock is
  * never held while the GIL is taken: a thread holding the GIL may be waiting for the lock. */
-static double budget_take(Engine *e, long long nbytes) {
+double budget_take(Engine *e, long long nbytes) {
     pthread_mutex_lock(&e->budget_lock);
     if (budget_fits(e, nbytes)) {
         e->budget_count++;
@@ -381,6 +381,71 @@ static PyObject *Engine_give_back(Engine *e, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* A ready-route batch of `n` files taking `nbytes` of the budget, with its handle (its paths list
+ * filled by the caller): NULL with an exception set if out of memory. */
+Batch *ready_batch(Engine *e, Py_ssize_t n, long long nbytes) {
+    Batch *batch = PyMem_RawCalloc(1, sizeof(Batch));
+    Job *jobs = PyMem_RawCalloc((size_t)n, sizeof(Job));
+    Ticket *ticket = PyObject_New(Ticket, &HandleType);
+    PyObject *paths = PyList_New(n);
+    if (!batch || !jobs || !ticket || !paths) {
+        PyMem_RawFree(batch);
+        PyMem_RawFree(jobs);
+        Py_XDECREF((PyObject *)ticket);
+        Py_XDECREF(paths);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memset((char *)ticket + sizeof(PyObject), 0, sizeof(Ticket) - sizeof(PyObject));
+    Py_INCREF(e);
+    ticket->engine = e;
+    ticket->paths = paths;
+    batch->jobs = jobs;
+    batch->njobs = n;
+    batch->remaining = n;
+    batch->token = (PyObject *)ticket; /* the batch's reference, given up with it */
+    batch->ticket = ticket;
+    batch->budget_bytes = nbytes;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        jobs[i].batch = batch;
+        jobs[i].fd = -1;
+    }
+    return batch;
+}
+
+/* Number a ready batch's files, take its room in the budget (waiting without the GIL) and queue
+ * it: its handle (a new reference), or NULL with an exception set (the batch freed). `*waited`: the
+ * seconds the budget kept it waiting. */
+PyObject *queue_ready(Engine *e, Batch *batch, double *waited) {
+    Job *jobs = batch->jobs;
+    Py_ssize_t n = batch->njobs, reserved = 0;
+    for (; reserved < n; reserved++) { /* numbered in call order: the latest write to a path wins */
+        if (reserve_order(e, jobs[reserved].final, &jobs[reserved].number) != 0) {
+            for (Py_ssize_t i = 0; i < reserved; i++) release_order(e, jobs[i].final);
+            free_batch(batch); /* and the ticket with it */
+            return PyErr_NoMemory();
+        }
+    }
+    *waited = budget_take(e, batch->budget_bytes);
+    Ticket *ticket = batch->ticket;
+    pthread_mutex_lock(&e->ticket_lock);
+    ticket->next = e->pending;
+    if (e->pending) e->pending->prev = ticket;
+    e->pending = ticket;
+    e->npending++;
+    pthread_mutex_unlock(&e->ticket_lock);
+    Py_INCREF(ticket); /* the caller's reference, taken before the threads may settle and free it */
+    pthread_mutex_lock(&e->lock);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        jobs[i].next = NULL;
+        if (e->tail) e->tail->next = &jobs[i]; else e->head = &jobs[i];
+        e->tail = &jobs[i];
+    }
+    wake_workers(e, n, batch->budget_bytes);
+    pthread_mutex_unlock(&e->lock);
+    return (PyObject *)ticket;
+}
+
 /* write_ready(keys, files, nbytes): one write whose bytes are in host memory, in one call: number
  * its files, take room in the budget (waiting without the GIL), queue them, and return its handle
  * with the seconds waited. Each file is (final, temporary, buffers, checksum, record, crc, payload);
@@ -398,35 +463,14 @@ static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
     }
     if (import_helpers() != 0) return NULL;
     collect_garbage(e);
-    Batch *batch = PyMem_RawCalloc(1, sizeof(Batch));
-    Job *jobs = PyMem_RawCalloc((size_t)n, sizeof(Job));
-    Ticket *ticket = PyObject_New(Ticket, &HandleType);
-    PyObject *paths = PyList_New(n);
-    if (!batch || !jobs || !ticket || !paths) {
-        PyMem_RawFree(batch);
-        PyMem_RawFree(jobs);
-        Py_XDECREF((PyObject *)ticket);
-        Py_XDECREF(paths);
-        return PyErr_NoMemory();
-    }
-    memset((char *)ticket + sizeof(PyObject), 0, sizeof(Ticket) - sizeof(PyObject));
-    Py_INCREF(e);
-    ticket->engine = e;
-    ticket->paths = paths;
-    batch->jobs = jobs;
-    batch->njobs = n;
-    batch->remaining = n;
-    batch->token = (PyObject *)ticket; /* the batch's reference, given up with it */
-    batch->ticket = ticket;
-    batch->budget_bytes = nbytes;
-    Py_ssize_t reserved = 0;
+    Batch *batch = ready_batch(e, n, nbytes);
+    if (!batch) return NULL;
+    PyObject *paths = batch->ticket->paths;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(files, i), *final, *temporary, *buffers, *record, *known;
         int checksum;
         unsigned long long payload;
-        Job *job = &jobs[i];
-        job->batch = batch;
-        job->fd = -1;
+        Job *job = &batch->jobs[i];
         if (!PyTuple_Check(item) || !PyArg_ParseTuple(item, "UUOpOOK", &final, &temporary, &buffers, &checksum,
                                                       &record, &known, &payload)) {
             if (!PyErr_Occurred())
@@ -447,28 +491,10 @@ static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
         Py_DECREF(key);
         if (!job->key) { PyErr_NoMemory(); goto error; }
     }
-    for (; reserved < n; reserved++) { /* numbered in call order: the latest write to a path wins */
-        if (reserve_order(e, jobs[reserved].final, &jobs[reserved].number) != 0) { PyErr_NoMemory(); goto error; }
-    }
-    double waited = budget_take(e, nbytes);
-    pthread_mutex_lock(&e->ticket_lock);
-    ticket->next = e->pending;
-    if (e->pending) e->pending->prev = ticket;
-    e->pending = ticket;
-    e->npending++;
-    pthread_mutex_unlock(&e->ticket_lock);
-    pthread_mutex_lock(&e->lock);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        jobs[i].next = NULL;
-        if (e->tail) e->tail->next = &jobs[i]; else e->head = &jobs[i];
-        e->tail = &jobs[i];
-    }
-    wake_workers(e, n, nbytes);
-    pthread_mutex_unlock(&e->lock);
-    Py_INCREF(ticket); /* the caller's reference */
-    return Py_BuildValue("(Nd)", (PyObject *)ticket, waited);
+    double waited;
+    PyObject *handle = queue_ready(e, batch, &waited);
+    return handle ? Py_BuildValue("(Nd)", handle, waited) : NULL;
 error:
-    for (Py_ssize_t i = 0; i < reserved; i++) release_order(e, jobs[i].final);
     free_batch(batch); /* and the ticket with it */
     return NULL;
 }
@@ -511,7 +537,9 @@ static PyObject *Engine_handed(Engine *e, PyObject *arg) {
 }
 
 /* counters(): the ready route's (files committed, their payload bytes, files failed, time of the
- * latest in time.perf_counter()'s clock, writes in flight, time of the first failure). */
+ * latest in time.perf_counter()'s clock, writes in flight, time of the first failure), and the plain
+ * route's as one tuple (write_plain() calls that wrote, seconds in them, seconds of those waiting for
+ * room, time of the first). */
 static PyObject *Engine_counters(Engine *e, PyObject *unused) {
     pthread_mutex_lock(&e->lock);
     long long files = e->files_done, nbytes = e->bytes_done, failed = e->files_failed;
@@ -520,7 +548,8 @@ static PyObject *Engine_counters(Engine *e, PyObject *unused) {
     pthread_mutex_lock(&e->ticket_lock);
     Py_ssize_t pending = e->npending;
     pthread_mutex_unlock(&e->ticket_lock);
-    return Py_BuildValue("(LLLdnd)", files, nbytes, failed, last, pending, failed_at);
+    return Py_BuildValue("(LLLdnd(Lddd))", files, nbytes, failed, last, pending, failed_at, e->plain_calls,
+                         e->plain_seconds, e->plain_blocked, e->plain_first);
 }
 
 static PyObject *Engine_budget_waiting(Engine *e, void *unused) {
@@ -584,6 +613,7 @@ static void Engine_dealloc(Engine *e) {
         for (int i = 0; i < STRIPES; i++) table_free(&e->order[i]);
         free(e->threads);
     }
+    plain_free(e);
     free(e->root);
     free(e->fail_final);
     free(e->fail_key);
@@ -619,7 +649,18 @@ static PyMethodDef Engine_methods[] = {
     {"drain", (PyCFunction)Engine_drain, METH_NOARGS, "drain(): wait for every write_ready() made so far."},
     {"handed", (PyCFunction)Engine_handed, METH_O, "handed(n): n handles' due callbacks were handed on."},
     {"counters", (PyCFunction)Engine_counters, METH_NOARGS,
-     "counters(): (files, payload bytes, files failed, latest commit time, writes in flight) of write_ready()."},
+     "counters(): (files, payload bytes, files failed, latest commit time, writes in flight, first failure "
+     "time) of the ready route, and (calls, seconds, seconds blocked, first time) of write_plain()."},
+    {"plain", (PyCFunction)Engine_plain, METH_VARARGS,
+     "plain(format, alignment, tensor_type, ndarray_type, token): open the plain route (1 npy, 2 safetensors)."},
+    {"plain_off", (PyCFunction)Engine_plain_off, METH_VARARGS,
+     "plain_off(wait=False): close the plain route; with wait, wait for the calls inside it."},
+    {"folder_checked", (PyCFunction)Engine_folder_checked, METH_O,
+     "folder_checked(folder): the caller found `folder` free of symlinks; plain writes may go there."},
+    {"plan_plain", (PyCFunction)Engine_plan_plain, METH_VARARGS,
+     "plan_plain(key, value): (final, temporary, header, record) as write_plain() would queue them, or None."},
+    {"write_plain", (PyCFunction)(void (*)(void))Engine_write_plain, METH_FASTCALL,
+     "write_plain(key, value): one host array's write in one call: its handle, or None (Python decides)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -18,6 +18,7 @@
  *   order.c    latest write wins: the per-path numbers, striped
  *   journal.c  the journal lines around each rename
  *   handle.c   the ready route's handle: a future settled by the threads, without the GIL
+ *   plain.c    the plain route: write(key, array) in one call, key, path, header and record made in C
  *   module.c   the module: its types, and the CRC chosen at import
  */
 #ifndef TENSORSINK_ENGINE_H
@@ -123,7 +124,21 @@ typedef struct {
     PyObject *failure;       /* that failure as an exception, made on first ask (with the GIL) */
     Ticket *failed_ticket;   /* its ticket while alive (lock; cleared when freed): they share it */
     PyObject *error_factory; /* error_factory(errno, operation, final, key) -> the exception */
+    /* The plain route (plain.c), with the GIL: off until Python configures it, and off again once the
+     * writer fails or closes. */
+    int plain_format;            /* 0: off; PLAIN_NPY or PLAIN_SAFETENSORS */
+    Py_ssize_t plain_alignment;  /* where the header pads the data to */
+    PyObject *tensor_type, *ndarray_type; /* the exact types it takes (subclasses go to Python) */
+    char plain_token[24];        /* its temporaries' token (not the Python committer's) */
+    uint64_t plain_counter;
+    Table checked;               /* folders the caller's check found free of symlinks */
+    int plain_inside;            /* calls inside (budget_lock): close() waits for them */
+    long long plain_calls;       /* its statistics: calls, seconds in them, seconds of those blocked, */
+    double plain_seconds, plain_blocked, plain_first; /* and when the first began */
 } Engine;
+
+#define PLAIN_NPY 1
+#define PLAIN_SAFETENSORS 2
 
 /* The handle of one ready-route write: settled by the thread that finishes its last file, which
  * needs no GIL for it (see "Tickets" below for its Python side). Fields below `done` are written
@@ -169,9 +184,21 @@ double monotonic_seconds(void);
 void wake_workers(Engine *e, Py_ssize_t n, long long nbytes);
 void settle(Engine *e, Batch *batch);
 
-/* engine.c: free a batch, and the ready route's settled ones (with the GIL). */
+/* engine.c: free a batch, and the ready route's settled ones (with the GIL); take room in the budget
+ * (the seconds waited); a new ready-route batch of n files, and queue one (its handle, or NULL). */
 void free_batch(Batch *batch);
 void collect_garbage(Engine *e);
+double budget_take(Engine *e, long long nbytes);
+Batch *ready_batch(Engine *e, Py_ssize_t n, long long nbytes);
+PyObject *queue_ready(Engine *e, Batch *batch, double *waited);
+
+/* plain.c: the plain route's methods, listed in the Engine type; its state freed. */
+PyObject *Engine_plain(Engine *e, PyObject *args);
+PyObject *Engine_plain_off(Engine *e, PyObject *args);
+PyObject *Engine_folder_checked(Engine *e, PyObject *folder);
+PyObject *Engine_plan_plain(Engine *e, PyObject *args);
+PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs);
+void plain_free(Engine *e);
 
 /* handle.c: the ready route's handle type; wait for one (1 settled, 0 timed out, -1 error); its
  * failure as an exception (new reference, or NULL: none, or an error set); the Python helpers. */

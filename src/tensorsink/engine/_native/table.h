@@ -15,7 +15,7 @@ typedef struct Slot {
 
 typedef struct {
     Slot **buckets;
-    size_t nbuckets;
+    size_t nbuckets, count;
 } Table;
 
 #pragma GCC visibility push(hidden) /* shared by the extension's files, not exported from it */

@@ -1,0 +1,256 @@
+"""The plain route: write(key, array) decided whole in C (engine/_native/plain.c).
+
+The C statement of the rules is held to the Python one (tensorsink.plan, the formats, the journal)
+by feeding both the same keys and values: wherever C takes a write, Python takes it too, with the
+same path, header and journal record, and the same file on disk.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from tensorsink import AsyncWriter, WriterClosedError
+from tensorsink.commit import is_temporary
+from tensorsink.errors import InvalidKeyError, InvalidLayoutError, UnsupportedValueError
+from tensorsink.formats import HeaderFormat
+from tensorsink.manifest import arrays_of
+from tensorsink.options import DictMode
+from tensorsink.plan import plan_files, validate_key
+
+pytest.importorskip("tensorsink.engine.native", reason="the native engine was not built")
+from tensorsink.engine.native import Handle
+
+_DTYPES = [
+    "bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+    "float16", "float32", "float64", "complex64", "complex128", ">f4", ">i2", "<f8", "U3", "S2", "V4",
+]  # fmt: skip
+_TORCH = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+          torch.bfloat16, torch.float32, torch.float64, torch.complex64]  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["npy", "safetensors"])
+def writer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncWriter]:
+    root = tmp_path_factory.mktemp(request.param)
+    with AsyncWriter(root, request.param, engine="native", durability="none") as opened:
+        assert opened._writer.write_plain is not None
+        yield opened
+
+
+def _c_plan(writer: AsyncWriter, key: object, value: object) -> tuple[str, str, bytes, bytes | None] | None:
+    """What the C route would queue, once the folder has passed the caller's check (as Python does)."""
+    if isinstance(key, str) and key.isascii():  # the only keys C takes
+        writer._engine.folder_checked(f"{writer._root}/{key}".rpartition("/")[0])
+    planned: tuple[str, str, bytes, bytes | None] | None = writer._engine._engine.plan_plain(key, value)
+    return planned
+
+
+def _python_plan(writer: AsyncWriter, key: object, value: object) -> tuple[str, bytes, bytes] | str:
+    """What the Python plan makes of the same write: path, header, record; or why it would not."""
+    fmt = writer._format
+    assert isinstance(fmt, HeaderFormat)
+    try:
+        name = validate_key(key)
+        (entry,) = plan_files(writer._root, name, value, fmt, DictMode.SINGLE)
+    except (InvalidKeyError, InvalidLayoutError, UnsupportedValueError) as refused:
+        return f"refused: {refused}"
+    buffers = fmt.encode_plain(entry)
+    if buffers is None:
+        return "needs a copy"
+    record = writer._journal.prefix(name, entry.path, fmt.save_format.value, arrays_of(entry))
+    return entry.path, bytes(buffers[0]), record
+
+
+def _assert_same(writer: AsyncWriter, key: object, value: object) -> bool:
+    """Where C takes the write, Python takes it the same way; whether C took it."""
+    planned = _c_plan(writer, key, value)
+    if planned is None:
+        return False
+    final, temporary, header, record = planned
+    assert _python_plan(writer, key, value) == (final, header, record)
+    folder, _, name = final.rpartition("/")
+    temporary_folder, _, temporary_name = temporary.rpartition("/")
+    assert temporary_folder == folder
+    assert is_temporary(temporary_name)
+    assert re.fullmatch(rf"\.{re.escape(name[:200])}\.tsink-[0-9a-f]+\.partial", temporary_name)
+    return True
+
+
+_KEY_PARTS = st.one_of(
+    st.text(alphabet="ab_-. 0", min_size=0, max_size=6),
+    st.sampled_from([".", "..", "", ".tensorsink", "x.partial", "é", "a\"b", "a\\b", "\x00", "\x7f", "\ud800",
+                     "a" * 255, "b" * 256, "\t"]),
+)  # fmt: skip
+_KEYS = st.lists(_KEY_PARTS, min_size=1, max_size=4).map("/".join)
+
+
+@st.composite
+def _values(draw: st.DrawFn) -> object:
+    shape = tuple(draw(st.lists(st.integers(0, 3), max_size=3)))
+    if draw(st.booleans()):
+        array = np.zeros(shape, dtype=draw(st.sampled_from(_DTYPES)))
+        if array.ndim >= 2 and draw(st.booleans()):
+            array = array.T  # Fortran order: Python copies it
+        return array
+    tensor = torch.zeros(shape, dtype=draw(st.sampled_from(_TORCH)))
+    if tensor.ndim >= 2 and draw(st.booleans()):
+        tensor = tensor.mT
+    if tensor.is_floating_point() and draw(st.booleans()):
+        tensor.requires_grad_(True)
+    return tensor
+
+
+@given(key=_KEYS, value=_values())
+@example(key="a/b", value=np.zeros((2, 3), "float32"))
+def test_c_takes_a_write_only_as_python_would(writer: AsyncWriter, key: str, value: object) -> None:
+    _assert_same(writer, key, value)
+
+
+@given(
+    key=st.from_regex(r"[a-z0-9_]{1,12}(/[a-z0-9_.-]{1,12}){0,3}", fullmatch=True).filter(
+        lambda k: all(part not in (".", "..") for part in k.split("/"))
+    ),
+    dtype=st.sampled_from(["bool", "int8", "uint16", "int64", "float16", "float32", "float64", "complex64"]),
+    shape=st.lists(st.integers(0, 5), max_size=4).map(tuple),
+)
+def test_c_takes_every_plain_write(writer: AsyncWriter, key: str, dtype: str, shape: tuple[int, ...]) -> None:
+    """A plain key with a contiguous host array of a dtype the format stores is C's whole: it never
+    leaves the common case to Python."""
+    assert _assert_same(writer, key, np.zeros(shape, dtype))
+    if dtype != "uint16":  # torch's uint16 has no numpy() on every release
+        assert _assert_same(writer, key, torch.zeros(shape, dtype=getattr(torch, dtype)))
+
+
+@pytest.mark.parametrize("align", [None, 64, 4096])
+def test_long_headers_and_alignments_match(tmp_path: Path, align: int | None) -> None:
+    """Every alignment the writer takes, and headers as long as numpy's 64 dimensions make them."""
+    for save_format in ("npy", "safetensors"):
+        with AsyncWriter(tmp_path / save_format, save_format, engine="native", align=align) as opened:
+            for shape in [(), (0,), (7,), (1,) * 64, (2**40, 0), (123456789, 0, 987654321)]:
+                assert _assert_same(opened, "k", np.zeros(shape, "float32"))
+
+
+@pytest.mark.parametrize("save_format", ["npy", "safetensors"])
+def test_the_files_are_byte_for_byte_the_python_engines(tmp_path: Path, save_format: str) -> None:
+    values = {
+        "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
+        "b/c": np.arange(7, dtype=np.int16),
+        "b/d": torch.tensor(3.5, dtype=torch.float64),
+        "e": np.ones((2, 0, 3), dtype=bool),
+    }
+    for engine in ("native", "python"):
+        with AsyncWriter(tmp_path / engine, save_format, engine=engine) as opened:
+            opened.write("b/first", np.zeros(1))  # the folder's first write is checked in Python
+            for key, value in values.items():
+                handle = opened.write(key, value)
+                assert isinstance(handle, Handle) == (engine == "native")
+    for key in values:
+        native = (tmp_path / "native" / f"{key}.{save_format}").read_bytes()
+        assert native == (tmp_path / "python" / f"{key}.{save_format}").read_bytes()
+
+
+def test_statistics_count_plain_writes(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, "npy", engine="native") as opened:
+        handles = [opened.write(f"k{i}", np.zeros(100)) for i in range(50)]
+        assert all(isinstance(handle, Handle) for handle in handles)
+        opened.flush()
+        stats = opened.stats()
+    assert (stats.files, stats.writes, stats.errors) == (50, 50, 0)
+    assert stats.bytes == 50 * 800
+    assert stats.write_seconds > 0
+    assert stats.elapsed_seconds > 0
+
+
+def test_a_new_folder_that_is_a_symlink_is_refused_at_write(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    with AsyncWriter(root, "npy", engine="native") as opened:
+        opened.write("fine", np.zeros(2))
+        with pytest.raises(InvalidKeyError, match="symlink"):
+            opened.write("link/x", np.zeros(2))
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_failure_on_the_other_route_stops_plain_writes(tmp_path: Path) -> None:
+    """A write that went through the worker threads (a non-contiguous array is copied first) fails:
+    the next write raises that failure, though it is plain."""
+    (tmp_path / "x.npy").mkdir()  # the file cannot be renamed over a folder
+    opened = AsyncWriter(tmp_path, "npy", engine="native")
+    opened.write("fine", np.zeros(2)).result(timeout=10)
+    failed = opened.write("x", np.zeros((4, 4)).T)
+    assert not isinstance(failed, Handle)
+    failure = failed.exception(timeout=10)
+    assert isinstance(failure, OSError)
+    with pytest.raises(OSError, match=r"x\.npy") as raised:
+        opened.write("later", np.zeros(2))
+    assert raised.value is failure
+    with pytest.raises(OSError, match=r"x\.npy"):
+        opened.close()
+    assert not (tmp_path / "later.npy").exists()
+
+
+def test_keys_python_refuses_are_refused_the_same(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, "safetensors", engine="native") as opened:
+        for key in ["../x", "/abs", ".tensorsink/j", "a/", "a/.", "x" * 256, "a\x00b", "\ud800"]:
+            with pytest.raises(InvalidKeyError):
+                opened.write(key, np.zeros(2))
+        opened.write("a//./b", np.zeros(2)).result(timeout=10)  # Python normalises it: "a/b"
+    assert (tmp_path / "a" / "b.safetensors").exists()
+
+
+def test_close_while_another_thread_writes_loses_nothing(tmp_path: Path) -> None:
+    """A producer thread writing plain files, some waiting for room in a budget of 2, while close()
+    runs: every write is refused (WriterClosedError) or committed whole, and close() returns."""
+    opened = AsyncWriter(tmp_path, "npy", engine="native", max_inflight=2, durability="file")
+    handles: list[object] = []
+    started, refused = threading.Event(), threading.Event()
+
+    def produce() -> None:
+        try:
+            for i in range(100_000):
+                handles.append(opened.write(f"k{i % 500}", np.full(4096, i, dtype=np.int64)))
+                started.set()
+        except WriterClosedError:
+            refused.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    assert started.wait(10)
+    opened.close()
+    producer.join(30)
+    assert not producer.is_alive()
+    assert refused.is_set()
+    assert all(handle.done() for handle in handles)  # type: ignore[attr-defined]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    for path in tmp_path.glob("k*.npy"):
+        array = np.load(path)
+        assert (array == array[0]).all()
+
+
+def test_a_fresh_process_whose_first_write_is_plain_gets_its_result(tmp_path: Path) -> None:
+    """The handle's helpers (pathlib.Path, the callbacks' runner) are there for the first plain write
+    of a process, which runs no Python that could import them."""
+    child = (
+        "import sys, numpy as np\n"
+        "from tensorsink import AsyncWriter\n"
+        "with AsyncWriter(sys.argv[1], 'npy', engine='native') as w:\n"
+        "    handle = w.write('a', np.zeros(3))\n"
+        "    print(type(handle).__name__, handle.result(timeout=10))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"Handle [PosixPath('{tmp_path / 'a.npy'}')]"
