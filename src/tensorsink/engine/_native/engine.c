@@ -397,6 +397,7 @@ Batch *ready_batch(Engine *e, Py_ssize_t n, long long nbytes) {
         return NULL;
     }
     memset((char *)ticket + sizeof(PyObject), 0, sizeof(Ticket) - sizeof(PyObject));
+    PyObject_GC_UnTrack(paths); /* it holds str only, so no cycle: one write less for the collector */
     Py_INCREF(e);
     ticket->engine = e;
     ticket->paths = paths;

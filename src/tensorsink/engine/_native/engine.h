@@ -62,6 +62,7 @@ typedef struct Job {
 } Job;
 
 typedef struct Ticket Ticket;
+typedef struct Layout Layout;
 
 struct Batch {
     Batch *next; /* in the done queue, or the garbage */
@@ -132,6 +133,7 @@ typedef struct {
     char plain_token[24];        /* its temporaries' token (not the Python committer's) */
     uint64_t plain_counter;
     Table checked;               /* folders the caller's check found free of symlinks */
+    Layout *plain_layout;        /* the last dtype and shape's header and record tail */
     int plain_inside;            /* calls inside (budget_lock): close() waits for them */
     long long plain_calls;       /* its statistics: calls, seconds in them, seconds of those blocked, */
     double plain_seconds, plain_blocked, plain_first; /* and when the first began */

@@ -9,7 +9,6 @@
  * a property test holds the two to the same paths, temporaries' form, headers and records. */
 #include "engine.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,22 +51,28 @@ static void put(Text *t, const char *s, size_t n) {
 
 static void put_text(Text *t, const char *s) { put(t, s, strlen(s)); }
 
-/* printf() onto the text; what it formats here stays under 256 bytes (a short string and numbers). */
-static void put_format(Text *t, const char *format, ...) {
-    char small[256];
-    va_list args;
-    va_start(args, format);
-    int n = vsnprintf(small, sizeof small, format, args);
-    va_end(args);
-    if (n < 0 || (size_t)n >= sizeof small) { t->failed = 1; return; }
-    put(t, small, (size_t)n);
+/* A number in decimal (no printf on this path: its format parsing cost more than the rest of a plan). */
+static void put_int(Text *t, unsigned long long value) {
+    char digits[24];
+    int at = (int)sizeof digits;
+    do { digits[--at] = (char)('0' + value % 10); value /= 10; } while (value);
+    put(t, digits + at, sizeof digits - (size_t)at);
+}
+
+static void put_hex(Text *t, unsigned long long value) {
+    char digits[24];
+    int at = (int)sizeof digits;
+    do { digits[--at] = "0123456789abcdef"[value & 15]; value >>= 4; } while (value);
+    put(t, digits + at, sizeof digits - (size_t)at);
 }
 
 /* The shape as Python's repr() of a tuple writes it ("()", "(3,)", "(3, 4)"), or as JSON ("[3,4]"). */
 static void put_shape(Text *t, const Py_buffer *view, int json) {
     put_text(t, json ? "[" : "(");
-    for (int d = 0; d < view->ndim; d++)
-        put_format(t, d ? (json ? ",%zd" : ", %zd") : "%zd", view->shape[d]);
+    for (int d = 0; d < view->ndim; d++) {
+        if (d) put_text(t, json ? "," : ", ");
+        put_int(t, (unsigned long long)view->shape[d]);
+    }
     put_text(t, json ? "]" : (view->ndim == 1 ? ",)" : ")"));
 }
 
@@ -150,7 +155,9 @@ static size_t padded(size_t size, size_t alignment) { return (size + alignment -
 /* formats.npy.npy_header(): numpy's dict text, padded with spaces so the data starts at `alignment`. */
 static PyObject *npy_header(const Dtype *dtype, const Py_buffer *view, size_t alignment) {
     Text text = {0};
-    put_format(&text, "{'descr': '%s', 'fortran_order': False, 'shape': ", dtype->descr);
+    put_text(&text, "{'descr': '");
+    put_text(&text, dtype->descr);
+    put_text(&text, "', 'fortran_order': False, 'shape': ");
     put_shape(&text, view, 0);
     put_text(&text, ", }");
     if (text.failed) { free(text.data); return PyErr_NoMemory(); }
@@ -174,9 +181,13 @@ static PyObject *npy_header(const Dtype *dtype, const Py_buffer *view, size_t al
 /* formats.safetensors.safetensors_header() for one array named arr_0: the length, then the JSON. */
 static PyObject *safetensors_header(const Dtype *dtype, const Py_buffer *view, size_t alignment) {
     Text text = {0};
-    put_format(&text, "{\"__metadata__\":{\"format\":\"pt\"},\"arr_0\":{\"dtype\":\"%s\",\"shape\":", dtype->tag);
+    put_text(&text, "{\"__metadata__\":{\"format\":\"pt\"},\"arr_0\":{\"dtype\":\"");
+    put_text(&text, dtype->tag);
+    put_text(&text, "\",\"shape\":");
     put_shape(&text, view, 1);
-    put_format(&text, ",\"data_offsets\":[0,%zd]}}", view->len);
+    put_text(&text, ",\"data_offsets\":[0,");
+    put_int(&text, (unsigned long long)view->len);
+    put_text(&text, "]}}");
     if (text.failed) { free(text.data); return PyErr_NoMemory(); }
     size_t length = padded(8 + text.length, alignment) - 8;
     PyObject *header = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(8 + length));
@@ -188,6 +199,71 @@ static PyObject *safetensors_header(const Dtype *dtype, const Py_buffer *view, s
     }
     free(text.data);
     return header;
+}
+
+/* ---- Layouts -------------------------------------------------------------------------------------- */
+
+/* What a write's dtype and shape decide: its header, and its record's tail (after key and path). A
+ * stream's outputs mostly share them, so the last one is kept (the formats' lru_cache, in C). */
+struct Layout {
+    char format[16];
+    Py_ssize_t itemsize;
+    int ndim;
+    Py_ssize_t shape[PyBUF_MAX_NDIM];
+    PyObject *header; /* bytes */
+    Text tail;        /* the file's suffix, format and arrays: '.npy","format":"npy","arrays":[[...]]' */
+};
+
+static void layout_free(Layout *layout) {
+    if (!layout) return;
+    Py_XDECREF(layout->header);
+    free(layout->tail.data);
+    free(layout);
+}
+
+static int same_layout(const Layout *layout, const Py_buffer *view, const char *format) {
+    return layout && layout->itemsize == view->itemsize && layout->ndim == view->ndim &&
+           !strcmp(layout->format, format) &&
+           !memcmp(layout->shape, view->shape, (size_t)view->ndim * sizeof(Py_ssize_t));
+}
+
+/* The layout of the array `view` shows, for the engine's plain format (borrowed: valid until the
+ * next call); `*status` 1, or 0 (a dtype Python decides) or -1 (an exception set), with NULL. */
+static Layout *layout_of(Engine *e, const Py_buffer *view, int *status) {
+    const char *format = view->format ? view->format : "B";
+    *status = 1;
+    if (same_layout(e->plain_layout, view, format)) return e->plain_layout;
+    Dtype dtype;
+    *status = 0;
+    if (strlen(format) >= sizeof e->plain_layout->format || !plain_dtype(format, view->itemsize, &dtype) ||
+        (e->plain_format == PLAIN_SAFETENSORS && !dtype.tag))
+        return NULL;
+    *status = -1;
+    Layout *made = calloc(1, sizeof(Layout));
+    if (!made) { PyErr_NoMemory(); return NULL; }
+    strcpy(made->format, format);
+    made->itemsize = view->itemsize;
+    made->ndim = view->ndim;
+    memcpy(made->shape, view->shape, (size_t)view->ndim * sizeof(Py_ssize_t));
+    made->header = e->plain_format == PLAIN_NPY ? npy_header(&dtype, view, (size_t)e->plain_alignment)
+                                                : safetensors_header(&dtype, view, (size_t)e->plain_alignment);
+    put_text(&made->tail, SUFFIX[e->plain_format]); /* manifest.Journal.prefix(), after the path */
+    put_text(&made->tail, "\",\"format\":\"");
+    put_text(&made->tail, FORMAT_NAME[e->plain_format]);
+    put_text(&made->tail, "\",\"arrays\":[[\"arr_0\",\"");
+    put_text(&made->tail, dtype.name);
+    put_text(&made->tail, "\",");
+    put_shape(&made->tail, view, 1);
+    put_text(&made->tail, "]]");
+    if (!made->header || made->tail.failed) {
+        if (made->header) PyErr_NoMemory();
+        layout_free(made);
+        return NULL;
+    }
+    layout_free(e->plain_layout);
+    e->plain_layout = made;
+    *status = 1;
+    return made;
 }
 
 /* ---- One plain write ------------------------------------------------------------------------------- */
@@ -271,28 +347,26 @@ static int plan(Engine *e, PyObject *key, PyObject *value, Plain *p) {
     int viewed = plain_view(e, value, &p->view);
     if (viewed <= 0) { plain_clear(p); return viewed; }
     p->has_view = 1;
-    Dtype dtype;
-    if (!plain_dtype(p->view.format ? p->view.format : "B", p->view.itemsize, &dtype)) goto decline;
-    if (e->plain_format == PLAIN_NPY) {
-        p->header = npy_header(&dtype, &p->view, (size_t)e->plain_alignment);
-    } else {
-        if (!dtype.tag) goto decline;
-        p->header = safetensors_header(&dtype, &p->view, (size_t)e->plain_alignment);
+    int laid = 0;
+    Layout *layout = layout_of(e, &p->view, &laid);
+    if (laid <= 0) {
+        plain_clear(p);
+        return laid;
     }
-    if (!p->header) { plain_clear(p); return -1; }
+    p->header = Py_NewRef(layout->header);
     put(&p->temporary, p->final.data, p->directory_length);
     put_text(&p->temporary, "/.");
     put(&p->temporary, name, name_length < NAME_KEPT ? name_length : NAME_KEPT);
-    put_format(&p->temporary, ".tsink-%s%llx.partial", e->plain_token, (unsigned long long)e->plain_counter++);
+    put_text(&p->temporary, ".tsink-");
+    put_text(&p->temporary, e->plain_token);
+    put_hex(&p->temporary, e->plain_counter++);
+    put_text(&p->temporary, ".partial");
     if (e->journal >= 0) { /* manifest.Journal.prefix() */
         put_text(&p->record, "{\"key\":\"");
         put(&p->record, p->key, (size_t)p->key_length);
         put_text(&p->record, "\",\"path\":\"");
         put(&p->record, p->key, (size_t)p->key_length);
-        put_format(&p->record, "%s\",\"format\":\"%s\",\"arrays\":[[\"arr_0\",\"%s\",", suffix,
-                   FORMAT_NAME[e->plain_format], dtype.name);
-        put_shape(&p->record, &p->view, 1);
-        put_text(&p->record, "]]");
+        put(&p->record, layout->tail.data, layout->tail.length);
     }
     if (p->temporary.failed || p->record.failed) goto no_memory;
     return 1;
@@ -420,6 +494,8 @@ PyObject *Engine_plain(Engine *e, PyObject *args) {
     Py_XSETREF(e->ndarray_type, Py_NewRef(ndarray_type));
     strcpy(e->plain_token, token);
     e->plain_alignment = alignment;
+    layout_free(e->plain_layout); /* made for the format before */
+    e->plain_layout = NULL;
     /* A root of "/" makes paths that start "//", which the journal names otherwise: Python's. */
     e->plain_format = strcmp(e->root, "/") ? format : 0;
     Py_RETURN_NONE;
@@ -451,6 +527,8 @@ PyObject *Engine_folder_checked(Engine *e, PyObject *folder) {
 }
 
 void plain_free(Engine *e) {
+    layout_free(e->plain_layout);
+    e->plain_layout = NULL;
     if (e->checked.buckets) table_free(&e->checked);
     Py_CLEAR(e->tensor_type);
     Py_CLEAR(e->ndarray_type);
