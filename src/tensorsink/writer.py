@@ -24,7 +24,7 @@ from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
 from .commit import Committer, find_symlink, remove_private_folder, take_saved
-from .engine import Engine, FileJob, FileOutcome, PlainWrite, PythonEngine, engine_class
+from .engine import Engine, FileJob, FileOutcome, PlainRoute, PythonEngine, engine_class
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError, naming
 from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import Callbacks, WriteFuture, WriteHandle
@@ -134,12 +134,12 @@ class _Writer:
             and self._header_format
             and not self.options.upload_queue
         )
-        # write() of one host array in one call into the engine, where nothing asks Python per write
-        # (skip_existing's bookkeeping, progress lines); None where the engine has no such route.
+        # write() and write_batch() of host arrays in one call into the engine, where nothing asks
+        # Python per write (skip_existing's bookkeeping, progress lines); None where it has no such route.
         plain = self._ready_route and self._done is None and self.options.progress_seconds is None
-        self.write_plain: PlainWrite | None = None
+        self.plain: PlainRoute | None = None
         if engine is not None and plain:
-            self.write_plain = engine.open_plain(fmt)
+            self.plain = engine.open_plain(fmt)
         elif engine is not None:
             engine.plain_off()
 
@@ -782,9 +782,9 @@ class AsyncWriter:
         InvalidLayoutError (ValueError), UnsupportedValueError (TypeError), WriterClosedError
         (RuntimeError), or the first background failure, before anything is queued.
         """
-        plain = self._writer.write_plain
+        plain = self._writer.plain
         if plain is not None and not copy:  # one host array: one call into the engine, where it can
-            handle = plain(relative_path_no_ext, to_save)
+            handle = plain.write(relative_path_no_ext, to_save)
             if handle is not None:
                 return cast(WriteHandle, handle)
         return self._writer.write(relative_path_no_ext, to_save, copy=copy)
@@ -809,6 +809,11 @@ class AsyncWriter:
         (unless `allow_empty`), or writes elsewhere, fails its write with SaveFunctionError. One future
         for the whole batch; its result lists every file.
         """
+        plain = self._writer.plain
+        if plain is not None and save is None:  # one host array of samples: one call, where it can
+            handle = plain.write_batch(keys, batch)
+            if handle is not None:
+                return cast(WriteHandle, handle)
         return self._writer.write_batch(keys, batch, save=save, suffix=suffix, allow_empty=allow_empty)
 
     def is_done(self, key: str | os.PathLike[str]) -> bool:

@@ -43,14 +43,12 @@ _TORCH = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.i
 def writer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncWriter]:
     root = tmp_path_factory.mktemp(request.param)
     with AsyncWriter(root, request.param, engine="native", durability="none") as opened:
-        assert opened._writer.write_plain is not None
+        assert opened._writer.plain is not None
         yield opened
 
 
 def _c_plan(writer: AsyncWriter, key: object, value: object) -> tuple[str, str, bytes, bytes | None] | None:
-    """What the C route would queue, once the folder has passed the caller's check (as Python does)."""
-    if isinstance(key, str) and key.isascii():  # the only keys C takes
-        writer._engine.folder_checked(f"{writer._root}/{key}".rpartition("/")[0])
+    """What the C route would queue (it checks a new folder for symlinks itself)."""
     planned: tuple[str, str, bytes, bytes | None] | None = writer._engine._engine.plan_plain(key, value)
     return planned
 
@@ -171,16 +169,24 @@ def test_statistics_count_plain_writes(tmp_path: Path) -> None:
     assert stats.elapsed_seconds > 0
 
 
-def test_a_new_folder_that_is_a_symlink_is_refused_at_write(tmp_path: Path) -> None:
+def test_a_folder_with_a_symlink_on_the_way_is_refused_at_write(tmp_path: Path) -> None:
+    """C takes a new folder once it finds no symlink on the way (missing parts are fine); a link on
+    the way it leaves to Python, which raises."""
     (tmp_path / "elsewhere").mkdir()
     root = tmp_path / "root"
-    root.mkdir()
-    (root / "link").symlink_to(tmp_path / "elsewhere")
+    (root / "real").mkdir(parents=True)
+    (root / "real" / "link").symlink_to(tmp_path / "elsewhere")
     with AsyncWriter(root, "npy", engine="native") as opened:
-        opened.write("fine", np.zeros(2))
-        with pytest.raises(InvalidKeyError, match="symlink"):
-            opened.write("link/x", np.zeros(2))
+        assert isinstance(opened.write("real/new/deeper/x", np.zeros(2)), Handle)
+        assert isinstance(opened.write_batch(["real/a", "b/c"], np.zeros((2, 2))), Handle)
+        for key in ("real/link/x", "real/link/deeper/x"):
+            with pytest.raises(InvalidKeyError, match="symlink"):
+                opened.write(key, np.zeros(2))
+            with pytest.raises(InvalidKeyError, match="symlink"):
+                opened.write_batch(["fine", key], np.zeros((2, 2)))
     assert not list((tmp_path / "elsewhere").iterdir())
+    assert (root / "real" / "new" / "deeper" / "x.npy").exists()
+    assert not (root / "fine.npy").exists()
 
 
 def test_a_failure_on_the_other_route_stops_plain_writes(tmp_path: Path) -> None:
@@ -254,3 +260,53 @@ def test_a_fresh_process_whose_first_write_is_plain_gets_its_result(tmp_path: Pa
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"Handle [PosixPath('{tmp_path / 'a.npy'}')]"
+
+
+@pytest.mark.parametrize("save_format", ["npy", "safetensors"])
+@pytest.mark.parametrize("kind", ["tensor", "ndarray"])
+def test_a_batch_of_samples_is_one_call_and_python_engines_bytes(
+    tmp_path: Path, save_format: str, kind: str
+) -> None:
+    """write_batch(keys, array) with the samples along the first dimension: a file per sample, each
+    the bytes the Python engine writes, one handle listing them in order."""
+    batches = [torch.arange(60, dtype=torch.float32).reshape(5, 3, 4), torch.arange(5, dtype=torch.int16)]
+    for engine in ("native", "python"):
+        with AsyncWriter(tmp_path / engine, save_format, engine=engine) as opened:
+            for b, batch in enumerate(batches):
+                keys = [f"b{b}/s{i}" for i in range(5)]
+                handle = opened.write_batch(keys, batch if kind == "tensor" else batch.numpy())
+                assert isinstance(handle, Handle) == (engine == "native")
+                root = tmp_path / engine
+                assert handle.result(timeout=10) == [root / f"{key}.{save_format}" for key in keys]
+    for b in range(2):
+        for i in range(5):
+            name = f"b{b}/s{i}.{save_format}"
+            assert (tmp_path / "native" / name).read_bytes() == (tmp_path / "python" / name).read_bytes()
+
+
+def test_a_batch_python_refuses_is_refused_the_same(tmp_path: Path) -> None:
+    with AsyncWriter(tmp_path, "npy", engine="native") as opened:
+        with pytest.raises(InvalidKeyError, match="more than once"):
+            opened.write_batch(["a", "b", "a"], np.zeros((3, 2)))
+        with pytest.raises(InvalidKeyError, match="more than once"):
+            opened.write_batch(["a", "b", "./a"], np.zeros((3, 2)))
+        with pytest.raises(ValueError, match="3"):
+            opened.write_batch(["a", "b"], np.zeros((3, 2)))
+        with pytest.raises(InvalidKeyError):
+            opened.write_batch(["a", "../b"], np.zeros((2, 2)))
+        with pytest.raises(InvalidKeyError, match="one str"):
+            opened.write_batch("ab", np.zeros((2, 2)))
+        assert isinstance(opened.write_batch(("t0", "t1"), np.zeros((2, 2))), Handle)  # a tuple of keys
+    assert sorted(p.name for p in tmp_path.glob("*.npy")) == ["t0.npy", "t1.npy"]
+
+
+def test_a_batch_keeps_its_memory_until_written(tmp_path: Path) -> None:
+    """The samples are views of the batch's memory: the batch may be dropped at once."""
+    with AsyncWriter(tmp_path, "npy", engine="native") as opened:
+        handles = [
+            opened.write_batch([f"r{r}/{i}" for i in range(8)], torch.full((8, 1000), r)) for r in range(50)
+        ]
+    for handle in handles:
+        assert handle.exception() is None
+    for r in (0, 17, 49):
+        assert (np.load(tmp_path / f"r{r}" / "5.npy") == r).all()

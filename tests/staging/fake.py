@@ -19,7 +19,7 @@ def stage_on(writer: Any, stager: Stager) -> Stager:
     """Give `writer` a stager over the stand-in device. Its tensors are host tensors to everything but
     that stager, so the writer's plain route (host arrays, taken whole in C) is closed for it."""
     writer._stager = stager
-    writer._writer.write_plain = None
+    writer._writer.plain = None
     return stager
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from .base import Completion, Engine, FileJob, FileOutcome, PlainWrite
+from .base import Completion, Engine, FileJob, FileOutcome, PlainRoute
 from .python import PythonEngine
 
 __all__ = [
@@ -20,7 +20,7 @@ __all__ = [
     "Engine",
     "FileJob",
     "FileOutcome",
-    "PlainWrite",
+    "PlainRoute",
     "PythonEngine",
     "available_engines",
     "engine_class",

@@ -10,7 +10,17 @@ from ..formats import Buffer, Format
 from ..manifest import Journal
 from ..options import Durability
 
-__all__ = ["BudgetLike", "Completion", "Due", "Engine", "FileJob", "FileOutcome", "PlainWrite", "ReadyFile"]
+__all__ = [
+    "BudgetLike",
+    "Completion",
+    "Due",
+    "Engine",
+    "FileJob",
+    "FileOutcome",
+    "PlainRoute",
+    "PlainWrite",
+    "ReadyFile",
+]
 
 
 class FileJob(NamedTuple):
@@ -46,8 +56,16 @@ class FileOutcome(NamedTuple):
 Completion = Callable[[list[tuple[object, list[FileOutcome]]]], None]
 #: Called with a settled write_ready() handle and the done-callbacks added to it while it was pending.
 Due = Callable[[Any, list[Callable[[Any], object]]], None]
-#: The plain route's write(key, value): the write's handle, or None where Python decides the write.
+#: A plain route's call, write(key, value) or write_batch(keys, batch): the write's handle, or None
+#: where Python decides the write.
 PlainWrite = Callable[[object, object], Any]
+
+
+class PlainRoute(NamedTuple):
+    """write() and write_batch() of host arrays in one call into the engine (see open_plain)."""
+
+    write: PlainWrite
+    write_batch: PlainWrite
 
 
 class ReadyFile(NamedTuple):
@@ -137,11 +155,11 @@ class Engine(ABC):
         time.perf_counter() of the first)."""
         return 0, 0, 0, 0.0, 0, 0.0, (0, 0.0, 0.0, 0.0)
 
-    def open_plain(self, fmt: Format) -> PlainWrite | None:
+    def open_plain(self, fmt: Format) -> PlainRoute | None:
         """Open the plain route for `fmt`, where the engine has one for it: write(key, value) of one
-        host array in one call that runs no Python (see engine/_native/plain.c); the call returns the
-        write's handle, or None where Python must decide the write. None: no plain route (closed,
-        if it was open for another format)."""
+        host array, and write_batch(keys, batch) of one array of samples, each in one call that runs
+        no Python (see engine/_native/plain.c); a call returns the write's handle, or None where Python
+        must decide the write. None: no plain route (closed, if it was open for another format)."""
         return None
 
     def folder_checked(self, folder: str) -> None:

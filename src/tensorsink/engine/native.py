@@ -26,7 +26,7 @@ from ..options import Durability
 from ..staging.cudart import own_thread
 from ._native import Engine as _Native
 from ._native import Handle
-from .base import Completion, Due, Engine, FileJob, FileOutcome, PlainWrite
+from .base import Completion, Due, Engine, FileJob, FileOutcome, PlainRoute
 
 __all__ = ["Handle", "NativeEngine"]
 
@@ -97,15 +97,14 @@ class NativeEngine(Engine):
     def failure(self) -> BaseException | None:
         return self._engine.failure
 
-    def open_plain(self, fmt: Format) -> PlainWrite | None:
+    def open_plain(self, fmt: Format) -> PlainRoute | None:
         code = _PLAIN.get(type(fmt))
         if code is None:  # another format, or one wrapped: Python lays it out
             self._engine.plain_off()
             return None
         alignment = cast(NpyFormat | SafetensorsFormat, fmt).alignment
         self._engine.plain(code, alignment, torch.Tensor, np.ndarray, secrets.token_hex(4))
-        write_plain: PlainWrite = self._engine.write_plain
-        return write_plain
+        return PlainRoute(self._engine.write_plain, self._engine.write_plain_batch)
 
     def reserve(self, paths: list[str]) -> list[int]:
         numbers: list[int] = self._engine.reserve(paths)

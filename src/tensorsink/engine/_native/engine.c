@@ -662,6 +662,8 @@ static PyMethodDef Engine_methods[] = {
      "plan_plain(key, value): (final, temporary, header, record) as write_plain() would queue them, or None."},
     {"write_plain", (PyCFunction)(void (*)(void))Engine_write_plain, METH_FASTCALL,
      "write_plain(key, value): one host array's write in one call: its handle, or None (Python decides)."},
+    {"write_plain_batch", (PyCFunction)(void (*)(void))Engine_write_plain_batch, METH_FASTCALL,
+     "write_plain_batch(keys, batch): write_batch() of one host array, a file per sample: handle or None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -200,6 +200,7 @@ PyObject *Engine_plain_off(Engine *e, PyObject *args);
 PyObject *Engine_folder_checked(Engine *e, PyObject *folder);
 PyObject *Engine_plan_plain(Engine *e, PyObject *args);
 PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs);
+PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t nargs);
 void plain_free(Engine *e);
 
 /* handle.c: the ready route's handle type; wait for one (1 settled, 0 timed out, -1 error); its

@@ -9,9 +9,11 @@
  * a property test holds the two to the same paths, temporaries' form, headers and records. */
 #include "engine.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -266,26 +268,129 @@ static Layout *layout_of(Engine *e, const Py_buffer *view, int *status) {
     return made;
 }
 
-/* ---- One plain write ------------------------------------------------------------------------------- */
+/* ---- One file --------------------------------------------------------------------------------------- */
 
+/* A file of a plain write: its key, paths and journal record (empty without a journal). */
 typedef struct {
     const char *key;
     Py_ssize_t key_length;
-    Text final, temporary, record; /* record: empty without a journal */
+    Text final, temporary, record;
     size_t directory_length;
-    PyObject *header;
-    Py_buffer view;
-    int has_view;
-} Plain;
+} File;
 
-static void plain_clear(Plain *p) {
-    free(p->final.data);
-    free(p->temporary.data);
-    free(p->record.data);
-    Py_XDECREF(p->header);
-    if (p->has_view) PyBuffer_Release(&p->view);
-    memset(p, 0, sizeof *p);
+static void file_clear(File *f) {
+    free(f->final.data);
+    free(f->temporary.data);
+    free(f->record.data);
+    memset(f, 0, sizeof *f);
 }
+
+/* Whether the folder `folder` (under the root) has no symlink on the way to it: commit.find_symlink()
+ * found nothing (missing parts are fine). Any other answer, a link or an error, is Python's to raise. */
+static int free_of_symlinks(Engine *e, char *folder) {
+    size_t root_length = strlen(e->root);
+    for (char *at = folder + root_length + 1;; at++) {
+        char ending = *at;
+        if (ending != '/' && ending != '\0') continue;
+        *at = '\0';
+        struct stat status;
+        int found = lstat(folder, &status);
+        int missing = found != 0 && errno == ENOENT;
+        *at = ending;
+        if (missing) return 1;
+        if (found != 0 || S_ISLNK(status.st_mode)) return 0;
+        if (ending == '\0') return 1;
+    }
+}
+
+/* Whether plain writes may go into the folder of `f` (its final path cut at directory_length): the
+ * writer's check has seen it, or the same check here finds no symlink on the way (then it is kept). */
+static int folder_fit(Engine *e, File *f) {
+    if (e->follow_symlinks) return 1;
+    char *folder = f->final.data;
+    folder[f->directory_length] = '\0';
+    uint64_t h = hash_of(folder);
+    int fit = table_find(&e->checked, folder, h, 0) != NULL;
+    if (!fit && f->directory_length > strlen(e->root) && free_of_symlinks(e, folder))
+        fit = table_find(&e->checked, folder, h, 1) != NULL; /* out of memory: Python checks it again */
+    folder[f->directory_length] = '/';
+    return fit;
+}
+
+/* The file for `key` in the writer's format: 1 (f filled), 0 (Python decides; f cleared), or -1 with
+ * an exception set. `tail` is the layout's record tail. */
+static int plan_file(Engine *e, PyObject *key, const Layout *layout, File *f) {
+    memset(f, 0, sizeof *f);
+    if (!PyUnicode_CheckExact(key) || !PyUnicode_IS_ASCII(key)) return 0;
+    f->key = (const char *)PyUnicode_DATA(key);
+    f->key_length = PyUnicode_GET_LENGTH(key);
+    if (!plain_key(f->key, f->key_length)) return 0;
+    put_text(&f->final, e->root);
+    put_text(&f->final, "/");
+    put(&f->final, f->key, (size_t)f->key_length);
+    put_text(&f->final, SUFFIX[e->plain_format]);
+    if (f->final.failed) goto no_memory;
+    const char *name = strrchr(f->final.data, '/') + 1;
+    f->directory_length = (size_t)(name - 1 - f->final.data);
+    size_t name_length = strlen(name);
+    if (name_length > NAME_MAX_BYTES || f->final.length > PATH_MAX_BYTES - TEMPORARY_EXTRA ||
+        strstr(name, ".partial") || !folder_fit(e, f))
+        goto decline;
+    put(&f->temporary, f->final.data, f->directory_length);
+    put_text(&f->temporary, "/.");
+    put(&f->temporary, name, name_length < NAME_KEPT ? name_length : NAME_KEPT);
+    put_text(&f->temporary, ".tsink-");
+    put_text(&f->temporary, e->plain_token);
+    put_hex(&f->temporary, e->plain_counter++);
+    put_text(&f->temporary, ".partial");
+    if (e->journal >= 0) { /* manifest.Journal.prefix() */
+        put_text(&f->record, "{\"key\":\"");
+        put(&f->record, f->key, (size_t)f->key_length);
+        put_text(&f->record, "\",\"path\":\"");
+        put(&f->record, f->key, (size_t)f->key_length);
+        put(&f->record, layout->tail.data, layout->tail.length);
+    }
+    if (f->temporary.failed || f->record.failed) goto no_memory;
+    return 1;
+no_memory:
+    file_clear(f);
+    PyErr_NoMemory();
+    return -1;
+decline:
+    file_clear(f);
+    return 0;
+}
+
+/* Hand `f` and its buffers to job i of `batch` (its paths, key, header and payload views): 0, or -1
+ * with an exception set. The payload view becomes the job's, and f's texts too, on success. */
+static int fill_file_job(Engine *e, Batch *batch, Py_ssize_t i, File *f, PyObject *header, Py_buffer *payload) {
+    Job *job = &batch->jobs[i];
+    PyObject *path = PyUnicode_FromStringAndSize(f->final.data, (Py_ssize_t)f->final.length);
+    if (!path) return -1;
+    PyList_SET_ITEM(batch->ticket->paths, i, path);
+    job->views = PyMem_RawCalloc(2, sizeof(Py_buffer));
+    job->key = malloc((size_t)f->key_length + 1);
+    if (!job->views || !job->key) { PyErr_NoMemory(); return -1; }
+    if (PyObject_GetBuffer(header, &job->views[0], PyBUF_SIMPLE) != 0) return -1;
+    job->nviews = 1;
+    memcpy(job->key, f->key, (size_t)f->key_length);
+    job->key[f->key_length] = '\0';
+    job->views[job->nviews++] = *payload;
+    job->final = f->final.data;
+    job->temporary = f->temporary.data;
+    job->directory_length = f->directory_length;
+    job->payload = (uint64_t)payload->len;
+    job->checksum = e->journal >= 0;
+    if (e->journal >= 0) {
+        job->record = f->record.data;
+        job->record_length = f->record.length;
+        f->record.data = NULL;
+    }
+    f->final.data = f->temporary.data = NULL;
+    return 0;
+}
+
+/* ---- Plain writes ---------------------------------------------------------------------------------- */
 
 /* The array's bytes as a C-contiguous view, for an exact torch.Tensor (through .numpy(), which refuses
  * device, autograd, lazy conjugate and bfloat16 tensors) or numpy.ndarray: 1; 0 if it is none of those
@@ -318,123 +423,20 @@ static int plain_view(Engine *e, PyObject *value, Py_buffer *view) {
     return 1;
 }
 
-/* Plan write(key, value) as the plain route takes it: 1 (p filled), 0 (Python decides; p cleared),
- * or -1 with an exception set. */
-static int plan(Engine *e, PyObject *key, PyObject *value, Plain *p) {
-    memset(p, 0, sizeof *p);
-    if (!PyUnicode_CheckExact(key) || !PyUnicode_IS_ASCII(key)) return 0;
-    p->key = (const char *)PyUnicode_DATA(key);
-    p->key_length = PyUnicode_GET_LENGTH(key);
-    if (!plain_key(p->key, p->key_length)) return 0;
-    const char *suffix = SUFFIX[e->plain_format];
-    put_text(&p->final, e->root);
-    put_text(&p->final, "/");
-    put(&p->final, p->key, (size_t)p->key_length);
-    put_text(&p->final, suffix);
-    if (p->final.failed) goto no_memory;
-    const char *name = strrchr(p->final.data, '/') + 1;
-    p->directory_length = (size_t)(name - 1 - p->final.data);
-    size_t name_length = strlen(name);
-    if (name_length > NAME_MAX_BYTES || p->final.length > PATH_MAX_BYTES - TEMPORARY_EXTRA ||
-        strstr(name, ".partial"))
-        goto decline;
-    if (!e->follow_symlinks) {
-        p->final.data[p->directory_length] = '\0';
-        Slot *seen = table_find(&e->checked, p->final.data, hash_of(p->final.data), 0);
-        p->final.data[p->directory_length] = '/';
-        if (!seen) goto decline;
-    }
-    int viewed = plain_view(e, value, &p->view);
-    if (viewed <= 0) { plain_clear(p); return viewed; }
-    p->has_view = 1;
-    int laid = 0;
-    Layout *layout = layout_of(e, &p->view, &laid);
-    if (laid <= 0) {
-        plain_clear(p);
-        return laid;
-    }
-    p->header = Py_NewRef(layout->header);
-    put(&p->temporary, p->final.data, p->directory_length);
-    put_text(&p->temporary, "/.");
-    put(&p->temporary, name, name_length < NAME_KEPT ? name_length : NAME_KEPT);
-    put_text(&p->temporary, ".tsink-");
-    put_text(&p->temporary, e->plain_token);
-    put_hex(&p->temporary, e->plain_counter++);
-    put_text(&p->temporary, ".partial");
-    if (e->journal >= 0) { /* manifest.Journal.prefix() */
-        put_text(&p->record, "{\"key\":\"");
-        put(&p->record, p->key, (size_t)p->key_length);
-        put_text(&p->record, "\",\"path\":\"");
-        put(&p->record, p->key, (size_t)p->key_length);
-        put(&p->record, layout->tail.data, layout->tail.length);
-    }
-    if (p->temporary.failed || p->record.failed) goto no_memory;
-    return 1;
-no_memory:
-    plain_clear(p);
-    PyErr_NoMemory();
-    return -1;
-decline:
-    plain_clear(p);
-    return 0;
-}
-
 /* The plain route is open for this call: configured, not failed, not closed, in its own process. */
 static int plain_open(Engine *e) {
     return e->plain_format && !e->failed && !e->closed && e->threads && e->pid == getpid();
 }
 
-/* write_plain(key, value): the write's handle, or None where the plain route does not decide it. */
-PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 2) {
-        PyErr_Format(PyExc_TypeError, "write_plain() takes a key and a value (%zd given)", nargs);
-        return NULL;
-    }
-    if (!plain_open(e)) Py_RETURN_NONE;
-    double start = monotonic_seconds();
-    Plain p;
-    int planned = plan(e, args[0], args[1], &p);
-    if (planned <= 0) {
-        if (planned == 0) Py_RETURN_NONE;
-        return NULL;
-    }
-    collect_garbage(e);
-    long long nbytes = (long long)p.view.len;
-    Batch *batch = ready_batch(e, 1, nbytes);
-    if (!batch) { plain_clear(&p); return NULL; }
-    Job *job = &batch->jobs[0];
-    PyObject *path = PyUnicode_FromStringAndSize(p.final.data, (Py_ssize_t)p.final.length);
-    job->views = PyMem_RawCalloc(2, sizeof(Py_buffer));
-    job->key = malloc((size_t)p.key_length + 1);
-    if (path) PyList_SET_ITEM(batch->ticket->paths, 0, path);
-    if (!path || !job->views || !job->key || PyObject_GetBuffer(p.header, &job->views[0], PyBUF_SIMPLE) != 0) {
-        free_batch(batch);
-        plain_clear(&p);
-        return PyErr_Occurred() ? NULL : PyErr_NoMemory();
-    }
-    job->nviews = 1;
-    memcpy(job->key, p.key, (size_t)p.key_length);
-    job->key[p.key_length] = '\0';
-    job->views[job->nviews++] = p.view; /* the job's now: released with it */
-    p.has_view = 0;
-    job->final = p.final.data;
-    job->temporary = p.temporary.data;
-    job->directory_length = p.directory_length;
-    job->payload = (uint64_t)nbytes;
-    job->checksum = e->journal >= 0;
-    if (e->journal >= 0) {
-        job->record = p.record.data;
-        job->record_length = p.record.length;
-        p.record.data = NULL;
-    }
-    p.final.data = p.temporary.data = NULL;
-    plain_clear(&p);
+/* Queue a filled batch, unless a close() got in meanwhile (code that .numpy() ran may let one in):
+ * the handle, None (the batch freed: Python decides, and refuses) or NULL with an exception set. */
+static PyObject *queue_plain(Engine *e, Batch *batch, double start) {
     pthread_mutex_lock(&e->budget_lock);
     e->plain_inside++; /* before asking again: plain_off(wait=True) waits for it from here on */
     pthread_mutex_unlock(&e->budget_lock);
     PyObject *handle = NULL;
     double waited = 0;
-    int open = plain_open(e); /* code that .numpy() ran may have let a close() in */
+    int open = plain_open(e);
     if (open)
         handle = queue_ready(e, batch, &waited);
     else
@@ -449,22 +451,120 @@ PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     return handle;
 }
 
+/* write_plain(key, value): the write's handle, or None where the plain route does not decide it. */
+PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "write_plain() takes a key and a value (%zd given)", nargs);
+        return NULL;
+    }
+    if (!plain_open(e)) Py_RETURN_NONE;
+    double start = monotonic_seconds();
+    Py_buffer view;
+    int status = plain_view(e, args[1], &view);
+    if (status <= 0) return status < 0 ? NULL : Py_NewRef(Py_None);
+    Layout *layout = layout_of(e, &view, &status);
+    File f;
+    if (status > 0) status = plan_file(e, args[0], layout, &f);
+    if (status <= 0) {
+        PyBuffer_Release(&view);
+        return status < 0 ? NULL : Py_NewRef(Py_None);
+    }
+    collect_garbage(e);
+    Batch *batch = ready_batch(e, 1, (long long)view.len);
+    if (!batch || fill_file_job(e, batch, 0, &f, layout->header, &view) != 0) { /* the view not taken */
+        if (batch) free_batch(batch);
+        PyBuffer_Release(&view);
+        file_clear(&f);
+        return NULL;
+    }
+    file_clear(&f);
+    return queue_plain(e, batch, start);
+}
+
+/* write_plain_batch(keys, batch): write_batch(keys, batch) of one array whose first dimension indexes
+ * the samples, each sample a file: the handle, or None where the plain route does not decide it. */
+PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_Format(PyExc_TypeError, "write_plain_batch() takes keys and a batch (%zd given)", nargs);
+        return NULL;
+    }
+    PyObject *keys = args[0];
+    if (!plain_open(e) || !(PyList_CheckExact(keys) || PyTuple_CheckExact(keys))) Py_RETURN_NONE;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(keys);
+    if (n == 0) Py_RETURN_NONE;
+    double start = monotonic_seconds();
+    Py_buffer view;
+    int status = plain_view(e, args[1], &view);
+    if (status <= 0) return status < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *out = Py_None;
+    Batch *batch = NULL;
+    Table finals = {0};
+    File f = {0};
+    if (view.ndim < 1 || view.shape[0] != n) goto done; /* Python says what is wrong */
+    Py_buffer sample = view; /* what one sample's file holds: the shape after the first dimension */
+    sample.ndim = view.ndim - 1;
+    sample.shape = view.shape + 1;
+    sample.len = view.len / n;
+    Layout *layout = layout_of(e, &sample, &status);
+    if (status <= 0) { out = status < 0 ? NULL : Py_None; goto done; }
+    if (table_init(&finals, (size_t)n * 2 + 1) != 0) { out = PyErr_NoMemory(); goto done; }
+    if (!(batch = ready_batch(e, n, (long long)view.len))) { out = NULL; goto done; }
+    PyObject *header = Py_NewRef(layout->header); /* the layout is only borrowed */
+    collect_garbage(e);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        status = plan_file(e, PySequence_Fast_GET_ITEM(keys, i), layout, &f);
+        if (status > 0 && table_find(&finals, f.final.data, hash_of(f.final.data), 0)) status = 0; /* twice */
+        if (status > 0 && !table_find(&finals, f.final.data, hash_of(f.final.data), 1)) {
+            PyErr_NoMemory();
+            status = -1;
+        }
+        Py_buffer payload;
+        if (status > 0 && PyObject_GetBuffer(view.obj, &payload, PyBUF_SIMPLE) != 0) status = -1;
+        if (status <= 0) break;
+        payload.buf = (char *)payload.buf + i * sample.len; /* this sample's rows */
+        payload.len = sample.len;
+        if (fill_file_job(e, batch, i, &f, header, &payload) != 0) {
+            PyBuffer_Release(&payload);
+            status = -1;
+            break;
+        }
+        file_clear(&f);
+    }
+    Py_DECREF(header);
+    if (status <= 0) {
+        file_clear(&f);
+        free_batch(batch);
+        out = status < 0 ? NULL : Py_None;
+        goto done;
+    }
+    table_free(&finals);
+    PyBuffer_Release(&view);
+    return queue_plain(e, batch, start);
+done:
+    table_free(&finals);
+    PyBuffer_Release(&view);
+    Py_XINCREF(out);
+    return out;
+}
+
 /* plan_plain(key, value): (final, temporary, header, record | None) as write_plain() would queue them,
  * or None where it would leave the write to Python; queues nothing (a temporary's number is used up). */
 PyObject *Engine_plan_plain(Engine *e, PyObject *args) {
     PyObject *key, *value;
     if (!PyArg_ParseTuple(args, "OO", &key, &value)) return NULL;
     if (!plain_open(e)) Py_RETURN_NONE;
-    Plain p;
-    int planned = plan(e, key, value, &p);
-    if (planned <= 0) {
-        if (planned == 0) Py_RETURN_NONE;
-        return NULL;
-    }
-    PyObject *record = e->journal >= 0 ? PyBytes_FromStringAndSize(p.record.data, (Py_ssize_t)p.record.length)
+    Py_buffer view;
+    int status = plain_view(e, value, &view);
+    if (status <= 0) return status < 0 ? NULL : Py_NewRef(Py_None);
+    Layout *layout = layout_of(e, &view, &status);
+    File f;
+    if (status > 0) status = plan_file(e, key, layout, &f);
+    PyBuffer_Release(&view);
+    if (status <= 0) return status < 0 ? NULL : Py_NewRef(Py_None);
+    PyObject *record = e->journal >= 0 ? PyBytes_FromStringAndSize(f.record.data, (Py_ssize_t)f.record.length)
                                        : Py_NewRef(Py_None);
-    PyObject *out = record ? Py_BuildValue("(ssON)", p.final.data, p.temporary.data, p.header, record) : NULL;
-    plain_clear(&p);
+    PyObject *out = record ? Py_BuildValue("(ssON)", f.final.data, f.temporary.data, layout->header, record) : NULL;
+    file_clear(&f);
     return out;
 }
 
