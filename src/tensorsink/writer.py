@@ -136,7 +136,13 @@ class _Writer:
         )
         # write() and write_batch() of host arrays in one call into the engine, where nothing asks
         # Python per write (skip_existing's bookkeeping, progress lines); None where it has no such route.
-        plain = self._ready_route and self._done is None and self.options.progress_seconds is None
+        plain = (
+            engine is not None
+            and engine.ready_route
+            and not self.options.upload_queue
+            and self._done is None
+            and self.options.progress_seconds is None
+        )
         self.plain: PlainRoute | None = None
         if engine is not None and plain:
             self.plain = engine.open_plain(fmt)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import threading
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +22,13 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from tensorsink import AsyncWriter, WriterClosedError
+from tensorsink.arrays import dtype_name
 from tensorsink.commit import is_temporary
 from tensorsink.errors import InvalidKeyError, InvalidLayoutError, UnsupportedValueError
 from tensorsink.formats import HeaderFormat
-from tensorsink.manifest import arrays_of
-from tensorsink.options import DictMode
+from tensorsink.formats.pt import PtFormat, pt_template
+from tensorsink.manifest import arrays_of, verify
+from tensorsink.options import DictMode, SaveFormat
 from tensorsink.plan import plan_files, validate_key
 
 pytest.importorskip("tensorsink.engine.native", reason="the native engine was not built")
@@ -39,7 +42,7 @@ _TORCH = [torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.i
           torch.bfloat16, torch.float32, torch.float64, torch.complex64]  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["npy", "safetensors"])
+@pytest.fixture(scope="module", params=["npy", "safetensors", "pt"])
 def writer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncWriter]:
     root = tmp_path_factory.mktemp(request.param)
     with AsyncWriter(root, request.param, engine="native", durability="none") as opened:
@@ -56,16 +59,22 @@ def _c_plan(writer: AsyncWriter, key: object, value: object) -> tuple[str, str, 
 def _python_plan(writer: AsyncWriter, key: object, value: object) -> tuple[str, bytes, bytes] | str:
     """What the Python plan makes of the same write: path, header, record; or why it would not."""
     fmt = writer._format
-    assert isinstance(fmt, HeaderFormat)
     try:
         name = validate_key(key)
         (entry,) = plan_files(writer._root, name, value, fmt, DictMode.SINGLE)
     except (InvalidKeyError, InvalidLayoutError, UnsupportedValueError) as refused:
         return f"refused: {refused}"
+    record = writer._journal.prefix(name, entry.path, fmt.save_format.value, arrays_of(entry))
+    if not isinstance(fmt, HeaderFormat):  # .pt: its archive up to the storage, the rest per file
+        (array,) = entry.arrays
+        template = pt_template(dtype_name(array), tuple(array.shape))
+        if template is None:
+            return "no template"
+        whole = b"".join(bytes(buffer) for buffer in fmt.encode(entry))
+        return entry.path, whole[: len(template.head)], record
     buffers = fmt.encode_plain(entry)
     if buffers is None:
         return "needs a copy"
-    record = writer._journal.prefix(name, entry.path, fmt.save_format.value, arrays_of(entry))
     return entry.path, bytes(buffers[0]), record
 
 
@@ -123,10 +132,11 @@ def test_c_takes_a_write_only_as_python_would(writer: AsyncWriter, key: str, val
 )
 def test_c_takes_every_plain_write(writer: AsyncWriter, key: str, dtype: str, shape: tuple[int, ...]) -> None:
     """A plain key with a contiguous host array of a dtype the format stores is C's whole: it never
-    leaves the common case to Python."""
-    assert _assert_same(writer, key, np.zeros(shape, dtype))
+    leaves the common case to Python (but an empty .pt, whose archive has another layout)."""
+    taken = not (writer.save_format is SaveFormat.PYTORCH_PT and 0 in shape)
+    assert _assert_same(writer, key, np.zeros(shape, dtype)) == taken
     if dtype != "uint16":  # torch's uint16 has no numpy() on every release
-        assert _assert_same(writer, key, torch.zeros(shape, dtype=getattr(torch, dtype)))
+        assert _assert_same(writer, key, torch.zeros(shape, dtype=getattr(torch, dtype))) == taken
 
 
 @pytest.mark.parametrize("align", [None, 64, 4096])
@@ -138,23 +148,29 @@ def test_long_headers_and_alignments_match(tmp_path: Path, align: int | None) ->
                 assert _assert_same(opened, "k", np.zeros(shape, "float32"))
 
 
-@pytest.mark.parametrize("save_format", ["npy", "safetensors"])
+@pytest.mark.parametrize("save_format", ["npy", "safetensors", "pt"])
 def test_the_files_are_byte_for_byte_the_python_engines(tmp_path: Path, save_format: str) -> None:
     values = {
         "a": torch.arange(12, dtype=torch.float32).reshape(3, 4),
         "b/c": np.arange(7, dtype=np.int16),
         "b/d": torch.tensor(3.5, dtype=torch.float64),
         "e": np.ones((2, 0, 3), dtype=bool),
+        "f": torch.randn(2, 1, 3, dtype=torch.complex64),
+        "g": torch.randint(0, 255, (5, 1), dtype=torch.uint8),
+        "h": torch.arange(40, dtype=torch.float16).reshape(2, 20)[:, 5:15].contiguous(),
+        "i": torch.arange(24).reshape(2, 3, 4)[1],  # a view into a larger storage
     }
     for engine in ("native", "python"):
         with AsyncWriter(tmp_path / engine, save_format, engine=engine) as opened:
             opened.write("b/first", np.zeros(1))  # the folder's first write is checked in Python
             for key, value in values.items():
                 handle = opened.write(key, value)
-                assert isinstance(handle, Handle) == (engine == "native")
+                empty_pt = save_format == "pt" and key == "e"  # another archive layout: Python's
+                assert isinstance(handle, Handle) == (engine == "native" and not empty_pt)
     for key in values:
         native = (tmp_path / "native" / f"{key}.{save_format}").read_bytes()
-        assert native == (tmp_path / "python" / f"{key}.{save_format}").read_bytes()
+        assert native == (tmp_path / "python" / f"{key}.{save_format}").read_bytes(), key
+    assert verify(tmp_path / "native").ok
 
 
 def test_statistics_count_plain_writes(tmp_path: Path) -> None:
@@ -262,7 +278,7 @@ def test_a_fresh_process_whose_first_write_is_plain_gets_its_result(tmp_path: Pa
     assert done.stdout.strip() == f"Handle [PosixPath('{tmp_path / 'a.npy'}')]"
 
 
-@pytest.mark.parametrize("save_format", ["npy", "safetensors"])
+@pytest.mark.parametrize("save_format", ["npy", "safetensors", "pt"])
 @pytest.mark.parametrize("kind", ["tensor", "ndarray"])
 def test_a_batch_of_samples_is_one_call_and_python_engines_bytes(
     tmp_path: Path, save_format: str, kind: str
@@ -310,3 +326,42 @@ def test_a_batch_keeps_its_memory_until_written(tmp_path: Path) -> None:
         assert handle.exception() is None
     for r in (0, 17, 49):
         assert (np.load(tmp_path / f"r{r}" / "5.npy") == r).all()
+
+
+def test_a_pt_tensor_whose_strides_are_not_plain_is_left_to_python(tmp_path: Path) -> None:
+    """A .pt records the strides: one of size 1 with another stride than a fresh tensor's would not
+    match the template, so Python writes it (as torch.save would)."""
+    odd = torch.rand(3, 1, 4).transpose(0, 1)  # shape (1, 3, 4), strides (4, 4, 1)
+    assert odd.is_contiguous()
+    with AsyncWriter(tmp_path, "pt", engine="native") as opened:
+        assert not isinstance(opened.write("odd", odd), Handle)
+        assert isinstance(opened.write("plain", odd.clone(memory_format=torch.contiguous_format)), Handle)
+    loaded = torch.load(tmp_path / "odd.pt", weights_only=True)
+    assert loaded.stride() == odd.stride()
+    assert torch.equal(loaded, odd)
+    assert torch.equal(torch.load(tmp_path / "plain.pt", weights_only=True), odd)
+
+
+@given(
+    dtype=st.sampled_from([torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
+                           torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128]),
+    shape=st.lists(st.integers(1, 4), max_size=4).map(tuple),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_a_pt_file_is_torch_saves_own_bytes(
+    tmp_path_factory: pytest.TempPathFactory, dtype: torch.dtype, shape: tuple[int, ...], seed: int
+) -> None:
+    """The archive filled in C once the storage's CRC is known: the bytes tensorsink's .pt writer
+    makes in Python, whose layout is torch.save's, loadable and whole to zipfile."""
+    tensor = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 100).to(dtype)
+    root = tmp_path_factory.mktemp("pt")
+    with AsyncWriter(root, "pt", engine="native", durability="none") as opened:
+        assert isinstance(opened.write("t", tensor), Handle)
+    written = (root / "t.pt").read_bytes()
+    fmt = PtFormat()
+    (entry,) = plan_files(str(root), "t", tensor, fmt, DictMode.SINGLE)
+    buffers, _ = fmt.encode_with_crc(entry)
+    assert written == b"".join(bytes(buffer) for buffer in buffers)
+    assert zipfile.ZipFile(root / "t.pt").testzip() is None
+    assert torch.equal(torch.load(root / "t.pt", weights_only=True), tensor)
+    assert verify(root).ok

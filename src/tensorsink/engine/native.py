@@ -20,7 +20,8 @@ import torch
 
 from ..commit import find_symlink
 from ..errors import SymlinkError, naming
-from ..formats import Format, NpyFormat, SafetensorsFormat
+from ..formats import Format, NpyFormat, PtFormat, SafetensorsFormat
+from ..formats.pt import pt_template
 from ..manifest import Journal
 from ..options import Durability
 from ..staging.cudart import own_thread
@@ -33,10 +34,8 @@ __all__ = ["Handle", "NativeEngine"]
 log = logging.getLogger("tensorsink")
 _DURABILITY = {Durability.NONE: 0, Durability.FILE: 1, Durability.FULL: 2}
 _REAP_SECONDS = 0.5  # how long the reaper sleeps in C between looks at whether it should stop
-_PLAIN: dict[type[Format], int] = {
-    NpyFormat: 1,
-    SafetensorsFormat: 2,
-}  # plain.c's names for the formats it lays out itself
+#: The formats plain.c lays out itself, by its names for them.
+_PLAIN: dict[type[Format], int] = {NpyFormat: 1, SafetensorsFormat: 2, PtFormat: 3}
 
 
 class _Budget:
@@ -102,8 +101,12 @@ class NativeEngine(Engine):
         if code is None:  # another format, or one wrapped: Python lays it out
             self._engine.plain_off()
             return None
-        alignment = cast(NpyFormat | SafetensorsFormat, fmt).alignment
-        self._engine.plain(code, alignment, torch.Tensor, np.ndarray, secrets.token_hex(4))
+        token = secrets.token_hex(4)
+        if isinstance(fmt, PtFormat):  # its archive is laid out by a template made once per dtype and shape
+            self._engine.plain(code, 1, torch.Tensor, np.ndarray, token, pt_template)
+        else:
+            alignment = cast(NpyFormat | SafetensorsFormat, fmt).alignment
+            self._engine.plain(code, alignment, torch.Tensor, np.ndarray, token)
         return PlainRoute(self._engine.write_plain, self._engine.write_plain_batch)
 
     def reserve(self, paths: list[str]) -> list[int]:

@@ -17,6 +17,7 @@ __all__ = [
     "Format",
     "HeaderFormat",
     "NpyFormat",
+    "PtFormat",
     "SafetensorsFormat",
     "format_for",
     "write_buffers",

@@ -12,9 +12,11 @@ records'); the one gathered write does the rest.
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import struct
 from collections.abc import Callable
+from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +28,7 @@ from ..checksum import crc32, crc32_combine
 from ..options import SaveFormat
 from .base import Buffer, BufferFormat, Container, FileEntry, check_zip, zip_end_records
 
-__all__ = ["PtFormat"]
+__all__ = ["PtFormat", "PtTemplate", "pt_template"]
 
 _ARCHIVE = b"archive/"  # the folder torch's writer uses for a file object (it names no path)
 _VERSION_RECORD = b"3\n"  # the format version torch.save's writer records (kProducedFileFormatVersion)
@@ -94,6 +96,96 @@ class _RecordWriter:
         """Add the two records torch's writer appends on its own when it closes."""
         self.write_record("version", _VERSION_RECORD.decode(), len(_VERSION_RECORD))
         self.write_record(".data/serialization_id", _serialization_id(self.records), 40)
+
+
+class _Payload:
+    """Stands in for a storage's bytes where only their length matters (a template's layout)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+
+class _TemplateRecords(_RecordWriter):
+    """The records of a tensor's .pt with its storage's bytes and CRC left out (neither is read)."""
+
+    def write_record(self, name: str, data: str | bytes | int | torch.UntypedStorage, nbytes: int) -> None:
+        if isinstance(data, (torch.UntypedStorage, int)):
+            self.records.append(_Record(_ARCHIVE + name.encode("utf-8"), _Payload(nbytes), 0))  # type: ignore[arg-type]
+        else:
+            super().write_record(name, data, nbytes)
+
+
+class PtTemplate(NamedTuple):
+    """A plain tensor's .pt less what its bytes decide: the archive up to its storage (`head`), the
+    archive after it (`tail`) with room for the storage's CRC (at `payload_crc_at`: its descriptor and
+    its central entry), for the second half of the serialization id (20 digits at `id_at`: the hash of
+    `seed` with the storage's CRC, then with each of `crcs_after`), and for that id record's CRC (at
+    `id_crc_at`). The native engine fills it once it has the CRC (engine/_native/plain.c)."""
+
+    head: bytes
+    tail: bytes
+    head_crc: int
+    seed: int
+    crcs_after: tuple[int, ...]
+    payload_crc_at: tuple[int, int]
+    id_at: int
+    id_crc_at: tuple[int, int]
+
+
+_ID_HOLE = b"#" * 20  # the id's CRC half, in a template: no header or small record holds 20 of these
+
+
+@lru_cache(maxsize=64)
+def pt_template(dtype_name: str, shape: tuple[int, ...]) -> PtTemplate | None:
+    """The template of the .pt that PtFormat writes for a C-contiguous tensor of this dtype and shape,
+    or None (no such dtype, no elements, or a torch whose pickling tensorsink cannot follow)."""
+    dtype = getattr(torch, dtype_name, None)
+    if not isinstance(dtype, torch.dtype) or math.prod(shape) == 0 or _torch_save_records is None:
+        return None
+    records = _TemplateRecords({})
+    _torch_save_records(
+        torch.empty(shape, dtype=dtype), records, pickle, torch.serialization.DEFAULT_PROTOCOL, False
+    )
+    records.write_record("version", _VERSION_RECORD.decode(), len(_VERSION_RECORD))
+    (payload,) = [i for i, record in enumerate(records.records) if isinstance(record.data, _Payload)]
+    names = 0
+    seed = 0
+    for i, record in enumerate(records.records):
+        names = _hash_combine(names, crc32(record.name))
+        if i < payload:
+            seed = _hash_combine(seed, record.crc)
+    hole = f"{names:020d}".encode() + _ID_HOLE
+    listed = [*records.records, _Record(_ARCHIVE + b".data/serialization_id", hole, 0)]
+    buffers, _ = _zip(listed, records.alignment())
+    if len(buffers) != 3 or not isinstance(buffers[1], _Payload):  # not the layout torch.save had
+        return None
+    head, _, tail = (bytes(buffer) if not isinstance(buffer, _Payload) else b"" for buffer in buffers)
+    id_at = tail.index(_ID_HOLE)
+    entries = _central_entries(tail, len(listed))
+    return PtTemplate(
+        head,
+        tail.replace(_ID_HOLE, b"0" * len(_ID_HOLE)),
+        crc32(head),
+        seed,
+        tuple(record.crc for record in records.records[payload + 1 :]),
+        (4, entries[payload] + 16),  # the CRC after the descriptor's signature; a central entry's
+        id_at,
+        (id_at + len(_ID_HOLE) + 4, entries[-1] + 16),
+    )
+
+
+def _central_entries(tail: bytes, count: int) -> list[int]:
+    """Where each of the `count` central directory entries at the end of `tail` starts."""
+    at = tail.index(b"PK\x01\x02")
+    starts = []
+    for _ in range(count):
+        starts.append(at)
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", tail, at + 28)
+        at += 46 + name_length + extra_length + comment_length
+    return starts
 
 
 class PtFormat(BufferFormat):

@@ -135,6 +135,7 @@ static void run_job(Engine *e, Job *job) {
         }
         if (fd < 0) { fail(job, "open"); goto finish; }
         created = 1;
+        if (job->archive) fill_archive(job);
         int written = job->checksum ? write_checksummed(fd, job->views, job->nviews, &job->crc)
                                     : write_all(fd, job->views, job->nviews);
         if (written != 0) { fail(job, "write"); goto close_and_unlink; }

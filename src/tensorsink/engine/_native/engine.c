@@ -16,6 +16,7 @@ void free_batch(Batch *batch) { /* with the GIL */
         for (Py_ssize_t k = 0; k < job->nviews; k++) PyBuffer_Release(&job->views[k]);
         PyMem_RawFree(job->views);
         free(job->record);
+        archive_free(job->archive);
         free(job->key);
         free(job->final);
         free(job->temporary);
@@ -653,7 +654,8 @@ static PyMethodDef Engine_methods[] = {
      "counters(): (files, payload bytes, files failed, latest commit time, writes in flight, first failure "
      "time) of the ready route, and (calls, seconds, seconds blocked, first time) of write_plain()."},
     {"plain", (PyCFunction)Engine_plain, METH_VARARGS,
-     "plain(format, alignment, tensor_type, ndarray_type, token): open the plain route (1 npy, 2 safetensors)."},
+     "plain(format, alignment, tensor_type, ndarray_type, token, pt_template=None): open the plain route "
+     "(1 npy, 2 safetensors, 3 pt with formats.pt.pt_template)."},
     {"plain_off", (PyCFunction)Engine_plain_off, METH_VARARGS,
      "plain_off(wait=False): close the plain route; with wait, wait for the calls inside it."},
     {"folder_checked", (PyCFunction)Engine_folder_checked, METH_O,

@@ -38,6 +38,7 @@
 /* ---- Jobs and batches ---------------------------------------------------------------------------- */
 
 typedef struct Batch Batch;
+typedef struct Archive Archive;
 
 typedef struct Job {
     struct Job *next; /* in the work queue */
@@ -53,6 +54,7 @@ typedef struct Job {
     int64_t number; /* order of reserve(): the latest number renamed wins */
     char *key;        /* the write's key, on the ready route (to name it in a failure), else NULL */
     uint64_t payload; /* the arrays' bytes, for the statistics (the ready route) */
+    Archive *archive; /* a plain .pt: the archive after its storage (its third view), filled on writing */
     /* outcome */
     int replaced, error;
     const char *operation;
@@ -127,7 +129,8 @@ typedef struct {
     PyObject *error_factory; /* error_factory(errno, operation, final, key) -> the exception */
     /* The plain route (plain.c), with the GIL: off until Python configures it, and off again once the
      * writer fails or closes. */
-    int plain_format;            /* 0: off; PLAIN_NPY or PLAIN_SAFETENSORS */
+    int plain_format;            /* 0: off; PLAIN_NPY, PLAIN_SAFETENSORS or PLAIN_PT */
+    PyObject *pt_template;       /* formats.pt.pt_template, for PLAIN_PT */
     Py_ssize_t plain_alignment;  /* where the header pads the data to */
     PyObject *tensor_type, *ndarray_type; /* the exact types it takes (subclasses go to Python) */
     char plain_token[24];        /* its temporaries' token (not the Python committer's) */
@@ -141,6 +144,7 @@ typedef struct {
 
 #define PLAIN_NPY 1
 #define PLAIN_SAFETENSORS 2
+#define PLAIN_PT 3
 
 /* The handle of one ready-route write: settled by the thread that finishes its last file, which
  * needs no GIL for it (see "Tickets" below for its Python side). Fields below `done` are written
@@ -202,6 +206,9 @@ PyObject *Engine_plan_plain(Engine *e, PyObject *args);
 PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs);
 PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t nargs);
 void plain_free(Engine *e);
+/* plain.c: fill a plain .pt's archive once its storage's CRC is known (a writing thread); free one. */
+void fill_archive(Job *job);
+void archive_free(Archive *archive);
 
 /* handle.c: the ready route's handle type; wait for one (1 settled, 0 timed out, -1 error); its
  * failure as an exception (new reference, or NULL: none, or an error set); the Python helpers. */

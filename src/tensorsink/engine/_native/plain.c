@@ -9,6 +9,8 @@
  * a property test holds the two to the same paths, temporaries' form, headers and records. */
 #include "engine.h"
 
+#include "crc.h"
+
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,8 +28,8 @@
 #define NAME_KEPT 200 /* commit._NAME_KEPT */
 #define JOURNAL_DIR ".tensorsink"
 
-static const char *const SUFFIX[] = {"", ".npy", ".safetensors"};
-static const char *const FORMAT_NAME[] = {"", "npy", "safetensors"};
+static const char *const SUFFIX[] = {"", ".npy", ".safetensors", ".pt"};
+static const char *const FORMAT_NAME[] = {"", "npy", "safetensors", "pt"};
 
 /* ---- Text ------------------------------------------------------------------------------------------ */
 
@@ -203,8 +205,6 @@ static PyObject *safetensors_header(const Dtype *dtype, const Py_buffer *view, s
     return header;
 }
 
-/* ---- Layouts -------------------------------------------------------------------------------------- */
-
 /* What a write's dtype and shape decide: its header, and its record's tail (after key and path). A
  * stream's outputs mostly share them, so the last one is kept (the formats' lru_cache, in C). */
 struct Layout {
@@ -212,14 +212,155 @@ struct Layout {
     Py_ssize_t itemsize;
     int ndim;
     Py_ssize_t shape[PyBUF_MAX_NDIM];
-    PyObject *header; /* bytes */
-    Text tail;        /* the file's suffix, format and arrays: '.npy","format":"npy","arrays":[[...]]' */
+    PyObject *header;  /* bytes: for .pt, the archive up to the storage */
+    Text record_tail;  /* the file's suffix, format and arrays: '.npy","format":"npy","arrays":[[...]]' */
+    Archive *archive;  /* .pt: the archive after the storage, to fill once the storage's CRC is known */
 };
+
+/* ---- .pt archives ---------------------------------------------------------------------------------- */
+
+/* The archive after a plain tensor's storage in its .pt (formats.pt.PtTemplate): what its CRC decides
+ * is left as holes, filled by the thread that writes the file (fill_archive). */
+struct Archive {
+    unsigned char *bytes;
+    size_t length;
+    uint32_t head_crc;        /* of the archive before the storage */
+    uint64_t seed;            /* the serialization id's CRC hash over the records before the storage */
+    uint32_t crcs_after[8];   /* the CRCs of the records between the storage and the id */
+    int ncrcs_after;
+    size_t payload_crc_at[2]; /* where the storage's CRC goes: its descriptor, its central entry */
+    size_t id_at;             /* the id's 20 digits that the CRCs decide */
+    size_t id_crc_at[2];      /* where the id record's CRC goes */
+};
+
+void archive_free(Archive *archive) {
+    if (!archive) return;
+    free(archive->bytes);
+    free(archive);
+}
+
+/* A copy of `archive` for one file (its holes its own), or NULL: out of memory. */
+static Archive *archive_copy(const Archive *archive) {
+    Archive *copy = malloc(sizeof *copy);
+    if (!copy) return NULL;
+    *copy = *archive;
+    copy->bytes = malloc(archive->length);
+    if (!copy->bytes) { free(copy); return NULL; }
+    memcpy(copy->bytes, archive->bytes, archive->length);
+    return copy;
+}
+
+static void put_le32(unsigned char *at, uint32_t value) {
+    for (int i = 0; i < 4; i++) at[i] = (unsigned char)(value >> (8 * i));
+}
+
+static uint64_t hash_combine(uint64_t seed, uint64_t value) { /* formats.pt._hash_combine */
+    return seed ^ (value + 0x9E3779B9ull + (seed << 6) + (seed >> 2));
+}
+
+/* Fill the job's archive (its third view) from its storage's CRC (the second), and, if the file is
+ * checksummed, take the whole file's CRC from the pieces' (no second pass over the storage). On the
+ * writing thread, without the GIL. */
+void fill_archive(Job *job) {
+    Archive *archive = job->archive;
+    const Py_buffer *storage = &job->views[1];
+    uint32_t crc = crc_update(0, storage->buf, (size_t)storage->len);
+    for (int i = 0; i < 2; i++) put_le32(archive->bytes + archive->payload_crc_at[i], crc);
+    uint64_t hash = hash_combine(archive->seed, crc);
+    for (int i = 0; i < archive->ncrcs_after; i++) hash = hash_combine(hash, archive->crcs_after[i]);
+    for (int digit = 19; digit >= 0; digit--, hash /= 10) archive->bytes[archive->id_at + (size_t)digit] = (unsigned char)('0' + hash % 10);
+    uint32_t id_crc = crc_update(0, archive->bytes + archive->id_at - 20, 40);
+    for (int i = 0; i < 2; i++) put_le32(archive->bytes + archive->id_crc_at[i], id_crc);
+    if (job->checksum) {
+        uint32_t whole = crc_combine(archive->head_crc, crc, (uint64_t)storage->len);
+        job->crc = crc_update(whole, archive->bytes, archive->length);
+        job->checksum = 0; /* known */
+    }
+}
+
+/* Whether `array`'s own strides (its `strides`, not the buffer's: numpy tidies those on dimensions of
+ * one) are a C-contiguous array's of the view's shape: a .pt records the strides, and its template
+ * was made with these. 1, 0, or -1 with an exception set. */
+static int canonical_strides(PyObject *array, const Py_buffer *view) {
+    PyObject *strides = PyObject_GetAttrString(array, "strides");
+    if (!strides) return -1;
+    int canonical = PyTuple_Check(strides) && PyTuple_GET_SIZE(strides) == view->ndim;
+    Py_ssize_t stride = view->itemsize;
+    for (int d = view->ndim - 1; canonical && d >= 0; d--) {
+        Py_ssize_t own = PyLong_AsSsize_t(PyTuple_GET_ITEM(strides, d));
+        if (own == -1 && PyErr_Occurred()) { Py_DECREF(strides); return -1; }
+        canonical = own == stride;
+        stride *= view->shape[d];
+    }
+    Py_DECREF(strides);
+    return canonical;
+}
+
+static int in_range(Py_ssize_t at, size_t width, size_t length) { return at >= 0 && (size_t)at + width <= length; }
+
+/* The .pt layout of `made` from Python's template (formats.pt.pt_template(dtype, shape)): 1, 0 (no
+ * template: Python writes it), or -1 with an exception set. */
+static int pt_layout(Engine *e, const Dtype *dtype, const Py_buffer *view, Layout *made) {
+    PyObject *shape = PyTuple_New(view->ndim);
+    if (!shape) return -1;
+    for (int d = 0; d < view->ndim; d++) {
+        PyObject *size = PyLong_FromSsize_t(view->shape[d]);
+        if (!size) { Py_DECREF(shape); return -1; }
+        PyTuple_SET_ITEM(shape, d, size);
+    }
+    PyObject *template = PyObject_CallFunction(e->pt_template, "sN", dtype->name, shape);
+    if (!template) return -1;
+    if (template == Py_None) { Py_DECREF(template); return 0; }
+    PyObject *head, *tail, *crcs_after;
+    unsigned long head_crc;
+    unsigned long long seed;
+    Py_ssize_t payload_at[2], id_at, id_crc_at[2];
+    Archive *archive = calloc(1, sizeof(Archive));
+    int ok = archive && PyArg_ParseTuple(template, "SSkKO!(nn)n(nn)", &head, &tail, &head_crc, &seed, &PyTuple_Type,
+                                         &crcs_after, &payload_at[0], &payload_at[1], &id_at, &id_crc_at[0],
+                                         &id_crc_at[1]);
+    if (ok) {
+        size_t length = (size_t)PyBytes_GET_SIZE(tail);
+        archive->ncrcs_after = (int)PyTuple_GET_SIZE(crcs_after);
+        ok = archive->ncrcs_after <= 8 && in_range(payload_at[0], 4, length) && in_range(payload_at[1], 4, length) &&
+             id_at >= 20 && in_range(id_at, 20, length) && in_range(id_crc_at[0], 4, length) &&
+             in_range(id_crc_at[1], 4, length);
+        if (!ok) PyErr_SetString(PyExc_ValueError, "a .pt template's holes lie outside its tail");
+        for (int i = 0; ok && i < archive->ncrcs_after; i++) {
+            archive->crcs_after[i] = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(crcs_after, i));
+            ok = !PyErr_Occurred();
+        }
+        archive->bytes = ok ? malloc(length) : NULL;
+        if (ok && !archive->bytes) { PyErr_NoMemory(); ok = 0; }
+        if (ok) {
+            memcpy(archive->bytes, PyBytes_AS_STRING(tail), length);
+            archive->length = length;
+            archive->head_crc = (uint32_t)head_crc;
+            archive->seed = seed;
+            archive->payload_crc_at[0] = (size_t)payload_at[0];
+            archive->payload_crc_at[1] = (size_t)payload_at[1];
+            archive->id_at = (size_t)id_at;
+            archive->id_crc_at[0] = (size_t)id_crc_at[0];
+            archive->id_crc_at[1] = (size_t)id_crc_at[1];
+            made->header = Py_NewRef(head);
+            made->archive = archive;
+        }
+    } else if (!archive) {
+        PyErr_NoMemory();
+    }
+    Py_DECREF(template);
+    if (!ok) { archive_free(archive); return -1; }
+    return 1;
+}
+
+/* ---- Layouts -------------------------------------------------------------------------------------- */
+
 
 static void layout_free(Layout *layout) {
     if (!layout) return;
     Py_XDECREF(layout->header);
-    free(layout->tail.data);
+    free(layout->record_tail.data);
+    archive_free(layout->archive);
     free(layout);
 }
 
@@ -247,20 +388,33 @@ static Layout *layout_of(Engine *e, const Py_buffer *view, int *status) {
     made->itemsize = view->itemsize;
     made->ndim = view->ndim;
     memcpy(made->shape, view->shape, (size_t)view->ndim * sizeof(Py_ssize_t));
-    made->header = e->plain_format == PLAIN_NPY ? npy_header(&dtype, view, (size_t)e->plain_alignment)
-                                                : safetensors_header(&dtype, view, (size_t)e->plain_alignment);
-    put_text(&made->tail, SUFFIX[e->plain_format]); /* manifest.Journal.prefix(), after the path */
-    put_text(&made->tail, "\",\"format\":\"");
-    put_text(&made->tail, FORMAT_NAME[e->plain_format]);
-    put_text(&made->tail, "\",\"arrays\":[[\"arr_0\",\"");
-    put_text(&made->tail, dtype.name);
-    put_text(&made->tail, "\",");
-    put_shape(&made->tail, view, 1);
-    put_text(&made->tail, "]]");
-    if (!made->header || made->tail.failed) {
-        if (made->header) PyErr_NoMemory();
+    Text *tail = &made->record_tail; /* manifest.Journal.prefix(), after the path */
+    put_text(tail, SUFFIX[e->plain_format]);
+    put_text(tail, "\",\"format\":\"");
+    put_text(tail, FORMAT_NAME[e->plain_format]);
+    put_text(tail, "\",\"arrays\":[[\"arr_0\",\"");
+    put_text(tail, dtype.name);
+    put_text(tail, "\",");
+    put_shape(tail, view, 1);
+    put_text(tail, "]]");
+    if (tail->failed) {
+        PyErr_NoMemory();
         layout_free(made);
         return NULL;
+    }
+    if (e->plain_format == PLAIN_PT) {
+        *status = pt_layout(e, &dtype, view, made);
+        if (*status <= 0) {
+            layout_free(made);
+            return NULL;
+        }
+    } else {
+        made->header = e->plain_format == PLAIN_NPY ? npy_header(&dtype, view, (size_t)e->plain_alignment)
+                                                    : safetensors_header(&dtype, view, (size_t)e->plain_alignment);
+        if (!made->header) {
+            layout_free(made);
+            return NULL;
+        }
     }
     layout_free(e->plain_layout);
     e->plain_layout = made;
@@ -348,7 +502,7 @@ static int plan_file(Engine *e, PyObject *key, const Layout *layout, File *f) {
         put(&f->record, f->key, (size_t)f->key_length);
         put_text(&f->record, "\",\"path\":\"");
         put(&f->record, f->key, (size_t)f->key_length);
-        put(&f->record, layout->tail.data, layout->tail.length);
+        put(&f->record, layout->record_tail.data, layout->record_tail.length);
     }
     if (f->temporary.failed || f->record.failed) goto no_memory;
     return 1;
@@ -363,19 +517,31 @@ decline:
 
 /* Hand `f` and its buffers to job i of `batch` (its paths, key, header and payload views): 0, or -1
  * with an exception set. The payload view becomes the job's, and f's texts too, on success. */
-static int fill_file_job(Engine *e, Batch *batch, Py_ssize_t i, File *f, PyObject *header, Py_buffer *payload) {
+static int fill_file_job(Engine *e, Batch *batch, Py_ssize_t i, File *f, PyObject *header, const Archive *archive,
+                         Py_buffer *payload) {
     Job *job = &batch->jobs[i];
     PyObject *path = PyUnicode_FromStringAndSize(f->final.data, (Py_ssize_t)f->final.length);
     if (!path) return -1;
     PyList_SET_ITEM(batch->ticket->paths, i, path);
-    job->views = PyMem_RawCalloc(2, sizeof(Py_buffer));
+    job->views = PyMem_RawCalloc(3, sizeof(Py_buffer));
     job->key = malloc((size_t)f->key_length + 1);
     if (!job->views || !job->key) { PyErr_NoMemory(); return -1; }
     if (PyObject_GetBuffer(header, &job->views[0], PyBUF_SIMPLE) != 0) return -1;
     job->nviews = 1;
     memcpy(job->key, f->key, (size_t)f->key_length);
     job->key[f->key_length] = '\0';
+    if (archive) {
+        job->archive = archive_copy(archive);
+        if (!job->archive) { PyErr_NoMemory(); return -1; }
+    }
     job->views[job->nviews++] = *payload;
+    if (job->archive) { /* its bytes are the job's: a view of them owns nothing */
+        Py_buffer *view = &job->views[job->nviews++];
+        view->buf = job->archive->bytes;
+        view->len = (Py_ssize_t)job->archive->length;
+        view->readonly = 1;
+        view->itemsize = 1;
+    }
     job->final = f->final.data;
     job->temporary = f->temporary.data;
     job->directory_length = f->directory_length;
@@ -393,8 +559,8 @@ static int fill_file_job(Engine *e, Batch *batch, Py_ssize_t i, File *f, PyObjec
 /* ---- Plain writes ---------------------------------------------------------------------------------- */
 
 /* The array's bytes as a C-contiguous view, for an exact torch.Tensor (through .numpy(), which refuses
- * device, autograd, lazy conjugate and bfloat16 tensors) or numpy.ndarray: 1; 0 if it is none of those
- * (Python decides); -1 with an exception set. */
+ * device, autograd, lazy conjugate and bfloat16 tensors) or numpy.ndarray (with a .pt's strides): 1;
+ * 0 if it is none of those (Python decides); -1 with an exception set. */
 static int plain_view(Engine *e, PyObject *value, Py_buffer *view) {
     static PyObject *numpy_name;
     PyObject *array;
@@ -414,13 +580,16 @@ static int plain_view(Engine *e, PyObject *value, Py_buffer *view) {
         return 0;
     }
     int got = PyObject_GetBuffer(array, view, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT);
-    Py_DECREF(array); /* the view holds it */
     if (got != 0) {
+        Py_DECREF(array);
         if (!PyErr_ExceptionMatches(PyExc_BufferError) && !PyErr_ExceptionMatches(PyExc_ValueError)) return -1;
         PyErr_Clear();
         return 0;
     }
-    return 1;
+    int plain = e->plain_format == PLAIN_PT ? canonical_strides(array, view) : 1;
+    Py_DECREF(array); /* the view holds it */
+    if (plain <= 0) PyBuffer_Release(view);
+    return plain;
 }
 
 /* The plain route is open for this call: configured, not failed, not closed, in its own process. */
@@ -471,7 +640,7 @@ PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     }
     collect_garbage(e);
     Batch *batch = ready_batch(e, 1, (long long)view.len);
-    if (!batch || fill_file_job(e, batch, 0, &f, layout->header, &view) != 0) { /* the view not taken */
+    if (!batch || fill_file_job(e, batch, 0, &f, layout->header, layout->archive, &view) != 0) { /* the view not taken */
         if (batch) free_batch(batch);
         PyBuffer_Release(&view);
         file_clear(&f);
@@ -504,12 +673,14 @@ PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t 
     Py_buffer sample = view; /* what one sample's file holds: the shape after the first dimension */
     sample.ndim = view.ndim - 1;
     sample.shape = view.shape + 1;
+    sample.strides = view.strides ? view.strides + 1 : NULL;
     sample.len = view.len / n;
     Layout *layout = layout_of(e, &sample, &status);
     if (status <= 0) { out = status < 0 ? NULL : Py_None; goto done; }
     if (table_init(&finals, (size_t)n * 2 + 1) != 0) { out = PyErr_NoMemory(); goto done; }
     if (!(batch = ready_batch(e, n, (long long)view.len))) { out = NULL; goto done; }
-    PyObject *header = Py_NewRef(layout->header); /* the layout is only borrowed */
+    PyObject *header = Py_NewRef(layout->header); /* the layout is only borrowed: nothing replaces it here */
+    const Archive *archive = layout->archive;
     collect_garbage(e);
     for (Py_ssize_t i = 0; i < n; i++) {
         status = plan_file(e, PySequence_Fast_GET_ITEM(keys, i), layout, &f);
@@ -523,7 +694,7 @@ PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t 
         if (status <= 0) break;
         payload.buf = (char *)payload.buf + i * sample.len; /* this sample's rows */
         payload.len = sample.len;
-        if (fill_file_job(e, batch, i, &f, header, &payload) != 0) {
+        if (fill_file_job(e, batch, i, &f, header, archive, &payload) != 0) {
             PyBuffer_Release(&payload);
             status = -1;
             break;
@@ -568,28 +739,30 @@ PyObject *Engine_plan_plain(Engine *e, PyObject *args) {
     return out;
 }
 
-/* plain(format, alignment, tensor_type, ndarray_type, token): open the plain route for one format
- * (1 .npy, 2 .safetensors) whose headers pad to `alignment`; its temporaries carry `token`. */
+/* plain(format, alignment, tensor_type, ndarray_type, token, pt_template=None): open the plain route
+ * for one format (1 .npy, 2 .safetensors, whose headers pad to `alignment`; 3 .pt, whose archives
+ * pt_template(dtype, shape) lays out); its temporaries carry `token`. */
 PyObject *Engine_plain(Engine *e, PyObject *args) {
     int format;
     Py_ssize_t alignment;
-    PyObject *tensor_type, *ndarray_type;
+    PyObject *tensor_type, *ndarray_type, *template = Py_None;
     const char *token;
-    if (!PyArg_ParseTuple(args, "inO!O!s", &format, &alignment, &PyType_Type, &tensor_type, &PyType_Type,
-                          &ndarray_type, &token))
+    if (!PyArg_ParseTuple(args, "inO!O!s|O", &format, &alignment, &PyType_Type, &tensor_type, &PyType_Type,
+                          &ndarray_type, &token, &template))
         return NULL;
     if (!e->threads) { PyErr_SetString(PyExc_RuntimeError, "Engine not initialised"); return NULL; }
-    if ((format != PLAIN_NPY && format != PLAIN_SAFETENSORS) || alignment < 1 ||
+    if (format < PLAIN_NPY || format > PLAIN_PT || alignment < 1 || (format == PLAIN_PT) != PyCallable_Check(template) ||
         strlen(token) >= sizeof e->plain_token || strspn(token, "0123456789abcdef") != strlen(token)) {
         PyErr_Format(PyExc_ValueError,
-                     "plain(format=%d, alignment=%zd, token=%s): format is 1 (npy) or 2 (safetensors), "
-                     "alignment >= 1, token lowercase hex of at most %zu digits",
+                     "plain(format=%d, alignment=%zd, token=%s): format is 1 (npy), 2 (safetensors) or 3 (pt, with "
+                     "its template maker), alignment >= 1, token lowercase hex of at most %zu digits",
                      format, alignment, token, sizeof e->plain_token - 1);
         return NULL;
     }
     if (import_helpers() != 0) return NULL; /* what its handles need, once: the route itself imports nothing */
     if (!e->checked.buckets && table_init(&e->checked, 256) != 0) return PyErr_NoMemory();
     if (!table_find(&e->checked, e->root, hash_of(e->root), 1)) return PyErr_NoMemory();
+    Py_XSETREF(e->pt_template, format == PLAIN_PT ? Py_NewRef(template) : NULL);
     Py_XSETREF(e->tensor_type, Py_NewRef(tensor_type));
     Py_XSETREF(e->ndarray_type, Py_NewRef(ndarray_type));
     strcpy(e->plain_token, token);
@@ -630,6 +803,7 @@ void plain_free(Engine *e) {
     layout_free(e->plain_layout);
     e->plain_layout = NULL;
     if (e->checked.buckets) table_free(&e->checked);
+    Py_CLEAR(e->pt_template);
     Py_CLEAR(e->tensor_type);
     Py_CLEAR(e->ndarray_type);
 }
