@@ -438,6 +438,52 @@ def test_a_kill_between_renaming_line_and_rename_is_an_unfinished_write_not_a_mi
 
 
 @pytest.mark.usefixtures("each_engine")
+def test_records_reach_the_journal_while_the_writer_idles(tmp_path: Path) -> None:
+    """The native engine holds a file's record (the line after its rename) to write it with the next
+    file's renaming line; a writer that goes quiet still has it written, without flush() or close()."""
+    writer = AsyncWriter(tmp_path, "npy", durability="none", manifest=True)
+    try:
+        writer.write("a", torch.zeros(3)).result()
+        (journal,) = _journals(tmp_path)
+        deadline = time.monotonic() + 5
+        while journal.read_bytes().count(b"\n") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raw = journal.read_bytes()
+    finally:
+        writer.close()
+    lines = raw.splitlines()
+    assert [b"renaming" in line for line in lines] == [True, False]
+    for line in lines:  # the time as the Python twin writes it: f"{when:.6f}"
+        text = line.split(b'"time":')[1].split(b",")[0].rstrip(b"}")
+        assert text == f"{float(text):.6f}".encode(), line
+        assert abs(float(text) - time.time()) < 60
+
+
+def test_a_journal_that_cannot_take_held_records_fails_the_writer_naming_their_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Native engine: a record held past its file's commit and then refused by the journal is the
+    writer's failure, raised by flush() and close() and naming the file's key, never dropped."""
+    from tensorsink.engine import ENGINE_VARIABLE, available_engines
+
+    if "native" not in available_engines():
+        pytest.skip("the native engine was not built here")
+    monkeypatch.setenv(ENGINE_VARIABLE, "native")
+    writer = AsyncWriter(tmp_path, "npy", durability="none", manifest=True)
+    writer.write("held", torch.zeros(3)).result()
+    journal_fd = writer._journal.fd  # type: ignore[union-attr]
+    readonly = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(readonly, journal_fd)
+    os.close(readonly)
+    with pytest.raises(OSError, match="Bad file descriptor") as info:
+        writer.flush()
+    assert "held.npy" in str(info.value)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        writer.close()
+    assert (tmp_path / "held.npy").exists()  # the file was committed; only its record was lost
+
+
+@pytest.mark.usefixtures("each_engine")
 def test_a_journal_that_cannot_be_written_fails_the_write_before_its_rename(tmp_path: Path) -> None:
     writer = AsyncWriter(tmp_path, "npy", manifest=True)
     writer.write("a", torch.zeros(3)).result()

@@ -306,7 +306,9 @@ static PyObject *Engine_reap(Engine *e, PyObject *args) {
     due = e->due_head;
     e->due_head = e->due_tail = NULL;
     finished = !taken && !due && e->closed && e->unreaped == 0;
+    int idle = !taken && !due && !e->closed; /* once closed, the journal may be too */
     pthread_mutex_unlock(&e->lock);
+    if (idle) journal_flush(e); /* records held go out */
     Py_END_ALLOW_THREADS
     collect_garbage(e);
     if (finished) Py_RETURN_NONE;
@@ -522,6 +524,7 @@ static PyObject *Engine_drain(Engine *e, PyObject *unused) {
     pthread_mutex_lock(&e->lock);
     while (e->due_count > 0 && !e->closed) pthread_cond_wait(&e->done, &e->lock);
     pthread_mutex_unlock(&e->lock);
+    journal_flush(e); /* their records, held until now (a failure is the engine's first, or not) */
     Py_END_ALLOW_THREADS
     collect_garbage(e);
     Py_RETURN_NONE;
@@ -593,6 +596,7 @@ static PyObject *Engine_close(Engine *e, PyObject *unused) {
     e->closed = 1;
     pthread_cond_broadcast(&e->done);
     pthread_mutex_unlock(&e->lock);
+    journal_flush(e);
     Py_END_ALLOW_THREADS
     collect_garbage(e);
     Py_RETURN_NONE;
@@ -616,6 +620,9 @@ static void Engine_dealloc(Engine *e) {
         free(e->threads);
     }
     plain_free(e);
+    free(e->held);
+    free(e->held_final);
+    free(e->held_key);
     free(e->root);
     free(e->fail_final);
     free(e->fail_key);

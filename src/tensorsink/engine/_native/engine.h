@@ -102,9 +102,11 @@ typedef struct {
     /* folders made or checked: a != 0 */
     pthread_mutex_t folder_lock;
     Table folders;
-    /* the journal: records appended whole (cut back on failure) */
+    /* the journal: lines appended whole (cut back on failure); records held to go out with the next */
     int journal;
     pthread_mutex_t journal_lock;
+    char *held, *held_final, *held_key; /* the records held, and the first one's file and key */
+    size_t held_length, held_capacity;
     /* The ready route (see "Tickets" below). Lock order: lock, then ticket_lock or budget_lock. */
     pthread_mutex_t ticket_lock; /* tickets' states, the pending list */
     pthread_cond_t ticket_cond;  /* a ticket was settled */
@@ -181,8 +183,9 @@ size_t stripe_of(const char *path, uint64_t *h);
 int reserve_order(Engine *e, const char *path, int64_t *number);
 void release_order(Engine *e, const char *path);
 
-/* journal.c: append the job's journal line, before its rename or after it. */
+/* journal.c: append the job's journal line, before its rename or after it (held); write those held. */
 int journal_line(Engine *e, Job *job, int renaming, double when);
+void journal_flush(Engine *e);
 
 /* commit.c: time.perf_counter()'s clock; wake workers for jobs queued (under e->lock); a ready-route
  * batch is finished: count it, give its budget back, settle its handle (under e->lock). */

@@ -1,46 +1,151 @@
-/* The journal: each journaled file's line, appended whole around its rename (see tensorsink.manifest). */
+/* The journal: each journaled file's lines, appended whole around its rename (see tensorsink.manifest).
+ *
+ * A file's "renaming" line is appended before its rename: a kill after the rename must find it. Its
+ * record, the line after the rename, only confirms it, so records are held in memory and go out with
+ * the next renaming line, in the same write() (one system call a file, not two), or when drain(),
+ * close() or an idle reaper asks (journal_flush). A kill loses at most the records held, and each of
+ * those files keeps its renaming line, which verify and resume accept for the file that is there. */
 #include "engine.h"
 
 #include <errno.h>
-#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
-/* Append the job's journal line: `renaming` before its rename (the rename may follow), else after it.
- * A line is written whole or cut back off; 0, or -1 with errno. */
+#define HOLD_BYTES (64 << 10) /* records held beyond this are written at once */
+
+/* Append `n` pieces as one whole under the journal lock: one writev() as a rule; a short one is
+ * finished, a failed finish cut back off. 0, or -1 with errno. */
+static int append_whole(Engine *e, struct iovec *pieces, int n) {
+    size_t total = 0;
+    for (int i = 0; i < n; i++) total += pieces[i].iov_len;
+    ssize_t wrote;
+    do wrote = writev(e->journal, pieces, n);
+    while (wrote < 0 && errno == EINTR);
+    if (wrote < 0) return -1;
+    if ((size_t)wrote == total) return 0;
+    off_t start = lseek(e->journal, 0, SEEK_END) - wrote; /* only this writer appends, under the lock */
+    Py_buffer views[3];
+    memset(views, 0, sizeof views);
+    size_t skip = (size_t)wrote;
+    for (int i = 0; i < n; i++) {
+        size_t taken = skip < pieces[i].iov_len ? skip : pieces[i].iov_len;
+        views[i].buf = (char *)pieces[i].iov_base + taken;
+        views[i].len = (Py_ssize_t)(pieces[i].iov_len - taken);
+        skip -= taken;
+    }
+    int rc = start < 0 ? -1 : write_all(e->journal, views, n);
+    int saved = errno;
+    if (rc != 0 && start >= 0) (void)!ftruncate(e->journal, start);
+    errno = saved;
+    return rc;
+}
+
+/* Hold a job's record (under the journal lock); 0, or -1 (out of memory: the caller writes it itself).
+ * The first held names the file and key that a failure to write them is reported with. */
+static int hold(Engine *e, const Job *job, const char *tail, size_t tail_length) {
+    const char *record = job->record;
+    size_t record_length = job->record_length;
+    if (!e->held_length) {
+        free(e->held_final);
+        free(e->held_key);
+        e->held_final = strdup(job->final);
+        e->held_key = strdup(job->key ? job->key : "");
+        if (!e->held_final || !e->held_key) return -1;
+    }
+    size_t need = e->held_length + record_length + tail_length;
+    if (need > e->held_capacity) {
+        size_t capacity = e->held_capacity ? e->held_capacity : 4096;
+        while (capacity < need) capacity *= 2;
+        char *grown = realloc(e->held, capacity);
+        if (!grown) return -1;
+        e->held = grown;
+        e->held_capacity = capacity;
+    }
+    memcpy(e->held + e->held_length, record, record_length);
+    memcpy(e->held + e->held_length + record_length, tail, tail_length);
+    e->held_length = need;
+    return 0;
+}
+
+/* Write `value` in decimal at `at`; the end. */
+static char *decimal(char *at, unsigned long long value, int width) {
+    char digits[24];
+    int n = 0;
+    do digits[n++] = (char)('0' + value % 10), value /= 10;
+    while (value || n < width);
+    while (n) *at++ = digits[--n];
+    return at;
+}
+
+static char *literal(char *at, const char *text) {
+    size_t n = strlen(text);
+    memcpy(at, text, n);
+    return at + n;
+}
+
+/* The line's end: what the Python twin writes with f'...{when:.6f}...' (Journal.write_line), made
+ * without printf, which is a noticeable part of a small file's cost. */
+static size_t line_tail(char *tail, const Job *job, int renaming, double when) {
+    static const char hex[] = "0123456789abcdef";
+    unsigned long long micro = (unsigned long long)(when * 1e6 + 0.5);
+    char *at = literal(tail, ",\"bytes\":");
+    at = decimal(at, (unsigned long long)job->size, 1);
+    at = literal(at, ",\"crc32\":\"");
+    for (int shift = 28; shift >= 0; shift -= 4) *at++ = hex[(job->crc >> shift) & 15];
+    at = literal(at, "\",\"time\":");
+    at = decimal(at, micro / 1000000, 1);
+    *at++ = '.';
+    at = decimal(at, micro % 1000000, 6);
+    at = literal(at, renaming ? ",\"renaming\":true}\n" : "}\n");
+    return (size_t)(at - tail);
+}
+
+/* Append the job's journal line: `renaming` before its rename (the rename may follow), else its record
+ * after it (held, see above). 0, or -1 with errno. */
 int journal_line(Engine *e, Job *job, int renaming, double when) {
     char tail[160];
-    int n = snprintf(tail, sizeof tail, ",\"bytes\":%llu,\"crc32\":\"%08x\",\"time\":%.6f%s}\n",
-                     (unsigned long long)job->size, job->crc, when, renaming ? ",\"renaming\":true" : "");
-    Py_buffer views[2];
-    memset(views, 0, sizeof views);
-    views[0].buf = job->record;
-    views[0].len = (Py_ssize_t)job->record_length;
-    views[1].buf = tail;
-    views[1].len = n;
-    struct iovec whole[2] = {{job->record, job->record_length}, {tail, (size_t)n}};
-    size_t total = job->record_length + (size_t)n;
+    size_t n = line_tail(tail, job, renaming, when);
+    int rc = 0, saved = 0;
     pthread_mutex_lock(&e->journal_lock);
-    ssize_t wrote;
-    do wrote = writev(e->journal, whole, 2); /* the journal appends: one call, as a rule */
-    while (wrote < 0 && errno == EINTR);
-    int rc = wrote < 0 ? -1 : 0;
-    int saved = errno;
-    if (wrote >= 0 && (size_t)wrote < total) { /* short: finish the line, or cut it back off */
-        off_t start = lseek(e->journal, 0, SEEK_END) - wrote; /* only this writer appends, under the lock */
-        size_t skip = (size_t)wrote;
-        for (int i = 0; i < 2; i++) {
-            size_t taken = skip < (size_t)views[i].len ? skip : (size_t)views[i].len;
-            views[i].buf = (char *)views[i].buf + taken;
-            views[i].len -= (Py_ssize_t)taken;
-            skip -= taken;
-        }
-        rc = start < 0 ? -1 : write_all(e->journal, views, 2);
-        saved = errno;
-        if (rc != 0 && start >= 0) (void)!ftruncate(e->journal, start);
+    if (!renaming && e->held_length + job->record_length + n <= HOLD_BYTES &&
+        hold(e, job, tail, n) == 0) {
+        pthread_mutex_unlock(&e->journal_lock);
+        return 0;
     }
+    struct iovec pieces[3] = {{e->held, e->held_length}, {job->record, job->record_length}, {tail, n}};
+    rc = e->held_length ? append_whole(e, pieces, 3) : append_whole(e, pieces + 1, 2);
+    saved = errno;
+    if (rc == 0) e->held_length = 0;
     pthread_mutex_unlock(&e->journal_lock);
     errno = saved;
     return rc;
+}
+
+/* Write the records held. A failure is the engine's, if it is the first, reported as the first held
+ * file's (they stay held, for the next try). */
+void journal_flush(Engine *e) {
+    if (e->journal < 0) return;
+    pthread_mutex_lock(&e->journal_lock);
+    if (e->held_length) {
+        struct iovec whole = {e->held, e->held_length};
+        if (append_whole(e, &whole, 1) == 0) {
+            e->held_length = 0;
+        } else {
+            int error = errno;
+            pthread_mutex_lock(&e->lock);
+            if (!e->failed) {
+                e->failed = 1;
+                e->failed_at = monotonic_seconds();
+                e->fail_errno = error;
+                e->fail_operation = "journal";
+                e->fail_final = e->held_final;
+                e->fail_key = e->held_key;
+                e->held_final = e->held_key = NULL;
+            }
+            pthread_mutex_unlock(&e->lock);
+        }
+    }
+    pthread_mutex_unlock(&e->journal_lock);
 }
