@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
 import tensorsink
-from tensorsink import AsyncWriter, Backend, DictMode, Durability, SaveFormat
+from tensorsink import AsyncWriter, DictMode, Durability, SaveFormat, WriterOptions
 
 
 def test_all_is_sorted_and_complete() -> None:
@@ -29,22 +30,9 @@ def test_constructor_keeps_the_original_positional_signature() -> None:
     ]
     assert [(p.name, p.default) for p in parameters[:7]] == original
     assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters[:7])
-    keyword_only = {p.name: p.default for p in parameters[7:]}
-    assert keyword_only == {
-        "max_inflight_bytes": 1 << 30,
-        "durability": Durability.FILE,
-        "align": None,
-        "pinned_pool_bytes": None,
-        "backend": Backend.AUTO,
-        "kvikio_threads": 4,
-        "kvikio_task_size": 4 << 20,
-        "kvikio_direct_io": True,
-        "manifest": True,
-        "skip_existing": False,
-        "follow_symlinks": False,
-        "engine": "auto",
-        "progress_seconds": None,
-    }
+    # The rest are keyword-only, one per setting of WriterOptions, whose defaults they take.
+    settings = {f.name: f.default for f in dataclasses.fields(WriterOptions) if f.name != "out_root"}
+    assert {p.name: p.default for p in parameters[1:]} == settings
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[7:])
 
 
