@@ -19,7 +19,6 @@ __all__ = [
     "Buffer",
     "BufferFormat",
     "Container",
-    "FdFile",
     "FileEntry",
     "Format",
     "HeaderFormat",
@@ -30,7 +29,6 @@ __all__ = [
 
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-_GATHER_BYTES = 1 << 20  # small writes of a serializer are gathered up to this before one writev
 #: Each concrete format's class by the SaveFormat it writes, so a refusal can ask the others.
 _FORMATS: dict[SaveFormat, type[Format]] = {}
 
@@ -213,37 +211,3 @@ def write_buffers(fd: int, buffers: Sequence[Buffer]) -> int:
         written = os.writev(fd, views[first : first + _IOV_MAX])
         if written <= 0:  # no progress: a file system that would have us loop forever
             raise OSError(errno.EIO, f"os.writev wrote {written} bytes of {total}, making no progress")
-
-
-class FdFile:
-    """A write-only file object over `fd` for serializers that ignore short writes (torch.save does).
-
-    Every byte handed to write() is written or an OSError is raised: small pieces are gathered and
-    written together with one writev, large ones go out as they are. Call flush() at the end.
-    """
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._pending: list[Buffer] = []
-        self._pending_bytes = 0
-        self.written = 0
-
-    def write(self, data: Buffer) -> int:
-        view = memoryview(data).cast("B")
-        if self._pending_bytes + view.nbytes < _GATHER_BYTES:
-            self._pending.append(bytes(view))  # the serializer may reuse its buffer after write()
-            self._pending_bytes += view.nbytes
-        else:
-            self.written += write_buffers(self._fd, [*self._pending, view])
-            self._pending.clear()
-            self._pending_bytes = 0
-        return view.nbytes
-
-    def flush(self) -> None:
-        if self._pending:
-            self.written += write_buffers(self._fd, self._pending)
-            self._pending.clear()
-            self._pending_bytes = 0
-
-    def writable(self) -> bool:
-        return True
