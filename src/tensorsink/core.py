@@ -25,6 +25,7 @@ from .backends import Route
 from .batches import split_batch, tensors_of
 from .commit import Committer, find_symlink
 from .engine import Engine, PlainRoute, PythonEngine, engine_class
+from .engine.base import Settled
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError
 from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import Callbacks, WriteFuture, WriteHandle
@@ -34,7 +35,7 @@ from .plan import check_distinct_files, file_path, plan_files, validate_key, val
 from .prepared import FileWriter, PreparedRoute, Write, regroup, sample_values, saving
 from .resume import Resume
 from .scheduling import Gate, Pipeline
-from .staging import Stager, default_pool_bytes
+from .staging import Staged, Stager, default_pool_bytes
 from .staging.cudart import own_thread_now
 from .stats import StatsRecorder, WriterStats
 
@@ -181,8 +182,8 @@ class WriterCore:
             if self._resume is not None and self._resume.written(entries):
                 return self._skipped([Path(entry.path) for entry in entries])
             entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
-            if staged is None and self._ready_route:
-                handle = self._write_ready([name] * len(entries), entries)
+            if self._ready_route and (staged is None or not copy):
+                handle = self._write_ready([name] * len(entries), entries, staged)
                 if handle is not None:
                     return handle
             future = WriteFuture(staged_apart=staged is not None or copy, callbacks=self._callbacks)
@@ -291,10 +292,17 @@ class WriterCore:
 
         return self._prepared.start(pending, ready)
 
-    def _write_ready(self, keys: list[str], entries: list[FileEntry]) -> WriteHandle | None:
+    def _write_ready(
+        self, keys: list[str], entries: list[FileEntry], staged: Staged | None = None
+    ) -> WriteHandle | None:
         """The ready route: the files' headers and views of host memory go to the engine in one call,
-        which numbers them, waits for room and queues them; its threads complete the write. None where
-        an array needs a copy first (then the write goes the other way)."""
+        which numbers them, waits for room and queues them; its threads complete the write. With
+        `staged`, the views are of the pinned pool, whose copies are still on their way: the engine's
+        threads wait for them, and a done-callback gives the pool blocks back. None where an array
+        needs a copy first, or a Python worker must wait for the staging (the write goes the other way)."""
+        waits = staged.native_waits() if staged is not None else None
+        if staged is not None and waits is None:
+            return None
         encoded = self._encoded_here(entries)
         if encoded is None:
             return None
@@ -305,7 +313,17 @@ class WriterCore:
             temporary = self._committer.temporary_for(directory, name)
             files.append((entry.path, temporary, buffers, record is not None, record, None, entry.nbytes))
             nbytes += entry.nbytes
-        handle, blocked = self._engine.write_ready(keys, files, nbytes)  # type: ignore[arg-type]  # tuples
+        if staged is not None:
+            nbytes = max(nbytes - staged.pooled_bytes, 0)  # the pool is their budget
+        try:
+            handle, blocked = self._engine.write_ready(keys, files, nbytes, waits)  # type: ignore[arg-type]
+        except BaseException:
+            if staged is not None:
+                staged.release()
+            raise
+        if staged is not None:
+            blocked += staged.blocked_seconds
+            handle.add_done_callback(Settled(staged.release))
         self._stats.write_started()
         if blocked:
             self._stats.blocked(blocked)

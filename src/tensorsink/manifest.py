@@ -89,8 +89,9 @@ class Journal:
     Each committed file gets two lines, both written by the engine under its path's lock: a
     "renaming" line once the file is whole and before its rename, and its record after it (the
     native engine holds records to write them with the next renaming line). A kill between the two
-    leaves the renaming line, which verify and resume accept for the file that is there. A line is written whole or not at all: a short write is completed, a failed one
-    is cut off again (the journal truncated to its last whole line) before its OSError is raised.
+    leaves the renaming line, which verify and resume accept for the file that is there. A line is
+    written whole or not at all: a short write is completed, a failed one is cut off again (the
+    journal truncated to its last whole line) before its OSError is raised.
     flush() and close() fsync it, unless the writer's durability is NONE (then nothing is fsynced).
     """
 

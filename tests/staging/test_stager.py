@@ -163,6 +163,8 @@ def test_pool_blocks_come_back_when_a_write_fails(tmp_path: Path) -> None:
     future = writer.write("blocker/x", _engine(writer).put(torch.ones(10)))
     with pytest.raises(OSError, match="blocker"):
         future.result(timeout=10)
+    with pytest.raises(OSError, match="blocker"):  # a write's blocks are back once flush() returns
+        writer.flush()
     assert writer._stager.pool.in_use == 0
     with pytest.raises(OSError, match="blocker"):
         writer.close()

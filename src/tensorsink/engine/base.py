@@ -13,6 +13,7 @@ from ..options import Durability
 __all__ = [
     "BudgetLike",
     "Completion",
+    "CopyWait",
     "Due",
     "Engine",
     "FileJob",
@@ -20,6 +21,7 @@ __all__ = [
     "PlainRoute",
     "PlainWrite",
     "ReadyFile",
+    "Settled",
 ]
 
 
@@ -50,6 +52,28 @@ class FileOutcome(NamedTuple):
     #: time.time() of the rename: the manifest orders records of one path by it.
     renamed_at: float
     error: BaseException | None
+
+
+#: A copy into host memory that the engine's threads wait for themselves (staging.Completion.native):
+#: (wait, argument, setup, setup_argument, clear, set_device, device), the addresses of C functions
+#: `int wait(void *argument)`, `setup(int *)` (run once per thread before its first wait),
+#: `int clear(void)` (after a failed wait) and `int set_device(int device)` (before a wait, where the
+#: thread's device differs), 0 for none but wait, and their arguments.
+CopyWait = tuple[int, int, int, int, int, int, int]
+
+
+class Settled:
+    """A done-callback that the engine runs itself as the write settles, before the writer's own
+    callbacks and never behind them (the staging's pool blocks go back even while a user's callback
+    is slow). Added to a ready-route handle with add_done_callback."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: Callable[[], object]) -> None:
+        self._run = run
+
+    def __call__(self, handle: object) -> None:
+        self._run()
 
 
 #: Called with finished batches, each as (token, one outcome per file in submission order).
@@ -135,9 +159,12 @@ class Engine(ABC):
     def budget(self) -> BudgetLike:
         """The writer's budget (max_count writes, max_bytes bytes in flight)."""
 
-    def write_ready(self, keys: list[str], files: list[ReadyFile], nbytes: int) -> tuple[Any, float]:
+    def write_ready(
+        self, keys: list[str], files: list[ReadyFile], nbytes: int, waits: list[CopyWait] | None = None
+    ) -> tuple[Any, float]:
         """Number, admit (under the budget) and queue one write on the ready route; its handle and the
-        seconds it waited for room. Only where `ready_route`."""
+        seconds it waited for room. Only where `ready_route`. `waits`: the copies from a device that
+        its bytes are still on their way with, which the engine's threads wait for before writing."""
         raise NotImplementedError(f"the {self.name} engine has no ready route")
 
     def drain(self) -> None:

@@ -27,7 +27,7 @@ from ..options import Durability
 from ..staging.cudart import own_thread
 from ._native import Engine as _Native
 from ._native import Handle
-from .base import Completion, Due, Engine, FileJob, FileOutcome, PlainRoute
+from .base import Completion, Due, Engine, FileJob, FileOutcome, PlainRoute, Settled
 
 __all__ = ["Handle", "NativeEngine"]
 
@@ -142,9 +142,16 @@ class NativeEngine(Engine):
                 log.exception("tensorsink: completing %d batches failed", len(batches))
 
     def _hand_on(self, handle: Any) -> None:
+        """Run the engine's own callbacks here (Settled), and hand the writer's on."""
         callbacks = handle._take_callbacks()
+        for settled in [c for c in callbacks if isinstance(c, Settled)]:
+            try:
+                settled(handle)
+            except BaseException:
+                log.exception("tensorsink: settling a write failed")
+        callbacks = [c for c in callbacks if not isinstance(c, Settled)]
         try:
-            if self.on_due is not None:
+            if callbacks and self.on_due is not None:
                 self.on_due(handle, callbacks)
         except BaseException:
             log.exception("tensorsink: handing on %d done-callbacks failed", len(callbacks))

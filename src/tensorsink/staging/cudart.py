@@ -18,7 +18,7 @@ import logging
 import threading
 from typing import Any
 
-__all__ = ["before_cuda", "clear_last_error", "own_thread", "own_thread_now"]
+__all__ = ["before_cuda", "clear_last_error", "event_wait", "own_thread", "own_thread_now"]
 
 log = logging.getLogger("tensorsink")
 
@@ -58,6 +58,30 @@ def clear_last_error() -> int:
     """Clear (and return) the calling thread's last CUDA runtime error, after a failure handled here."""
     library = runtime()
     return int(library.cudaGetLastError()) if library is not None else 0
+
+
+def event_wait(event: int, device: int) -> tuple[int, int, int, int, int, int, int] | None:
+    """How a C thread waits for the CUDA event `event` (a cudaEvent_t) of `device` itself, as the
+    native engine's threads do (engine.base.CopyWait): cudaEventSynchronize, after relaxing the
+    thread's capture mode once and making `device` its current one (as torch's Event.synchronize
+    does: no context is made on another device), and cudaGetLastError after a failure. None where
+    the runtime is not loaded."""
+    library = runtime()
+    if library is None or not event:
+        return None
+
+    def address(name: str) -> int:
+        return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
+
+    return (
+        address("cudaEventSynchronize"),
+        event,
+        address("cudaThreadExchangeStreamCaptureMode"),
+        CAPTURE_MODE_RELAXED,
+        address("cudaGetLastError"),
+        address("cudaSetDevice"),
+        device,
+    )
 
 
 _found: list[Any] = []  # the runtime, once found (not finding it is not remembered: it may load later)

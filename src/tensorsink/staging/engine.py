@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .cudart import before_cuda
+from .cudart import before_cuda, event_wait
+
+if TYPE_CHECKING:
+    from ..engine.base import CopyWait
 
 __all__ = ["Completion", "CopyEngine", "CudaEngine"]
 
@@ -22,6 +25,11 @@ class Completion(Protocol):
     """Copies queued together; wait() returns once the host memory holds their results."""
 
     def wait(self) -> None: ...
+
+    def native(self) -> CopyWait | None:
+        """The same wait as C functions that a thread of the native engine calls itself, without the
+        GIL (engine.base.CopyWait); None where there are none (then a Python worker waits)."""
+        ...
 
 
 class CopyEngine(Protocol):
@@ -67,6 +75,10 @@ class _EventCompletion:
         before_cuda()
         self._event.synchronize()
         self._sources = []
+
+    def native(self) -> CopyWait | None:
+        index = getattr(self._event.device, "index", None)  # None: never recorded
+        return event_wait(self._event.cuda_event, index) if index is not None else None
 
 
 class CudaEngine:

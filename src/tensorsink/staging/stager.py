@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -22,6 +22,9 @@ from ..formats import FileEntry
 from .cudart import own_thread
 from .engine import Completion, CopyEngine, CudaEngine
 from .pool import ALIGNMENT, Block, PinnedPool
+
+if TYPE_CHECKING:
+    from ..engine.base import CopyWait
 
 __all__ = ["Staged", "Stager", "on_device"]
 
@@ -96,6 +99,15 @@ class Staged:
             self.arrays[i][j] = self._stager.copy_in_chunks(source, ready)
         self.completions, self.chunked = [], []
         return self.entries
+
+    def native_waits(self) -> list[CopyWait] | None:
+        """Its copies as waits that the native engine's threads make themselves (then no Python thread
+        waits for them); None where a Python worker must: chunked copies, tensors left on the device
+        for a device-direct writer, a copy engine without them."""
+        if self.chunked or self.on_device:
+            return None
+        waits = [completion.native() for completion in self.completions]
+        return None if None in waits else cast(list["CopyWait"], waits)
 
     @property
     def entries(self) -> list[FileEntry]:

@@ -119,11 +119,48 @@ void settle(Engine *e, Batch *batch) {
     }
 }
 
+/* Wait for the copies the job's batch waits for (each file of a batch asks; after the first, each
+ * wait returns at once). 0, or -1 with errno EIO. */
+static int wait_for_copies(const Batch *batch) {
+    static __thread int (*set_up)(int *) = NULL; /* the setup this thread has run */
+    static __thread int (*device_set_by)(int) = NULL, device = -1; /* and the device it set */
+    for (Py_ssize_t i = 0; i < batch->nwaits; i++) {
+        const CopyWait *w = &batch->waits[i];
+        if (w->setup && set_up != w->setup) {
+            int argument = w->setup_argument;
+            (void)w->setup(&argument);
+            set_up = w->setup;
+        }
+        if (w->set_device && (device_set_by != w->set_device || device != w->device)) {
+            if (w->set_device(w->device) != 0) {
+                if (w->clear) (void)w->clear();
+                errno = EIO;
+                return -1;
+            }
+            device_set_by = w->set_device;
+            device = w->device;
+        }
+        if (w->wait(w->argument) != 0) {
+            if (w->clear) (void)w->clear();
+            errno = EIO;
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static void run_job(Engine *e, Job *job) {
     char *folder = strndup(job->final, job->directory_length);
     int fd = job->fd;
     int created = 0;
     if (!folder) { errno = ENOMEM; fail(job, "open"); goto finish; }
+    if (job->batch->nwaits) {
+        if (wait_for_copies(job->batch) != 0) { fail(job, "copy from the device"); goto finish; }
+        Ticket *ticket = job->batch->ticket;
+        pthread_mutex_lock(&e->ticket_lock); /* the sources may be modified again: say so */
+        if (ticket && !ticket->staged) { ticket->staged = 1; pthread_cond_broadcast(&e->ticket_cond); }
+        pthread_mutex_unlock(&e->ticket_lock);
+    }
     if (fd < 0) {
         const char *operation = "open";
         if (make_folders(e, folder, &operation) != 0) { fail(job, operation); goto finish; }

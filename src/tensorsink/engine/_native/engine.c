@@ -22,6 +22,7 @@ void free_batch(Batch *batch) { /* with the GIL */
         free(job->temporary);
     }
     PyMem_RawFree(batch->jobs);
+    PyMem_RawFree(batch->waits);
     Py_XDECREF(batch->token);
     PyMem_RawFree(batch);
 }
@@ -450,14 +451,46 @@ PyObject *queue_ready(Engine *e, Batch *batch, double *waited) {
     return (PyObject *)ticket;
 }
 
-/* write_ready(keys, files, nbytes): one write whose bytes are in host memory, in one call: number
- * its files, take room in the budget (waiting without the GIL), queue them, and return its handle
- * with the seconds waited. Each file is (final, temporary, buffers, checksum, record, crc, payload);
- * keys[i] names file i's write in a failure. Completion, statistics and the budget are the threads'. */
+/* The batch's copy waits from Python: (wait, argument, setup, setup_argument, clear, set_device,
+ * device) each, the functions as addresses (0: none but wait). 0, or -1 with an exception set. */
+static int copy_waits(Batch *batch, PyObject *waits) {
+    if (waits == Py_None) return 0;
+    PyObject *items = PySequence_Fast(waits, "waits is a list of (wait, argument, setup, setup_argument, clear, set_device, device)");
+    if (!items) return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    batch->waits = n ? PyMem_RawCalloc((size_t)n, sizeof(CopyWait)) : NULL;
+    if (n && !batch->waits) { Py_DECREF(items); PyErr_NoMemory(); return -1; }
+    batch->nwaits = n;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long long wait, argument, setup, clear, set_device;
+        int setup_argument, device;
+        CopyWait *w = &batch->waits[i];
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(items, i), "KKKiKKi", &wait, &argument, &setup,
+                              &setup_argument, &clear, &set_device, &device)) { Py_DECREF(items); return -1; }
+        if (!wait) { Py_DECREF(items); PyErr_SetString(PyExc_ValueError, "a copy wait needs its function"); return -1; }
+        w->wait = (int (*)(void *))(uintptr_t)wait;
+        w->argument = (void *)(uintptr_t)argument;
+        w->setup = (int (*)(int *))(uintptr_t)setup;
+        w->setup_argument = setup_argument;
+        w->clear = (int (*)(void))(uintptr_t)clear;
+        w->set_device = (int (*)(int))(uintptr_t)set_device;
+        w->device = device;
+    }
+    Py_DECREF(items);
+    return 0;
+}
+
+/* write_ready(keys, files, nbytes, waits=None): one write whose bytes are in host memory, in one
+ * call: number its files, take room in the budget (waiting without the GIL), queue them, and return
+ * its handle with the seconds waited. Each file is (final, temporary, buffers, checksum, record, crc,
+ * payload); keys[i] names file i's write in a failure. With `waits` (see copy_waits), the bytes are
+ * still on their way from a device: the threads wait for those copies before they write any of them.
+ * Completion, statistics and the budget are the threads'. */
 static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
-    PyObject *keys, *files;
+    PyObject *keys, *files, *waits = Py_None;
     long long nbytes;
-    if (!PyArg_ParseTuple(args, "O!O!L", &PyList_Type, &keys, &PyList_Type, &files, &nbytes) || !usable(e))
+    if (!PyArg_ParseTuple(args, "O!O!L|O", &PyList_Type, &keys, &PyList_Type, &files, &nbytes, &waits) ||
+        !usable(e))
         return NULL;
     if (e->closed) { PyErr_SetString(PyExc_RuntimeError, "the engine is closed"); return NULL; }
     Py_ssize_t n = PyList_GET_SIZE(files);
@@ -469,6 +502,7 @@ static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
     collect_garbage(e);
     Batch *batch = ready_batch(e, n, nbytes);
     if (!batch) return NULL;
+    if (copy_waits(batch, waits) != 0) goto error;
     PyObject *paths = batch->ticket->paths;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(files, i), *final, *temporary, *buffers, *record, *known;

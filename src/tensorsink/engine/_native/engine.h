@@ -66,8 +66,26 @@ typedef struct Job {
 typedef struct Ticket Ticket;
 typedef struct Layout Layout;
 
+/* A copy into host memory that a batch's files wait for before they are written (a CUDA event's, its
+ * functions found by Python in the runtime torch loaded): wait(argument) returns 0 once the bytes are
+ * there. Before a thread's first wait, setup(&setup_argument) (CUDA: relaxed capture mode, so that a
+ * producer capturing a graph is not disturbed); before each, set_device(device) where the thread's
+ * device differs (CUDA: the event's, so no context is made on another device); after a failed wait,
+ * clear() (the thread's last error). */
+typedef struct {
+    int (*wait)(void *);
+    void *argument;
+    int (*setup)(int *);
+    int setup_argument;
+    int (*clear)(void);
+    int (*set_device)(int);
+    int device;
+} CopyWait;
+
 struct Batch {
     Batch *next; /* in the done queue, or the garbage */
+    CopyWait *waits; /* the copies its files wait for (the ready route), or NULL */
+    Py_ssize_t nwaits;
     PyObject *token;
     Ticket *ticket; /* the ready route's handle, settled here (the token holds it); NULL: reaped */
     long long budget_bytes; /* what the ready route's write took of the budget */
@@ -156,6 +174,7 @@ struct Ticket {
     Engine *engine;             /* a reference: its lock and condition outlive the ticket's waits */
     Ticket *prev, *next;        /* in the engine's pending list while not settled */
     int done;
+    int staged;                 /* the copies from a device its files waited for have landed */
     int error;                  /* the first failed file's errno, 0 if none failed */
     const char *operation;
     char *failed_final, *failed_key;

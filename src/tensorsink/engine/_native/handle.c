@@ -44,9 +44,23 @@ static int ticket_done(Ticket *t) {
     return done;
 }
 
+/* Whether its sources may be modified again: once settled, or once the copies from a device that its
+ * files waited for have landed (commit.c). */
+static int ticket_staged(Ticket *t) {
+    pthread_mutex_lock(&t->engine->ticket_lock);
+    int staged = t->done || t->staged;
+    pthread_mutex_unlock(&t->engine->ticket_lock);
+    return staged;
+}
+
+static int ticket_wait_until(Ticket *t, PyObject *timeout, int staged);
+
 /* Wait until settled, without the GIL: 1 settled, 0 timed out, -1 error (a child of fork()). */
-int ticket_wait(Ticket *t, PyObject *timeout) {
-    if (ticket_done(t)) return 1;
+int ticket_wait(Ticket *t, PyObject *timeout) { return ticket_wait_until(t, timeout, 0); }
+
+/* Wait until settled, or with `staged` until staged too. */
+static int ticket_wait_until(Ticket *t, PyObject *timeout, int staged) {
+    if (staged ? ticket_staged(t) : ticket_done(t)) return 1;
     if (t->engine->pid != getpid()) {
         PyErr_SetString(PyExc_RuntimeError, "this write was made before fork(): it is not settled in this process");
         return -1;
@@ -68,11 +82,11 @@ int ticket_wait(Ticket *t, PyObject *timeout) {
         if (deadline.tv_nsec >= 1000000000L) { deadline.tv_sec++; deadline.tv_nsec -= 1000000000L; }
     }
     pthread_mutex_lock(&e->ticket_lock);
-    while (!t->done) {
+    while (!t->done && !(staged && t->staged)) {
         if (seconds < 0) pthread_cond_wait(&e->ticket_cond, &e->ticket_lock);
         else if (pthread_cond_timedwait(&e->ticket_cond, &e->ticket_lock, &deadline) == ETIMEDOUT) break;
     }
-    done = t->done;
+    done = t->done || (staged && t->staged);
     pthread_mutex_unlock(&e->ticket_lock);
     Py_END_ALLOW_THREADS
     return done;
@@ -146,10 +160,12 @@ static PyObject *Ticket_exception(Ticket *t, PyObject *args, PyObject *kwargs) {
 static PyObject *Ticket_wait_staged(Ticket *t, PyObject *args, PyObject *kwargs) {
     PyObject *timeout;
     if (!parse_timeout(args, kwargs, &timeout)) return NULL;
-    int done = ticket_wait(t, timeout); /* host memory is read until the files are written */
-    if (done < 0) return NULL;
-    return PyBool_FromLong(done);
+    int staged = ticket_wait_until(t, timeout, 1); /* host memory is read until the files are written */
+    if (staged < 0) return NULL;
+    return PyBool_FromLong(staged);
 }
+
+static PyObject *Ticket_staged(Ticket *t, PyObject *unused) { return PyBool_FromLong(ticket_staged(t)); }
 
 static PyObject *Ticket_add_done_callback(Ticket *t, PyObject *callback) {
     Engine *e = t->engine;
@@ -228,8 +244,9 @@ static PyMethodDef Ticket_methods[] = {
      "exception(timeout=None): the write's failure, or None."},
     {"add_done_callback", (PyCFunction)Ticket_add_done_callback, METH_O,
      "add_done_callback(fn): fn(handle) once settled: at once if it is, else on the writer's callback thread."},
-    {"staged", (PyCFunction)Ticket_done, METH_NOARGS,
-     "Whether the source arrays may be modified again (host arrays: once the files are written)."},
+    {"staged", (PyCFunction)Ticket_staged, METH_NOARGS,
+     "Whether the source arrays may be modified again (host arrays: once the files are written; device "
+     "tensors: once their copies to host memory have landed)."},
     {"wait_staged", (PyCFunction)(void (*)(void))Ticket_wait_staged, METH_VARARGS | METH_KEYWORDS,
      "wait_staged(timeout=None): wait until the sources may be modified again; False on timeout."},
     {"as_future", (PyCFunction)Ticket_as_future, METH_NOARGS,
