@@ -186,8 +186,8 @@ class Committer:
         self._directory_sync = DirectorySync()
         self._token = secrets.token_hex(4)
         self._counter = itertools.count()
-        self._known_directories: set[str] = set()
-        self._make_root()
+        make_root(root, durability)
+        self._known_directories: set[str] = {root}
 
     def temporary_for(self, directory: str, name: str) -> str:
         """A new temporary's path for the file `name` in `directory`."""
@@ -302,24 +302,28 @@ class Committer:
         self._known_directories.add(directory)
 
     def _mkdir(self, path: str) -> None:
-        try:
-            os.mkdir(path)
-        except FileExistsError:  # made meanwhile by another thread or writer: fine if it is a folder
-            if not stat.S_ISDIR(os.lstat(path).st_mode):
-                raise
-        if self.durability is Durability.FULL:
-            fsync_directory(os.path.dirname(path))
+        _mkdir(path, self.durability)
 
-    def _make_root(self) -> None:
-        """The root and its missing parents (the root may itself be, or lie under, a symlink)."""
-        missing: list[str] = []
-        probe = self.root
-        while not os.path.isdir(probe):
-            missing.append(probe)
-            probe = os.path.dirname(probe)
-        for path in reversed(missing):
-            self._mkdir(path)
-        self._known_directories.add(self.root)
+
+def _mkdir(path: str, durability: Durability) -> None:
+    try:
+        os.mkdir(path)
+    except FileExistsError:  # made meanwhile by another thread or writer: fine if it is a folder
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            raise
+    if durability is Durability.FULL:
+        fsync_directory(os.path.dirname(path))
+
+
+def make_root(root: str, durability: Durability) -> None:
+    """The root and its missing parents (the root may itself be, or lie under, a symlink)."""
+    missing: list[str] = []
+    probe = root
+    while not os.path.isdir(probe):
+        missing.append(probe)
+        probe = os.path.dirname(probe)
+    for path in reversed(missing):
+        _mkdir(path, durability)
 
 
 def take_saved(fd: int, path: str, *, allow_empty: bool = False) -> tuple[int, str]:

@@ -23,7 +23,7 @@ import torch
 from .arrays import nbytes
 from .backends import Route
 from .batches import split_batch, tensors_of
-from .commit import Committer, find_symlink
+from .commit import find_symlink, make_root
 from .engine import Engine, PlainRoute, PythonEngine, engine_class
 from .engine.base import Settled
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError
@@ -84,9 +84,7 @@ class WriterCore:
         self._root = os.path.abspath(self.options.out_root)
         self._use_format(format_for(self.options.save_format, self.options.align))
         self._route = Route(self.options, self._root, self._format)
-        self._committer = Committer(  # names and creates temporaries; the engine commits them
-            self.options.durability, self._root, follow_symlinks=self.options.follow_symlinks
-        )
+        make_root(self._root, self.options.durability)  # before the journal, which lies under it
         self._checked_folders: set[str] = {self._root}  # folders found free of symlinks
         self._stats = StatsRecorder()
         o = self.options
@@ -110,6 +108,7 @@ class WriterCore:
             if self._journal is not None:
                 self._journal.close()
             raise
+        self._committer = self._engine.committer  # names and creates temporaries; the engine commits
         self._pipeline = Pipeline(o.workers, self._engine.budget, self._callbacks, self._engine.plain_off)
         self._use_format(self._format)  # again, now that the engine is known
         self._said_no_suffix = False

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple, Protocol
 
+from ..commit import Committer
 from ..formats import Buffer, Format
 from ..manifest import Journal
 from ..options import Durability
@@ -149,6 +150,9 @@ class Engine(ABC):
         self.max_count = max_count
         self.max_bytes = max_bytes
         self.on_due = on_due
+        #: The writer's one committer: it names and creates temporaries (for both routes) and, in
+        #: the Python engine, commits them.
+        self.committer = Committer(durability, root, follow_symlinks=follow_symlinks)
 
     #: Whether write_ready() is here: a write whose bytes are in host memory goes to the engine's
     #: threads in one call and is completed, counted and given its budget back without Python.

@@ -11,7 +11,6 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from ..checksum import crc32_of
-from ..commit import Committer
 from ..formats import write_buffers
 from ..manifest import Journal, crc32_of_path
 from ..options import Durability
@@ -44,7 +43,6 @@ class PythonEngine(Engine):
             max_count=max_count, max_bytes=max_bytes, on_due=on_due,
         )  # fmt: skip
         self._budget = Budget(max_count, max_bytes)
-        self.committer = Committer(durability, root, follow_symlinks=follow_symlinks)
         self._inline_below = inline_below if durability is Durability.NONE else 0
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tensorsink", initializer=own_thread)
 
