@@ -302,27 +302,28 @@ class WriterCore:
         waits = staged.native_waits() if staged is not None else None
         if staged is not None and waits is None:
             return None
-        encoded = self._encoded_here(entries)
-        if encoded is None:
-            return None
-        files: list[tuple[object, ...]] = []
-        nbytes = 0
-        for entry, buffers, record in zip(entries, encoded, self._records(keys, entries), strict=True):
-            directory, _, name = entry.path.rpartition("/")
-            temporary = self._committer.temporary_for(directory, name)
-            files.append((entry.path, temporary, buffers, record is not None, record, None, entry.nbytes))
-            nbytes += entry.nbytes
-        if staged is not None:
-            nbytes = max(nbytes - staged.pooled_bytes, 0)  # the pool is their budget
         try:
-            handle, blocked = self._engine.write_ready(keys, files, nbytes, waits)  # type: ignore[arg-type]
+            encoded = self._encoded_here(entries)
+            if encoded is None:
+                return None
+            files: list[tuple[object, ...]] = []
+            nbytes = 0
+            for entry, buffers, record in zip(entries, encoded, self._records(keys, entries), strict=True):
+                directory, _, name = entry.path.rpartition("/")
+                temporary = self._committer.temporary_for(directory, name)
+                files.append((entry.path, temporary, buffers, record is not None, record, None, entry.nbytes))
+                nbytes += entry.nbytes
         except BaseException:
             if staged is not None:
                 staged.release()
             raise
-        if staged is not None:
+        if staged is None:
+            handle, blocked = self._engine.write_ready(keys, files, nbytes)  # type: ignore[arg-type]
+        else:  # the engine owns the release from here: called as the write settles, or if refused
+            nbytes = max(nbytes - staged.pooled_bytes, 0)  # the pool is their budget
+            releasing = _releasing(staged)
+            handle, blocked = self._engine.write_ready(keys, files, nbytes, waits, releasing)  # type: ignore[arg-type]
             blocked += staged.blocked_seconds
-            handle.add_done_callback(Settled(staged.release))
         self._stats.write_started()
         if blocked:
             self._stats.blocked(blocked)
@@ -526,3 +527,9 @@ class WriterCore:
             f"AsyncWriter({str(o.out_root)!r}, save_format={o.save_format}, dict_mode={o.dict_mode}, "
             f"workers={o.workers}, durability={o.durability}{', closed' if self._gate.closed else ''})"
         )
+
+
+def _releasing(staged: Staged) -> Settled:
+    """Gives a ready-route write's pool blocks back as it settles: at once where it succeeded (the
+    engine's threads waited for every copy), after waiting for its copies where it did not."""
+    return Settled(lambda handle: staged.release(landed=handle is not None and handle.exception() is None))

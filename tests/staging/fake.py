@@ -40,6 +40,7 @@ class _LateCompletion:
         self._wait: Any = None  # the C function native() hands out, alive as long as this
 
     def wait(self) -> None:
+        self._engine.python_waits += 1
         self.thread.join()
 
     def native(self) -> tuple[int, int, int, int, int, int, int] | None:
@@ -74,6 +75,7 @@ class FakeEngine:
         self.set_up: list[tuple[int, int]] = []
         self.cleared = 0
         self.wait_error = 0
+        self.python_waits = 0  # completions waited for in Python
 
         def setup(mode: Any) -> int:
             self.set_up.append((threading.get_ident(), mode[0]))

@@ -79,6 +79,8 @@ def test_only_the_writers_own_threads_relax_their_capture_mode_once(runtime: lis
 
 def test_event_waits_relax_first_on_the_writers_threads(runtime: list[Any]) -> None:
     class Event:
+        device = None  # a torch.cuda.Event's device before it is recorded
+
         def synchronize(self) -> None:
             runtime.append(("synchronize", None, threading.current_thread().name))
 
@@ -216,3 +218,18 @@ def test_a_write_inside_a_graph_capture_is_refused_and_the_writer_goes_on(tmp_pa
         engine.capture = False
         writer.write("after", engine.put(torch.ones(4)))
     assert [p.name for p in tmp_path.iterdir() if p.suffix == ".npy"] == ["after.npy"]
+
+
+@pytest.mark.parametrize(
+    ("loaded", "cuda", "found"),
+    [
+        (["/w/nvidia/cu13/lib/libcudart.so.13", "/w/nvidia/cuda_runtime/lib/libcudart.so.12"], "12.8", 1),
+        (["/usr/local/cuda/lib64/libcudart.so.12.8.90"], "12.8", 0),
+        (["/a/libcudart.so.12", "/b/libcudart.so.12"], "12.8", None),  # two: neither is surely torch's
+        (["/a/libcudart.so.13"], "12.8", None),
+        (["/a/libcudart.so.12"], None, None),  # a CPU build of torch
+        (["/a/libcudart-9a8b7c.so.12"], "12.8", None),  # a bundled, renamed copy: not found by name
+    ],
+)
+def test_the_runtime_is_torchs_own_version(loaded: list[str], cuda: str | None, found: int | None) -> None:
+    assert cudart._torchs_runtime(loaded, cuda) == (None if found is None else loaded[found])

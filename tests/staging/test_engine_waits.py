@@ -164,3 +164,52 @@ def test_a_write_is_staged_once_its_copy_has_landed_never_before(tmp_path: Path)
         assert handle.staged()
         handle.result(timeout=30)
     assert_same(read_back(tmp_path / "k.safetensors", SaveFormat.SAFETENSORS)["arr_0"], torch.ones(256))
+
+
+def test_a_written_copy_is_not_waited_for_again_in_python(tmp_path: Path) -> None:
+    """The engine's threads waited for it: the blocks go back without a second wait (on a GPU, a
+    synchronize from the collecting thread), which only a failed write still needs."""
+    device = FakeEngine(delay=0.05)
+    with _writer(tmp_path, device) as writer:
+        writer.write("k", device.put(torch.ones(64))).result(timeout=30)
+        writer.flush()
+        assert writer._stager.pool.in_use == 0
+    assert device.waited
+    assert device.python_waits == 0
+
+
+def test_an_interruption_after_the_write_was_queued_neither_loses_nor_frees_its_block_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C lands as write_ready() returns: the write is queued, and its release is the engine's."""
+    device = FakeEngine(delay=0.1)
+    writer = _writer(tmp_path, device)
+    stats = writer._stats
+    real = stats.write_started
+
+    def interrupted() -> None:
+        monkeypatch.setattr(stats, "write_started", real)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stats, "write_started", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        writer.write("k", device.put(torch.ones(64)))
+    writer.flush()
+    pool = writer._stager.pool
+    assert pool.in_use == 0
+    assert pool.free_runs() == [(0, pool.capacity)]  # given back once, whole
+    writer.close()
+    assert_same(read_back(tmp_path / "k.safetensors", SaveFormat.SAFETENSORS)["arr_0"], torch.ones(64))
+
+
+def test_a_write_the_engine_refuses_has_its_settled_callable_called_with_none(tmp_path: Path) -> None:
+    from tensorsink.engine.base import Settled
+
+    writer = AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, engine="native")
+    called: list[object] = []
+    try:
+        with pytest.raises(TypeError):
+            writer._engine.write_ready(["k"], [("not", "a file")], 1, None, Settled(called.append))
+    finally:
+        writer.close()
+    assert called == [None]

@@ -38,6 +38,7 @@ class Engine:
         files: list[tuple[object, ...]],
         nbytes: int,
         waits: list[tuple[int, int, int, int, int, int, int]] | None = None,
+        settled: Callable[[Handle | None], None] | None = None,
         /,
     ) -> tuple[Handle, float]: ...
     def drain(self) -> None: ...

@@ -64,17 +64,18 @@ CopyWait = tuple[int, int, int, int, int, int, int]
 
 
 class Settled:
-    """A done-callback that the engine runs itself as the write settles, before the writer's own
-    callbacks and never behind them (the staging's pool blocks go back even while a user's callback
-    is slow). Added to a ready-route handle with add_done_callback."""
+    """A write's first done-callback, which the engine runs itself as the write settles, before the
+    writer's own callbacks and never behind them (the staging's pool blocks go back even while a
+    user's callback is slow); given to write_ready, which also calls it, with None, for a write it
+    refuses."""
 
     __slots__ = ("_run",)
 
-    def __init__(self, run: Callable[[], object]) -> None:
+    def __init__(self, run: Callable[[Any], object]) -> None:
         self._run = run
 
-    def __call__(self, handle: object) -> None:
-        self._run()
+    def __call__(self, handle: Any) -> None:
+        self._run(handle)
 
 
 #: Called with finished batches, each as (token, one outcome per file in submission order).
@@ -164,11 +165,17 @@ class Engine(ABC):
         """The writer's budget (max_count writes, max_bytes bytes in flight)."""
 
     def write_ready(
-        self, keys: list[str], files: list[ReadyFile], nbytes: int, waits: list[CopyWait] | None = None
+        self,
+        keys: list[str],
+        files: list[ReadyFile],
+        nbytes: int,
+        waits: list[CopyWait] | None = None,
+        settled: Settled | None = None,
     ) -> tuple[Any, float]:
         """Number, admit (under the budget) and queue one write on the ready route; its handle and the
         seconds it waited for room. Only where `ready_route`. `waits`: the copies from a device that
-        its bytes are still on their way with, which the engine's threads wait for before writing."""
+        its bytes are still on their way with, which the engine's threads wait for before writing;
+        `settled`: the handle's first done-callback (see Settled)."""
         raise NotImplementedError(f"the {self.name} engine has no ready route")
 
     def drain(self) -> None:

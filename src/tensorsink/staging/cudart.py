@@ -18,6 +18,8 @@ import logging
 import threading
 from typing import Any
 
+import torch
+
 __all__ = ["before_cuda", "clear_last_error", "event_wait", "own_thread", "own_thread_now"]
 
 log = logging.getLogger("tensorsink")
@@ -62,10 +64,9 @@ def clear_last_error() -> int:
 
 def event_wait(event: int, device: int) -> tuple[int, int, int, int, int, int, int] | None:
     """How a C thread waits for the CUDA event `event` (a cudaEvent_t) of `device` itself, as the
-    native engine's threads do (engine.base.CopyWait): cudaEventSynchronize, after relaxing the
-    thread's capture mode once and making `device` its current one (as torch's Event.synchronize
-    does: no context is made on another device), and cudaGetLastError after a failure. None where
-    the runtime is not loaded."""
+    native engine's threads do (engine.base.CopyWait): cudaEventSynchronize, after making `device`
+    its current one (so that no context is made on another device) and relaxing the thread's capture
+    mode once, and cudaGetLastError after a failure. None where the runtime is not loaded."""
     library = runtime()
     if library is None or not event:
         return None
@@ -88,18 +89,34 @@ _found: list[Any] = []  # the runtime, once found (not finding it is not remembe
 
 
 def runtime() -> Any:
-    """The CUDA runtime library torch loaded into this process, or None (no CUDA in use yet)."""
+    """The CUDA runtime library torch loaded into this process, or None (no CUDA in use yet, or no
+    runtime of torch's CUDA version to be found by name, or more than one)."""
     if _found:
         return _found[0]
-    for path in _loaded_libraries():
-        if "libcudart.so" in path.rsplit("/", 1)[-1]:
-            try:
-                _found.append(ctypes.CDLL(path))
-            except OSError as exc:
-                log.warning("tensorsink: cannot open the CUDA runtime %s: %s", path, exc)
-                return None
-            return _found[0]
-    return None
+    path = _torchs_runtime(_loaded_libraries(), torch.version.cuda)
+    if path is None:
+        return None
+    try:
+        _found.append(ctypes.CDLL(path))
+    except OSError as exc:
+        log.warning("tensorsink: cannot open the CUDA runtime %s: %s", path, exc)
+        return None
+    return _found[0]
+
+
+def _torchs_runtime(loaded: list[str], cuda: str | None) -> str | None:
+    """Among the libraries loaded, the one runtime of torch's CUDA major version (libcudart.so.12 for
+    12.x): another package may have loaded another version's, which would not be torch's."""
+    if not cuda:
+        return None
+    suffix = f".so.{cuda.split('.')[0]}"
+    found = [
+        path
+        for path in loaded
+        if (name := path.rsplit("/", 1)[-1]).startswith("libcudart.so")
+        and (name.endswith(suffix) or suffix + "." in name)
+    ]
+    return found[0] if len(found) == 1 else None
 
 
 def _loaded_libraries() -> list[str]:

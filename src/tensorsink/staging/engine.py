@@ -7,6 +7,7 @@ a dedicated copy stream that waits for it, so the producer never waits; a worker
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol
@@ -73,7 +74,11 @@ class _EventCompletion:
 
     def wait(self) -> None:
         before_cuda()
-        self._event.synchronize()
+        # torch's synchronize() sets no device itself: on a fresh thread it would make a context on
+        # device 0. (An event never recorded has no device, and nothing to wait for.)
+        index = getattr(self._event.device, "index", None)
+        with torch.cuda.device(index) if index is not None else contextlib.nullcontext():
+            self._event.synchronize()
         self._sources = []
 
     def native(self) -> CopyWait | None:

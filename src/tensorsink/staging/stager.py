@@ -116,10 +116,11 @@ class Staged:
             for entry, arrays in zip(self._entries, self.arrays, strict=True)
         ]
 
-    def release(self) -> None:
+    def release(self, *, landed: bool = False) -> None:
         """Give the pool blocks back, after the files are written or on failure; copies still queued
-        into them (a failure part-way) are waited for first, so none can land in a reused block."""
-        for completion in self.completions:
+        into them (a failure part-way) are waited for first, so none can land in a reused block,
+        unless they are known to have `landed` (the engine's threads waited for them all)."""
+        for completion in [] if landed else self.completions:
             with contextlib.suppress(Exception):
                 completion.wait()
         self.completions = []

@@ -126,12 +126,7 @@ static int wait_for_copies(const Batch *batch) {
     static __thread int (*device_set_by)(int) = NULL, device = -1; /* and the device it set */
     for (Py_ssize_t i = 0; i < batch->nwaits; i++) {
         const CopyWait *w = &batch->waits[i];
-        if (w->setup && set_up != w->setup) {
-            int argument = w->setup_argument;
-            (void)w->setup(&argument);
-            set_up = w->setup;
-        }
-        if (w->set_device && (device_set_by != w->set_device || device != w->device)) {
+        if (w->set_device && (device_set_by != w->set_device || device != w->device)) { /* first */
             if (w->set_device(w->device) != 0) {
                 if (w->clear) (void)w->clear();
                 errno = EIO;
@@ -139,6 +134,11 @@ static int wait_for_copies(const Batch *batch) {
             }
             device_set_by = w->set_device;
             device = w->device;
+        }
+        if (w->setup && set_up != w->setup) {
+            int argument = w->setup_argument;
+            (void)w->setup(&argument);
+            set_up = w->setup;
         }
         if (w->wait(w->argument) != 0) {
             if (w->clear) (void)w->clear();

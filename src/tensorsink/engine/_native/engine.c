@@ -480,29 +480,51 @@ static int copy_waits(Batch *batch, PyObject *waits) {
     return 0;
 }
 
-/* write_ready(keys, files, nbytes, waits=None): one write whose bytes are in host memory, in one
- * call: number its files, take room in the budget (waiting without the GIL), queue them, and return
- * its handle with the seconds waited. Each file is (final, temporary, buffers, checksum, record, crc,
- * payload); keys[i] names file i's write in a failure. With `waits` (see copy_waits), the bytes are
- * still on their way from a device: the threads wait for those copies before they write any of them.
- * Completion, statistics and the budget are the threads'. */
+/* A write that was not queued: its `settled` callable is called here (the caller gives that up to
+ * write_ready), with the error that stopped it kept. */
+static void not_queued(PyObject *settled) {
+    if (settled == Py_None) return;
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyObject *ran = PyObject_CallOneArg(settled, Py_None);
+    if (!ran) PyErr_WriteUnraisable(settled);
+    Py_XDECREF(ran);
+    PyErr_Restore(type, value, traceback);
+}
+
+/* write_ready(keys, files, nbytes, waits=None, settled=None): one write whose bytes are in host
+ * memory, in one call: number its files, take room in the budget (waiting without the GIL), queue
+ * them, and return its handle with the seconds waited. Each file is (final, temporary, buffers,
+ * checksum, record, crc, payload); keys[i] names file i's write in a failure. With `waits` (see
+ * copy_waits), the bytes are still on their way from a device: the threads wait for those copies
+ * before they write any of them. `settled(handle)` is the handle's first done-callback, in place
+ * before the write is queued (so that no interruption can lose it), and called here with None if
+ * the write is refused instead. Completion, statistics and the budget are the threads'. */
 static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
-    PyObject *keys, *files, *waits = Py_None;
+    PyObject *keys, *files, *waits = Py_None, *settled = Py_None;
     long long nbytes;
-    if (!PyArg_ParseTuple(args, "O!O!L|O", &PyList_Type, &keys, &PyList_Type, &files, &nbytes, &waits) ||
-        !usable(e))
+    if (!PyArg_ParseTuple(args, "O!O!L|OO", &PyList_Type, &keys, &PyList_Type, &files, &nbytes, &waits,
+                          &settled))
         return NULL;
-    if (e->closed) { PyErr_SetString(PyExc_RuntimeError, "the engine is closed"); return NULL; }
+    if (!usable(e)) { not_queued(settled); return NULL; }
+    if (e->closed) {
+        PyErr_SetString(PyExc_RuntimeError, "the engine is closed");
+        not_queued(settled);
+        return NULL;
+    }
     Py_ssize_t n = PyList_GET_SIZE(files);
     if (n == 0 || PyList_GET_SIZE(keys) != n) {
         PyErr_SetString(PyExc_ValueError, "write_ready() takes one key per file, and at least one file");
+        not_queued(settled);
         return NULL;
     }
-    if (import_helpers() != 0) return NULL;
+    if (import_helpers() != 0) { not_queued(settled); return NULL; }
     collect_garbage(e);
     Batch *batch = ready_batch(e, n, nbytes);
-    if (!batch) return NULL;
+    if (!batch) { not_queued(settled); return NULL; }
     if (copy_waits(batch, waits) != 0) goto error;
+    if (settled != Py_None && !(batch->ticket->callbacks = PyList_New(1))) goto error;
+    if (settled != Py_None) { Py_INCREF(settled); PyList_SET_ITEM(batch->ticket->callbacks, 0, settled); }
     PyObject *paths = batch->ticket->paths;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = PyList_GET_ITEM(files, i), *final, *temporary, *buffers, *record, *known;
@@ -530,10 +552,14 @@ static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
         if (!job->key) { PyErr_NoMemory(); goto error; }
     }
     double waited;
+    Py_INCREF(settled); /* queue_ready frees the batch, its ticket and their callbacks if it fails */
     PyObject *handle = queue_ready(e, batch, &waited);
+    if (!handle) not_queued(settled);
+    Py_DECREF(settled);
     return handle ? Py_BuildValue("(Nd)", handle, waited) : NULL;
 error:
     free_batch(batch); /* and the ticket with it */
+    not_queued(settled);
     return NULL;
 }
 

@@ -68,10 +68,10 @@ typedef struct Layout Layout;
 
 /* A copy into host memory that a batch's files wait for before they are written (a CUDA event's, its
  * functions found by Python in the runtime torch loaded): wait(argument) returns 0 once the bytes are
- * there. Before a thread's first wait, setup(&setup_argument) (CUDA: relaxed capture mode, so that a
- * producer capturing a graph is not disturbed); before each, set_device(device) where the thread's
- * device differs (CUDA: the event's, so no context is made on another device); after a failed wait,
- * clear() (the thread's last error). */
+ * there. Before each, set_device(device) where the thread's device differs (CUDA: the event's, so no
+ * context is made on another device), then, before a thread's first wait, setup(&setup_argument)
+ * (CUDA: relaxed capture mode, so that a producer capturing a graph is not disturbed); after a
+ * failed wait, clear() (the thread's last error). */
 typedef struct {
     int (*wait)(void *);
     void *argument;
