@@ -603,3 +603,65 @@ def test_a_rewrite_killed_between_its_files_is_not_done(tmp_path: Path) -> None:
     assert not Manifest.load(tmp_path).done("k")
     journal.write_text(journal.read_text() + line("k_b.npy", 3, "w2", 4.0))  # and its second
     assert Manifest.load(tmp_path).done("k")
+
+
+def test_a_rewrite_killed_before_its_first_files_record_is_not_done(tmp_path: Path) -> None:
+    """As above, but the rewrite's first file has only its renaming line (its record, written after
+    the rename, was lost to the kill): that line is the file there, of the rewrite."""
+    (tmp_path / "k_a.npy").write_bytes(b"new")
+    (tmp_path / "k_b.npy").write_bytes(b"old")
+    (tmp_path / JOURNAL_DIR).mkdir()
+
+    def line(path: str, write: str, when: float, renaming: bool = False) -> str:
+        head = {"key": "k", "path": path, "format": "npy", "arrays": [], "files": 2, "write": write}
+        tail = {"renaming": True} if renaming else {}
+        return json.dumps({**head, "bytes": 3, "crc32": "00000000", "time": when, **tail}) + "\n"
+
+    journal = tmp_path / JOURNAL_DIR / "journal-h-1-aa.jsonl"
+    first = line("k_a.npy", "w1", 1.0) + line("k_b.npy", "w1", 2.0)
+    journal.write_text(first + line("k_a.npy", "w2", 3.0, renaming=True))
+    assert not Manifest.load(tmp_path).done("k")
+    journal.write_text(first + line("k_a.npy", "w1", 3.0, renaming=True))  # a rename of the same write
+    assert Manifest.load(tmp_path).done("k")
+
+
+@given(
+    nbytes=st.integers(0, 1 << 50),
+    crc=st.integers(0, (1 << 32) - 1),
+    when=st.floats(1e9, 4e9, allow_nan=False),
+    renaming=st.booleans(),
+)
+def test_the_engines_line_end_is_the_python_twins(nbytes: int, crc: int, when: float, renaming: bool) -> None:
+    from tensorsink.engine import available_engines
+
+    if "native" not in available_engines():
+        pytest.skip("the native engine was not built here")
+    from tensorsink.engine._native import line_tail as c_line_tail
+    from tensorsink.manifest import line_tail
+
+    assert c_line_tail(nbytes, crc, when, renaming) == line_tail(nbytes, crc, when, renaming).encode()
+
+
+def test_a_closed_writer_never_writes_its_journal_again(tmp_path: Path) -> None:
+    """The journal refused a held record at close(): the number of its descriptor, closed with the
+    writer, may be another file's by the next call, which must not get the record."""
+    writer = AsyncWriter(tmp_path, "npy", durability="none", engine="native")
+    writer.write("held", torch.zeros(3)).result()
+    journal_fd = writer._journal.fd  # type: ignore[union-attr]
+    readonly = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(readonly, journal_fd)
+    os.close(readonly)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        writer.close()
+    opened = []
+    try:
+        while (fd := os.open(tmp_path / "unrelated.txt", os.O_WRONLY | os.O_CREAT, 0o644)) != journal_fd:
+            opened.append(fd)
+            assert len(opened) < 1000, "the journal's descriptor number never came back"
+        opened.append(fd)
+        with pytest.raises(OSError, match="Bad file descriptor"):
+            writer.flush()
+    finally:
+        for fd in opened:
+            os.close(fd)
+    assert (tmp_path / "unrelated.txt").read_bytes() == b""

@@ -83,6 +83,11 @@ def _ints(values: list[int]) -> str:
     return f"[{','.join(map(str, values))}]"
 
 
+def line_tail(nbytes: int, crc: int, when: float, renaming: bool) -> str:
+    """A journal line's end: what the write itself tells (the native engine's line_tail in C)."""
+    return f',"bytes":{nbytes},"crc32":"{crc:08x}","time":{when:.6f}{RENAMING_TAIL if renaming else ""}}}\n'
+
+
 class Journal:
     """One writer's append-only journal, opened (and its folder made) at construction.
 
@@ -157,9 +162,7 @@ class Journal:
 
     def write_line(self, prefix: bytes, nbytes: int, crc: int, when: float, *, renaming: bool) -> None:
         """Append one line (what the native engine does in C, for the Python engine)."""
-        tail = (
-            f',"bytes":{nbytes},"crc32":"{crc:08x}","time":{when:.6f}{RENAMING_TAIL if renaming else ""}}}\n'
-        )
+        tail = line_tail(nbytes, crc, when, renaming)
         with self._lock:
             fd = self.fd
             end = os.lseek(fd, 0, os.SEEK_END)
@@ -257,7 +260,9 @@ class Manifest:
         paths = self._paths_by_key.get(key, [])
         if not paths:
             return False
-        latest = {path: self.candidates(path)[0] for path in paths}
+        # Each path's newest line: a renaming line newer than its record may be the file that is there
+        # (a kill after its rename, before its record was written), and be of another write.
+        latest = {path: (self.renaming.get(path) or [self.records[path]])[0] for path in paths}
         newest = max(latest.values(), key=lambda record: record["time"])
         write = newest.get("write")
         if write is not None:  # the newest write's own files, each recorded as of that write

@@ -30,6 +30,7 @@ from tensorsink.formats.pt import PtFormat, pt_template
 from tensorsink.manifest import arrays_of, verify
 from tensorsink.options import DictMode, SaveFormat
 from tensorsink.plan import plan_files, validate_key
+from tests.support import read_back
 
 pytest.importorskip("tensorsink.engine.native", reason="the native engine was not built")
 from tensorsink.engine.native import Handle
@@ -365,3 +366,37 @@ def test_a_pt_file_is_torch_saves_own_bytes(
     assert zipfile.ZipFile(root / "t.pt").testzip() is None
     assert torch.equal(torch.load(root / "t.pt", weights_only=True), tensor)
     assert verify(root).ok
+
+
+@pytest.mark.parametrize("save_format", ["npy", "safetensors", "pt"])
+@pytest.mark.parametrize("durability", ["none", "file"])
+def test_threads_writing_arrays_of_many_shapes_each_get_their_own_header(
+    tmp_path: Path, save_format: str, durability: str
+) -> None:
+    """The engine keeps the last shape's layout; a call may give up the GIL while it uses one (a .pt
+    template made in Python, a wait for room), and another thread's call must not replace it then."""
+    writer = AsyncWriter(tmp_path, save_format, durability=durability, manifest=False, max_inflight=8)
+    problems: list[BaseException] = []
+
+    def run(thread: int) -> None:
+        try:
+            for i in range(150):
+                n = (thread * 7 + i * 13) % 41 + 1
+                writer.write(f"t{thread}/{i}", torch.full((n,), float(n)))
+        except BaseException as exc:
+            problems.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.close()
+    assert not problems
+    fmt = SaveFormat(save_format)
+    for t in range(3):
+        for i in range(150):
+            n = (t * 7 + i * 13) % 41 + 1
+            stored = read_back(tmp_path / f"t{t}" / f"{i}.{save_format}", fmt)
+            stored = stored["arr_0"] if isinstance(stored, dict) else stored
+            np.testing.assert_array_equal(np.asarray(stored), np.full(n, float(n), np.float32))

@@ -657,6 +657,7 @@ static PyObject *Engine_close(Engine *e, PyObject *unused) {
     pthread_cond_broadcast(&e->done);
     pthread_mutex_unlock(&e->lock);
     journal_flush(e);
+    journal_forget(e);
     Py_END_ALLOW_THREADS
     collect_garbage(e);
     Py_RETURN_NONE;

@@ -204,7 +204,9 @@ void release_order(Engine *e, const char *path);
 
 /* journal.c: append the job's journal line, before its rename or after it (held); write those held. */
 int journal_line(Engine *e, Job *job, int renaming, double when);
+size_t line_tail(char *tail, uint64_t size, uint32_t crc, int renaming, double when); /* 160 bytes */
 void journal_flush(Engine *e);
+void journal_forget(Engine *e);
 
 /* commit.c: time.perf_counter()'s clock; wake workers for jobs queued (under e->lock); a ready-route
  * batch is finished: count it, give its budget back, settle its handle (under e->lock). */

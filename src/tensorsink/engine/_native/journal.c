@@ -8,6 +8,7 @@
 #include "engine.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
@@ -87,17 +88,20 @@ static char *literal(char *at, const char *text) {
 
 /* The line's end: what the Python twin writes with f'...{when:.6f}...' (Journal.write_line), made
  * without printf, which is a noticeable part of a small file's cost. */
-static size_t line_tail(char *tail, const Job *job, int renaming, double when) {
+size_t line_tail(char *tail, uint64_t size, uint32_t crc, int renaming, double when) {
     static const char hex[] = "0123456789abcdef";
-    unsigned long long micro = (unsigned long long)(when * 1e6 + 0.5);
+    /* The seconds and their fraction apart, each exact (the fraction of a double is one): only the
+     * fraction's one rounding to microseconds remains, as in printf's %.6f. */
+    double seconds = floor(when), micro = nearbyint((when - seconds) * 1e6);
+    if (micro >= 1e6) { seconds += 1; micro = 0; }
     char *at = literal(tail, ",\"bytes\":");
-    at = decimal(at, (unsigned long long)job->size, 1);
+    at = decimal(at, (unsigned long long)size, 1);
     at = literal(at, ",\"crc32\":\"");
-    for (int shift = 28; shift >= 0; shift -= 4) *at++ = hex[(job->crc >> shift) & 15];
+    for (int shift = 28; shift >= 0; shift -= 4) *at++ = hex[(crc >> shift) & 15];
     at = literal(at, "\",\"time\":");
-    at = decimal(at, micro / 1000000, 1);
+    at = decimal(at, (unsigned long long)seconds, 1);
     *at++ = '.';
-    at = decimal(at, micro % 1000000, 6);
+    at = decimal(at, (unsigned long long)micro, 6);
     at = literal(at, renaming ? ",\"renaming\":true}\n" : "}\n");
     return (size_t)(at - tail);
 }
@@ -106,7 +110,7 @@ static size_t line_tail(char *tail, const Job *job, int renaming, double when) {
  * after it (held, see above). 0, or -1 with errno. */
 int journal_line(Engine *e, Job *job, int renaming, double when) {
     char tail[160];
-    size_t n = line_tail(tail, job, renaming, when);
+    size_t n = line_tail(tail, job->size, job->crc, renaming, when);
     int rc = 0, saved = 0;
     pthread_mutex_lock(&e->journal_lock);
     if (!renaming && e->held_length + job->record_length + n <= HOLD_BYTES &&
@@ -121,6 +125,15 @@ int journal_line(Engine *e, Job *job, int renaming, double when) {
     pthread_mutex_unlock(&e->journal_lock);
     errno = saved;
     return rc;
+}
+
+/* After close: the journal is the writer's to close, and nothing may be written to its number again
+ * (records still held were refused, and that failure is the engine's already). */
+void journal_forget(Engine *e) {
+    pthread_mutex_lock(&e->journal_lock);
+    e->journal = -1;
+    e->held_length = 0;
+    pthread_mutex_unlock(&e->journal_lock);
 }
 
 /* Write the records held. A failure is the engine's, if it is the first, reported as the first held

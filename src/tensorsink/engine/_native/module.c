@@ -4,11 +4,30 @@
 
 #include "crc.h"
 
+/* line_tail(size, crc, when, renaming): the end the engine gives a journal line (tests hold it to the
+ * Python twin's, manifest.Journal.write_line). */
+static PyObject *module_line_tail(PyObject *module, PyObject *args) {
+    unsigned long long size;
+    unsigned int crc;
+    double when;
+    int renaming;
+    if (!PyArg_ParseTuple(args, "KIdp", &size, &crc, &when, &renaming)) return NULL;
+    char tail[160];
+    size_t n = line_tail(tail, size, crc, renaming, when);
+    return PyBytes_FromStringAndSize(tail, (Py_ssize_t)n);
+}
+
+static PyMethodDef module_methods[] = {
+    {"line_tail", module_line_tail, METH_VARARGS, "line_tail(size, crc, when, renaming): a journal line's end."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module_def = {
     PyModuleDef_HEAD_INIT,
     .m_name = "tensorsink.engine._native",
     .m_doc = "The native write engine.",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__native(void) {

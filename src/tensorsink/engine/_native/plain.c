@@ -215,6 +215,8 @@ struct Layout {
     PyObject *header;  /* bytes: for .pt, the archive up to the storage */
     Text record_tail;  /* the file's suffix, format and arrays: '.npy","format":"npy","arrays":[[...]]' */
     Archive *archive;  /* .pt: the archive after the storage, to fill once the storage's CRC is known */
+    int references;    /* the engine's cache and each call using it (with the GIL, which a call may
+                        * give up meanwhile: another thread's call must not free it under this one) */
 };
 
 /* ---- .pt archives ---------------------------------------------------------------------------------- */
@@ -364,18 +366,26 @@ static void layout_free(Layout *layout) {
     free(layout);
 }
 
+/* Give up a reference to a layout (with the GIL). */
+static void layout_release(Layout *layout) {
+    if (layout && --layout->references == 0) layout_free(layout);
+}
+
 static int same_layout(const Layout *layout, const Py_buffer *view, const char *format) {
     return layout && layout->itemsize == view->itemsize && layout->ndim == view->ndim &&
            !strcmp(layout->format, format) &&
            !memcmp(layout->shape, view->shape, (size_t)view->ndim * sizeof(Py_ssize_t));
 }
 
-/* The layout of the array `view` shows, for the engine's plain format (borrowed: valid until the
- * next call); `*status` 1, or 0 (a dtype Python decides) or -1 (an exception set), with NULL. */
+/* The layout of the array `view` shows, for the engine's plain format (a reference: layout_release
+ * it); `*status` 1, or 0 (a dtype Python decides) or -1 (an exception set), with NULL. */
 static Layout *layout_of(Engine *e, const Py_buffer *view, int *status) {
     const char *format = view->format ? view->format : "B";
     *status = 1;
-    if (same_layout(e->plain_layout, view, format)) return e->plain_layout;
+    if (same_layout(e->plain_layout, view, format)) {
+        e->plain_layout->references++;
+        return e->plain_layout;
+    }
     Dtype dtype;
     *status = 0;
     if (strlen(format) >= sizeof e->plain_layout->format || !plain_dtype(format, view->itemsize, &dtype) ||
@@ -416,7 +426,8 @@ static Layout *layout_of(Engine *e, const Py_buffer *view, int *status) {
             return NULL;
         }
     }
-    layout_free(e->plain_layout);
+    layout_release(e->plain_layout); /* (pt_layout ran Python: the cache may have changed meanwhile) */
+    made->references = 2; /* the cache's and the caller's */
     e->plain_layout = made;
     *status = 1;
     return made;
@@ -635,6 +646,7 @@ PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     File f;
     if (status > 0) status = plan_file(e, args[0], layout, &f);
     if (status <= 0) {
+        layout_release(layout);
         PyBuffer_Release(&view);
         return status < 0 ? NULL : Py_NewRef(Py_None);
     }
@@ -642,10 +654,12 @@ PyObject *Engine_write_plain(Engine *e, PyObject *const *args, Py_ssize_t nargs)
     Batch *batch = ready_batch(e, 1, (long long)view.len);
     if (!batch || fill_file_job(e, batch, 0, &f, layout->header, layout->archive, &view) != 0) { /* the view not taken */
         if (batch) free_batch(batch);
+        layout_release(layout);
         PyBuffer_Release(&view);
         file_clear(&f);
         return NULL;
     }
+    layout_release(layout);
     file_clear(&f);
     return queue_plain(e, batch, start);
 }
@@ -667,6 +681,7 @@ PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t 
     if (status <= 0) return status < 0 ? NULL : Py_NewRef(Py_None);
     PyObject *out = Py_None;
     Batch *batch = NULL;
+    Layout *layout = NULL;
     Table finals = {0};
     File f = {0};
     if (view.ndim < 1 || view.shape[0] != n) goto done; /* Python says what is wrong */
@@ -675,11 +690,11 @@ PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t 
     sample.shape = view.shape + 1;
     sample.strides = view.strides ? view.strides + 1 : NULL;
     sample.len = view.len / n;
-    Layout *layout = layout_of(e, &sample, &status);
+    layout = layout_of(e, &sample, &status);
     if (status <= 0) { out = status < 0 ? NULL : Py_None; goto done; }
     if (table_init(&finals, (size_t)n * 2 + 1) != 0) { out = PyErr_NoMemory(); goto done; }
     if (!(batch = ready_batch(e, n, (long long)view.len))) { out = NULL; goto done; }
-    PyObject *header = Py_NewRef(layout->header); /* the layout is only borrowed: nothing replaces it here */
+    PyObject *header = layout->header;
     const Archive *archive = layout->archive;
     collect_garbage(e);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -701,17 +716,18 @@ PyObject *Engine_write_plain_batch(Engine *e, PyObject *const *args, Py_ssize_t 
         }
         file_clear(&f);
     }
-    Py_DECREF(header);
     if (status <= 0) {
         file_clear(&f);
         free_batch(batch);
         out = status < 0 ? NULL : Py_None;
         goto done;
     }
+    layout_release(layout);
     table_free(&finals);
     PyBuffer_Release(&view);
     return queue_plain(e, batch, start);
 done:
+    layout_release(layout);
     table_free(&finals);
     PyBuffer_Release(&view);
     Py_XINCREF(out);
@@ -767,7 +783,7 @@ PyObject *Engine_plain(Engine *e, PyObject *args) {
     Py_XSETREF(e->ndarray_type, Py_NewRef(ndarray_type));
     strcpy(e->plain_token, token);
     e->plain_alignment = alignment;
-    layout_free(e->plain_layout); /* made for the format before */
+    layout_release(e->plain_layout); /* made for the format before */
     e->plain_layout = NULL;
     /* A root of "/" makes paths that start "//", which the journal names otherwise: Python's. */
     e->plain_format = strcmp(e->root, "/") ? format : 0;
@@ -800,7 +816,7 @@ PyObject *Engine_folder_checked(Engine *e, PyObject *folder) {
 }
 
 void plain_free(Engine *e) {
-    layout_free(e->plain_layout);
+    layout_release(e->plain_layout);
     e->plain_layout = NULL;
     if (e->checked.buckets) table_free(&e->checked);
     Py_CLEAR(e->pt_template);
