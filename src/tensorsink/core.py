@@ -265,8 +265,25 @@ class WriterCore:
         _, staged = self._stager.stage(to_stage)
         flat = [entry for entries in planned for entry in entries]
         entry_keys = [names[i] for i, entries in zip(kept, planned, strict=True) for _ in entries]
-        if staged is None and save is None and self._ready_route:
-            handle = self._write_ready(entry_keys, flat)
+
+        def on_host(arrived: list[FileEntry]) -> list[list[FileEntry]]:
+            """The samples' files again, of the staged arrays in host memory (views: nothing is read)."""
+            if layout.container is Container.SEQUENCE:
+                return regroup(arrived, planned)
+            host_samples = layout.samples(arrived[0].arrays)
+            return [self._plan_sample(names[i], host_samples[i], save, suffix) for i in kept]
+
+        if save is None and self._ready_route:  # host arrays, or device ones the engine waits for
+            if staged is None:
+                handle = self._write_ready(entry_keys, flat)
+            elif staged.native_waits() is None:
+                handle = None
+            else:
+                try:
+                    host_files = [entry for group in on_host(staged.entries) for entry in group]
+                except Exception:  # planned again below, in a worker, which reports it
+                    host_files = None
+                handle = self._write_ready(entry_keys, host_files, staged) if host_files else None
             if handle is not None:
                 return handle
         future = WriteFuture(staged_apart=staged is not None, callbacks=self._callbacks)
@@ -279,11 +296,7 @@ class WriterCore:
             if staged is not None:
                 arrived = staged.wait()
                 future.set_staged()
-                if layout.container is Container.SEQUENCE:
-                    host = regroup(arrived, planned)
-                else:
-                    host_samples = layout.samples(arrived[0].arrays)
-                    host = [self._plan_sample(names[i], host_samples[i], save, suffix) for i in kept]
+                host = on_host(arrived)
             savers = None
             if save is not None:
                 savers = [saving(save, value, allow_empty) for value in sample_values(host, samples)]

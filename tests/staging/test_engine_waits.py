@@ -213,3 +213,27 @@ def test_a_write_the_engine_refuses_has_its_settled_callable_called_with_none(tm
     finally:
         writer.close()
     assert called == [None]
+
+
+@pytest.mark.parametrize("batch_kind", ["tensor", "mapping", "sequence"])
+def test_write_batch_of_device_tensors_is_waited_for_by_the_engine(tmp_path: Path, batch_kind: str) -> None:
+    device = FakeEngine(delay=0.1)
+    rows = [random_tensor((5, 3), torch.float32, i) for i in range(4)]
+    with _writer(tmp_path, device) as writer:
+        if batch_kind == "tensor":
+            batch: object = device.put(torch.stack(rows))
+        elif batch_kind == "mapping":
+            batch = {"x": device.put(torch.stack(rows)), "n": device.put(torch.arange(4))}
+        else:
+            batch = [device.put(row.clone()) for row in rows]
+        paths = writer.write_batch([f"s/{i}" for i in range(4)], batch).result(timeout=30)
+        assert not _pool_threads()
+    assert len(paths) == 4
+    assert device.waited
+    assert device.python_waits == 0
+    for i, path in enumerate(sorted(paths)):
+        stored = read_back(path, SaveFormat.SAFETENSORS)
+        assert_same(stored["x"] if batch_kind == "mapping" else stored["arr_0"], rows[i])
+        if batch_kind == "mapping":
+            assert int(stored["n"]) == i
+    assert writer._stager.pool.in_use == 0
