@@ -242,3 +242,30 @@ print(json.dumps({"made": True}))
     )
     assert found == {"made": True}
     assert time.perf_counter() - began < 120
+
+
+def test_the_engines_threads_wait_for_cuda_copies_themselves(tmp_path: Path) -> None:
+    """npy and safetensors: the engine's C threads wait for the copy's event through the runtime torch
+    loaded (cudart.event_wait), so the write's handle is the engine's and no Python worker starts."""
+    import threading
+
+    from tensorsink import AsyncWriter
+    from tensorsink.engine import available_engines
+
+    if "native" not in available_engines():
+        pytest.skip("the native engine was not built")
+    source = torch.arange(1 << 20, device="cuda", dtype=torch.float32)
+    writer = AsyncWriter(
+        tmp_path, SaveFormat.SAFETENSORS, durability="none", backend="posix", engine="native"
+    )
+    try:
+        handle = writer.write("x", source)
+        assert cudart.runtime() is not None, "the CUDA runtime torch loaded was not found by name"
+        assert type(handle).__name__ == "Handle", "a Python worker waited for the copy"
+        handle.result(timeout=60)
+        assert handle.staged()
+        assert not [t.name for t in threading.enumerate() if t.name.startswith("tensorsink_")]
+    finally:
+        writer.close()
+    assert_same(_stored(tmp_path / "x.safetensors", SaveFormat.SAFETENSORS), source.cpu())
+    assert writer._stager.pool.in_use == 0
