@@ -6,14 +6,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import safetensors.torch
 import torch
 
 from tensorsink import SaveFormat
-from tensorsink.formats import FileEntry, Format
+from tensorsink.formats import Buffer, BufferFormat, FileEntry, Format
 from tensorsink.manifest import JOURNAL_DIR
 
 NUMPY_DTYPES = [
@@ -93,8 +93,9 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
         time.sleep(0.001)
 
 
-class GatedFormat(Format):
-    """Wraps a format so background writes wait at a gate: lets tests hold writes in flight."""
+class GatedFormat(BufferFormat):
+    """Wraps a format so background writes wait at a gate (as they encode their files, on the writer's
+    threads): lets tests hold writes in flight."""
 
     def __init__(self, inner: Format) -> None:
         self.inner = inner
@@ -110,11 +111,18 @@ class GatedFormat(Format):
     def check_file(self, path: str) -> None:
         self.inner.check_file(path)
 
-    def write(self, file: Any, entry: FileEntry) -> None:
+    def held(self) -> None:
         if threading.current_thread().name.startswith("tensorsink"):
             self.entered.release()
             assert self.gate.wait(timeout=30), "gate never opened"
-        self.inner.write(file, entry)
+
+    def encode(self, entry: FileEntry) -> list[Buffer]:
+        self.held()
+        return cast(BufferFormat, self.inner).encode(entry)
+
+    def encode_with_crc(self, entry: FileEntry) -> tuple[list[Buffer], int | None]:
+        self.held()
+        return cast(BufferFormat, self.inner).encode_with_crc(entry)
 
 
 def outputs_under(root: Path) -> list[Path]:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tensorsink import AsyncWriter
+from tensorsink.formats import Buffer, FileEntry
 from tests.support import GatedFormat
 
 
@@ -34,9 +35,13 @@ def test_write_seconds_count_every_call_whole(tmp_path: Path) -> None:
 class _SlowFormat(GatedFormat):
     """Takes 20 ms a file, wherever it is written."""
 
-    def write(self, file: object, entry: object) -> None:
+    def encode(self, entry: FileEntry) -> list[Buffer]:
         time.sleep(0.02)
-        self.inner.write(file, entry)  # type: ignore[arg-type]
+        return super().encode(entry)
+
+    def encode_with_crc(self, entry: FileEntry) -> tuple[list[Buffer], int | None]:
+        time.sleep(0.02)
+        return super().encode_with_crc(entry)
 
 
 def test_a_file_written_on_the_callers_thread_counts_in_write_seconds(tmp_path: Path) -> None:

@@ -27,7 +27,7 @@ from .commit import find_symlink, make_root
 from .engine import Engine, PlainRoute, PythonEngine, engine_class
 from .engine.base import Settled
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError
-from .formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat, format_for
+from .formats import Buffer, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import Callbacks, WriteFuture, WriteHandle
 from .manifest import Journal, arrays_of
 from .options import Backend, Durability, WriterOptions
@@ -123,7 +123,6 @@ class WriterCore:
     def _use_format(self, fmt: Format) -> None:
         self._format = fmt
         self._header_format = isinstance(fmt, HeaderFormat)  # once, not per write: ABCs' isinstance is slow
-        self._buffer_format = isinstance(fmt, BufferFormat)
         engine = getattr(self, "_engine", None)
         # The ready route: a header and views of host memory, committed and completed by the engine
         # alone. An upload queue needs Python per file, so its writes are completed in Python.

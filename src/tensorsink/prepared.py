@@ -149,14 +149,9 @@ class PreparedRoute:
             self.finish([(pending, None, naming(exc, pending.keys[k], entries[k].path))])
 
     def _file_writer(self, entry: FileEntry) -> FileWriter | None:
-        """None where the engine writes the format's buffers itself; else what writes the file
-        (kvikio from device memory, or a format that is not a list of buffers)."""
-        w = self._writer
-        direct = w._route.writer_for(entry)
-        if direct is not None or w._buffer_format:
-            return direct
-        fmt = w._format
-        return lambda fd, temporary: fmt.write(fd, entry)
+        """None where the engine writes the format's buffers itself; else what writes the file from
+        device memory (kvikio)."""
+        return self._writer._route.writer_for(entry)
 
     def completed(self, batches: list[tuple[object, list[FileOutcome]]]) -> None:
         """Finished batches from the engine (several at once where it can): the upload queue, then the
