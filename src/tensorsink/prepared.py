@@ -13,19 +13,21 @@ import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, Protocol, cast
 
-from .commit import remove_private_folder, take_saved
-from .engine import FileJob, FileOutcome
+from .backends import Route
+from .commit import Committer, remove_private_folder, take_saved
+from .engine import Engine, FileJob, FileOutcome
 from .errors import naming
-from .formats import Buffer, BufferFormat, Container, FileEntry
+from .formats import Buffer, BufferFormat, Container, FileEntry, Format
 from .future import WriteFuture
+from .options import WriterOptions
+from .resume import Resume
+from .scheduling import Pipeline
 from .staging import Staged
+from .stats import StatsRecorder
 
-if TYPE_CHECKING:
-    from .core import WriterCore
-
-__all__ = ["FileWriter", "PreparedRoute", "Ready", "Write", "regroup", "sample_values", "saving"]
+__all__ = ["FileWriter", "PreparedRoute", "Ready", "Stages", "Write", "regroup", "sample_values", "saving"]
 
 #: Writes a file into the temporary open at the descriptor; returns the descriptor and path of the file
 #: to commit where they changed (a save function's, moved out of its private folder), else None.
@@ -52,10 +54,34 @@ class Write:
         self.backends: list[str] = []
 
 
+class Stages(Protocol):
+    """What the route uses of its writer (core.WriterCore): its stages and settings, read at each
+    use (a writer's format may be swapped), and the two steps the ready route shares."""
+
+    options: WriterOptions
+    _engine: Engine
+    _pipeline: Pipeline
+    _committer: Committer
+    _format: Format
+    _route: Route
+    _resume: Resume | None
+    _stats: StatsRecorder
+    _ready_route: bool
+    _inline_below: int
+
+    def _encoded_here(self, entries: list[FileEntry]) -> list[list[Buffer]] | None: ...
+
+    def _records(
+        self, keys: list[str], entries: list[FileEntry], *, custom: bool = False
+    ) -> list[bytes | None]: ...
+
+    def _progress(self) -> None: ...
+
+
 class PreparedRoute:
     """Starts, prepares, submits and completes the writes of one writer that take this route."""
 
-    def __init__(self, writer: WriterCore) -> None:
+    def __init__(self, writer: Stages) -> None:
         self._writer = writer  # its stages: engine, pipeline, committer, format, journal, statistics
 
     def start(self, pending: Write, ready: Ready | None) -> WriteFuture:
