@@ -180,8 +180,8 @@ class WriterCore:
             if self._resume is not None and self._resume.written(entries):
                 return self._skipped([Path(entry.path) for entry in entries])
             entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
-            if self._ready_route and (staged is None or not copy):
-                handle = self._write_ready([name] * len(entries), entries, staged)
+            if self._ready_route:
+                handle = self._write_ready([name] * len(entries), entries, staged, copied=copy)
                 if handle is not None:
                     return handle
             future = WriteFuture(staged_apart=staged is not None or copy, callbacks=self._callbacks)
@@ -304,7 +304,7 @@ class WriterCore:
         return self._prepared.start(pending, ready)
 
     def _write_ready(
-        self, keys: list[str], entries: list[FileEntry], staged: Staged | None = None
+        self, keys: list[str], entries: list[FileEntry], staged: Staged | None = None, *, copied: bool = False
     ) -> WriteHandle | None:
         """The ready route: the files' headers and views of host memory go to the engine in one call,
         which numbers them, waits for room and queues them; its threads complete the write. With
@@ -329,12 +329,12 @@ class WriterCore:
             if staged is not None:
                 staged.release()
             raise
-        if staged is None:
-            handle, blocked = self._engine.write_ready(keys, files, nbytes)  # type: ignore[arg-type]
+        if staged is None:  # `copied`: its arrays are copies (write(copy=True)), so it is staged now
+            handle, blocked = self._engine.write_ready(keys, files, nbytes, None, None, copied)  # type: ignore[arg-type]
         else:  # the engine owns the release from here: called as the write settles, or if refused
             nbytes = max(nbytes - staged.pooled_bytes, 0)  # the pool is their budget
             releasing = _releasing(staged)
-            handle, blocked = self._engine.write_ready(keys, files, nbytes, waits, releasing)  # type: ignore[arg-type]
+            handle, blocked = self._engine.write_ready(keys, files, nbytes, waits, releasing, copied)  # type: ignore[arg-type]
             blocked += staged.blocked_seconds
         self._stats.write_started()
         if blocked:

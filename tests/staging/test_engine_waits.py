@@ -15,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -237,3 +238,35 @@ def test_write_batch_of_device_tensors_is_waited_for_by_the_engine(tmp_path: Pat
         if batch_kind == "mapping":
             assert int(stored["n"]) == i
     assert writer._stager.pool.in_use == 0
+
+
+def test_a_copied_device_write_is_staged_at_once_and_waited_for_by_the_engine(tmp_path: Path) -> None:
+    """copy=True: snapshotted on the device in stream order, so the caller may overwrite its tensor as
+    soon as write() returns; the copy to the pool is still the engine's to wait for."""
+    device = FakeEngine(delay=60)  # lands when the test says
+    with _writer(tmp_path, device) as writer:
+        source = device.put(torch.ones(256))
+        handle = writer.write("k", source, copy=True)
+        assert handle.staged()
+        assert not handle.done()
+        source.fill_(7.0)  # the caller reuses its buffer at once
+        device.land.set()
+        handle.result(timeout=30)
+    assert device.snapshots == 1
+    assert device.waited
+    assert not _pool_threads()
+    assert_same(read_back(tmp_path / "k.safetensors", SaveFormat.SAFETENSORS)["arr_0"], torch.ones(256))
+
+
+def test_a_copied_host_write_is_staged_at_once(tmp_path: Path) -> None:
+    writer = AsyncWriter(tmp_path, SaveFormat.SAFETENSORS, engine="native")
+    try:
+        source = np.ones((64, 64), np.float32)
+        handle = writer.write("k", {"a": source, "b": source}, copy=True)  # a mapping: not the plain route
+        assert handle.staged()
+        source[:] = 3
+        handle.result(timeout=30)
+    finally:
+        writer.close()
+    stored = read_back(tmp_path / "k.safetensors", SaveFormat.SAFETENSORS)
+    assert (stored["a"] == 1).all()

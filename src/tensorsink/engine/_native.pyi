@@ -39,6 +39,7 @@ class Engine:
         nbytes: int,
         waits: list[tuple[int, int, int, int, int, int, int]] | None = None,
         settled: Callable[[Handle | None], None] | None = None,
+        staged: bool = False,
         /,
     ) -> tuple[Handle, float]: ...
     def drain(self) -> None: ...

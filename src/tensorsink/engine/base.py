@@ -171,11 +171,13 @@ class Engine(ABC):
         nbytes: int,
         waits: list[CopyWait] | None = None,
         settled: Settled | None = None,
+        staged: bool = False,
     ) -> tuple[Any, float]:
         """Number, admit (under the budget) and queue one write on the ready route; its handle and the
         seconds it waited for room. Only where `ready_route`. `waits`: the copies from a device that
         its bytes are still on their way with, which the engine's threads wait for before writing;
-        `settled`: the handle's first done-callback (see Settled)."""
+        `settled`: the handle's first done-callback (see Settled); `staged`: the handle is staged at
+        once (its arrays are the writer's own copies)."""
         raise NotImplementedError(f"the {self.name} engine has no ready route")
 
     def drain(self) -> None:

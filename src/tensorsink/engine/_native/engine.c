@@ -492,19 +492,21 @@ static void not_queued(PyObject *settled) {
     PyErr_Restore(type, value, traceback);
 }
 
-/* write_ready(keys, files, nbytes, waits=None, settled=None): one write whose bytes are in host
+/* write_ready(keys, files, nbytes, waits=None, settled=None, staged=False): one write whose bytes are in host
  * memory, in one call: number its files, take room in the budget (waiting without the GIL), queue
  * them, and return its handle with the seconds waited. Each file is (final, temporary, buffers,
  * checksum, record, crc, payload); keys[i] names file i's write in a failure. With `waits` (see
  * copy_waits), the bytes are still on their way from a device: the threads wait for those copies
  * before they write any of them. `settled(handle)` is the handle's first done-callback, in place
  * before the write is queued (so that no interruption can lose it), and called here with None if
- * the write is refused instead. Completion, statistics and the budget are the threads'. */
+ * the write is refused instead; `staged`: the handle is staged at once (the write's arrays are
+ * copies). Completion, statistics and the budget are the threads'. */
 static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
     PyObject *keys, *files, *waits = Py_None, *settled = Py_None;
     long long nbytes;
-    if (!PyArg_ParseTuple(args, "O!O!L|OO", &PyList_Type, &keys, &PyList_Type, &files, &nbytes, &waits,
-                          &settled))
+    int staged = 0;
+    if (!PyArg_ParseTuple(args, "O!O!L|OOp", &PyList_Type, &keys, &PyList_Type, &files, &nbytes, &waits,
+                          &settled, &staged))
         return NULL;
     if (!usable(e)) { not_queued(settled); return NULL; }
     if (e->closed) {
@@ -523,6 +525,7 @@ static PyObject *Engine_write_ready(Engine *e, PyObject *args) {
     Batch *batch = ready_batch(e, n, nbytes);
     if (!batch) { not_queued(settled); return NULL; }
     if (copy_waits(batch, waits) != 0) goto error;
+    batch->ticket->staged = staged; /* its sources were copied already: the caller may change them */
     if (settled != Py_None && !(batch->ticket->callbacks = PyList_New(1))) goto error;
     if (settled != Py_None) { Py_INCREF(settled); PyList_SET_ITEM(batch->ticket->callbacks, 0, settled); }
     PyObject *paths = batch->ticket->paths;
