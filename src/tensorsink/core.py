@@ -25,7 +25,7 @@ from .backends import Route
 from .batches import split_batch, tensors_of
 from .commit import find_symlink, make_root
 from .engine import Engine, PlainRoute, PythonEngine, engine_class
-from .engine.base import Settled
+from .engine.base import CopyWait, Settled
 from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError
 from .formats import Buffer, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import Callbacks, WriteFuture, WriteHandle
@@ -180,8 +180,9 @@ class WriterCore:
             if self._resume is not None and self._resume.written(entries):
                 return self._skipped([Path(entry.path) for entry in entries])
             entries, staged = self._stager.stage(entries, copy=copy, direct=self._route.device_direct)
-            if self._ready_route:
-                handle = self._write_ready([name] * len(entries), entries, staged, copied=copy)
+            waits = staged.native_waits() if staged is not None else None
+            if self._ready_route and (staged is None or waits is not None):
+                handle = self._write_ready([name] * len(entries), entries, staged, waits, copied=copy)
                 if handle is not None:
                     return handle
             future = WriteFuture(staged_apart=staged is not None or copy, callbacks=self._callbacks)
@@ -273,16 +274,17 @@ class WriterCore:
             return [self._plan_sample(names[i], host_samples[i], save, suffix) for i in kept]
 
         if save is None and self._ready_route:  # host arrays, or device ones the engine waits for
+            waits = staged.native_waits() if staged is not None else None
             if staged is None:
                 handle = self._write_ready(entry_keys, flat)
-            elif staged.native_waits() is None:
+            elif waits is None:
                 handle = None
             else:
                 try:
                     host_files = [entry for group in on_host(staged.entries) for entry in group]
                 except Exception:  # planned again below, in a worker, which reports it
                     host_files = None
-                handle = self._write_ready(entry_keys, host_files, staged) if host_files else None
+                handle = self._write_ready(entry_keys, host_files, staged, waits) if host_files else None
             if handle is not None:
                 return handle
         future = WriteFuture(staged_apart=staged is not None, callbacks=self._callbacks)
@@ -304,16 +306,19 @@ class WriterCore:
         return self._prepared.start(pending, ready)
 
     def _write_ready(
-        self, keys: list[str], entries: list[FileEntry], staged: Staged | None = None, *, copied: bool = False
+        self,
+        keys: list[str],
+        entries: list[FileEntry],
+        staged: Staged | None = None,
+        waits: list[CopyWait] | None = None,
+        *,
+        copied: bool = False,
     ) -> WriteHandle | None:
         """The ready route: the files' headers and views of host memory go to the engine in one call,
         which numbers them, waits for room and queues them; its threads complete the write. With
-        `staged`, the views are of the pinned pool, whose copies are still on their way: the engine's
-        threads wait for them, and a done-callback gives the pool blocks back. None where an array
-        needs a copy first, or a Python worker must wait for the staging (the write goes the other way)."""
-        waits = staged.native_waits() if staged is not None else None
-        if staged is not None and waits is None:
-            return None
+        `staged` (and its `waits`, staged.native_waits()), the views are of the pinned pool, whose
+        copies are still on their way: the engine's threads wait for them, and a done-callback gives
+        the pool blocks back. None where an array needs a copy first (the write goes the other way)."""
         try:
             encoded = self._encoded_here(entries)
             if encoded is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -70,19 +70,26 @@ def event_wait(event: int, device: int) -> tuple[int, int, int, int, int, int, i
     library = runtime()
     if library is None or not event:
         return None
+    synchronize, exchange_mode, last_error, set_device = _addresses(library)
+    return (synchronize, event, exchange_mode, CAPTURE_MODE_RELAXED, last_error, set_device, device)
 
-    def address(name: str) -> int:
-        return int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0)
 
-    return (
-        address("cudaEventSynchronize"),
-        event,
-        address("cudaThreadExchangeStreamCaptureMode"),
-        CAPTURE_MODE_RELAXED,
-        address("cudaGetLastError"),
-        address("cudaSetDevice"),
-        device,
+_address_cache: list[tuple[Any, tuple[int, int, int, int]]] = []  # (library, its functions' addresses)
+
+
+def _addresses(library: Any) -> tuple[int, int, int, int]:
+    """The addresses event_wait hands out, looked up once per library (a CUDA write asks each time)."""
+    if _address_cache and _address_cache[0][0] is library:
+        return _address_cache[0][1]
+    names = (
+        "cudaEventSynchronize",
+        "cudaThreadExchangeStreamCaptureMode",
+        "cudaGetLastError",
+        "cudaSetDevice",
     )
+    found = tuple(int(ctypes.cast(getattr(library, name), ctypes.c_void_p).value or 0) for name in names)
+    _address_cache[:] = [(library, cast(tuple[int, int, int, int], found))]
+    return _address_cache[0][1]
 
 
 _found: list[Any] = []  # the runtime, once found (not finding it is not remembered: it may load later)

@@ -119,6 +119,13 @@ void settle(Engine *e, Batch *batch) {
     }
 }
 
+/* A copy wait failed: clear the thread's error it left; -1 with errno EIO. */
+static int copy_failed(const CopyWait *w) {
+    if (w->clear) (void)w->clear();
+    errno = EIO;
+    return -1;
+}
+
 /* Wait for the copies the job's batch waits for (each file of a batch asks; after the first, each
  * wait returns at once). 0, or -1 with errno EIO. */
 static int wait_for_copies(const Batch *batch) {
@@ -127,11 +134,7 @@ static int wait_for_copies(const Batch *batch) {
     for (Py_ssize_t i = 0; i < batch->nwaits; i++) {
         const CopyWait *w = &batch->waits[i];
         if (w->set_device && (device_set_by != w->set_device || device != w->device)) { /* first */
-            if (w->set_device(w->device) != 0) {
-                if (w->clear) (void)w->clear();
-                errno = EIO;
-                return -1;
-            }
+            if (w->set_device(w->device) != 0) return copy_failed(w);
             device_set_by = w->set_device;
             device = w->device;
         }
@@ -140,11 +143,7 @@ static int wait_for_copies(const Batch *batch) {
             (void)w->setup(&argument);
             set_up = w->setup;
         }
-        if (w->wait(w->argument) != 0) {
-            if (w->clear) (void)w->clear();
-            errno = EIO;
-            return -1;
-        }
+        if (w->wait(w->argument) != 0) return copy_failed(w);
     }
     return 0;
 }

@@ -202,6 +202,23 @@ size_t stripe_of(const char *path, uint64_t *h);
 int reserve_order(Engine *e, const char *path, int64_t *number);
 void release_order(Engine *e, const char *path);
 
+/* Numbers as text at `at`, returning the end (no printf: its format parsing cost more than the rest of
+ * a plain write's plan, or of a journal line): decimal or lower-case hex, at least `width` digits. */
+static inline char *put_digits(char *at, unsigned long long value, int width, unsigned base) {
+    char digits[24];
+    int n = 0;
+    do digits[n++] = "0123456789abcdef"[value % base], value /= base;
+    while (value || n < width);
+    while (n) *at++ = digits[--n];
+    return at;
+}
+static inline char *put_decimal(char *at, unsigned long long value, int width) {
+    return put_digits(at, value, width, 10);
+}
+static inline char *put_hexadecimal(char *at, unsigned long long value, int width) {
+    return put_digits(at, value, width, 16);
+}
+
 /* journal.c: append the job's journal line, before its rename or after it (held); write those held. */
 int journal_line(Engine *e, Job *job, int renaming, double when);
 size_t line_tail(char *tail, uint64_t size, uint32_t crc, int renaming, double when); /* 160 bytes */

@@ -70,16 +70,6 @@ static int hold(Engine *e, const Job *job, const char *tail, size_t tail_length)
     return 0;
 }
 
-/* Write `value` in decimal at `at`; the end. */
-static char *decimal(char *at, unsigned long long value, int width) {
-    char digits[24];
-    int n = 0;
-    do digits[n++] = (char)('0' + value % 10), value /= 10;
-    while (value || n < width);
-    while (n) *at++ = digits[--n];
-    return at;
-}
-
 static char *literal(char *at, const char *text) {
     size_t n = strlen(text);
     memcpy(at, text, n);
@@ -89,19 +79,18 @@ static char *literal(char *at, const char *text) {
 /* The line's end: what the Python twin writes with f'...{when:.6f}...' (Journal.write_line), made
  * without printf, which is a noticeable part of a small file's cost. */
 size_t line_tail(char *tail, uint64_t size, uint32_t crc, int renaming, double when) {
-    static const char hex[] = "0123456789abcdef";
     /* The seconds and their fraction apart, each exact (the fraction of a double is one): only the
      * fraction's one rounding to microseconds remains, as in printf's %.6f. */
     double seconds = floor(when), micro = nearbyint((when - seconds) * 1e6);
     if (micro >= 1e6) { seconds += 1; micro = 0; }
     char *at = literal(tail, ",\"bytes\":");
-    at = decimal(at, (unsigned long long)size, 1);
+    at = put_decimal(at, (unsigned long long)size, 1);
     at = literal(at, ",\"crc32\":\"");
-    for (int shift = 28; shift >= 0; shift -= 4) *at++ = hex[(crc >> shift) & 15];
+    at = put_hexadecimal(at, crc, 8);
     at = literal(at, "\",\"time\":");
-    at = decimal(at, (unsigned long long)seconds, 1);
+    at = put_decimal(at, (unsigned long long)seconds, 1);
     *at++ = '.';
-    at = decimal(at, (unsigned long long)micro, 6);
+    at = put_decimal(at, (unsigned long long)micro, 6);
     at = literal(at, renaming ? ",\"renaming\":true}\n" : "}\n");
     return (size_t)(at - tail);
 }

@@ -55,19 +55,15 @@ static void put(Text *t, const char *s, size_t n) {
 
 static void put_text(Text *t, const char *s) { put(t, s, strlen(s)); }
 
-/* A number in decimal (no printf on this path: its format parsing cost more than the rest of a plan). */
+/* A number in decimal or hex (engine.h's put_digits: no printf on this path). */
 static void put_int(Text *t, unsigned long long value) {
     char digits[24];
-    int at = (int)sizeof digits;
-    do { digits[--at] = (char)('0' + value % 10); value /= 10; } while (value);
-    put(t, digits + at, sizeof digits - (size_t)at);
+    put(t, digits, (size_t)(put_decimal(digits, value, 1) - digits));
 }
 
 static void put_hex(Text *t, unsigned long long value) {
     char digits[24];
-    int at = (int)sizeof digits;
-    do { digits[--at] = "0123456789abcdef"[value & 15]; value >>= 4; } while (value);
-    put(t, digits + at, sizeof digits - (size_t)at);
+    put(t, digits, (size_t)(put_hexadecimal(digits, value, 1) - digits));
 }
 
 /* The shape as Python's repr() of a tuple writes it ("()", "(3,)", "(3, 4)"), or as JSON ("[3,4]"). */
