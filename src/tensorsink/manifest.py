@@ -36,10 +36,24 @@ from .checksum import crc32
 from .errors import SymlinkError, WriterClosedError
 from .formats import FileEntry, format_for, write_buffers
 from .options import SaveFormat
+from .shards.tar import check_shard
 
-__all__ = ["JOURNAL_DIR", "Journal", "Manifest", "VerifyReport", "crc32_of_path", "verify"]
+__all__ = [
+    "JOURNAL_DIR",
+    "SHARD_FORMAT",
+    "SHARD_LIST_FORMAT",
+    "Journal",
+    "Manifest",
+    "VerifyReport",
+    "crc32_of_path",
+    "verify",
+]
 
 JOURNAL_DIR = ".tensorsink"
+#: The "format" of a shard's lines (they list its samples) and of a shard list's: files that hold no
+#: key of their own.
+SHARD_FORMAT = "tar"
+SHARD_LIST_FORMAT = "shardlist"
 RENAMING_TAIL = ',"renaming":true'  # marks the line written just before a file's rename
 _READ_CHUNK = 8 << 20
 _CHECK_CHUNK = 256  # files per task of verify's threads
@@ -200,6 +214,8 @@ class Manifest:
     renaming: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: "<journal>:<line>: why" for each line that is not a record (a torn last line is not counted).
     damaged: list[str] = field(default_factory=list)
+    #: Each shard's samples, `[key, [[suffix, offset, size, crc32], ...]]`, from its renaming line.
+    shards: dict[str, list[Any]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, root: str | os.PathLike[str]) -> Manifest:
@@ -213,6 +229,8 @@ class Manifest:
             log.warning("tensorsink: damaged journal line, skipped: %s", problem)
         for record in sorted(records, key=lambda r: r["time"]):
             path = record["path"]
+            if "samples" in record:
+                manifest.shards[path] = record["samples"]
             if record.get("renaming"):
                 manifest.renaming.setdefault(path, []).insert(0, record)
             else:
@@ -245,8 +263,31 @@ class Manifest:
         """Recorded paths under each key, indexed once: done() is asked once per sample on resume."""
         index: dict[str, list[str]] = {}
         for path in self.paths():
-            index.setdefault(self.candidates(path)[0]["key"], []).append(path)
+            latest = self.candidates(path)[0]
+            if latest["format"] not in (SHARD_FORMAT, SHARD_LIST_FORMAT):
+                index.setdefault(latest["key"], []).append(path)
         return index
+
+    @functools.cached_property
+    def shard_samples(self) -> dict[str, tuple[str, list[Any]]]:
+        """Each key in a shard: the shard (relative path) and its members; the latest shard's where a
+        key was written into several."""
+        index: dict[str, tuple[str, list[Any]]] = {}
+        for path in sorted(self.shards, key=lambda p: self.candidates(p)[0]["time"]):
+            for key, members in self.shards[path]:
+                index[key] = (path, members)
+        return index
+
+    @functools.cached_property
+    def _whole_shards(self) -> dict[str, bool]:
+        return {}
+
+    def shard_done(self, path: str) -> bool:
+        """Whether the shard at `path` is on disk at a recorded size (asked once per shard)."""
+        whole = self._whole_shards.get(path)
+        if whole is None:
+            whole = self._whole_shards[path] = self.paths_done([path])
+        return whole
 
     def files_of(self, key: str) -> list[str]:
         """The absolute paths of the files recorded under `key`."""
@@ -259,7 +300,8 @@ class Manifest:
         records of two writes: not done."""
         paths = self._paths_by_key.get(key, [])
         if not paths:
-            return False
+            in_shard = self.shard_samples.get(key)
+            return in_shard is not None and self.shard_done(in_shard[0])
         # Each path's newest line: a renaming line newer than its record may be the file that is there
         # (a kill after its rename, before its record was written), and be of another write.
         latest = {path: (self.renaming.get(path) or [self.records[path]])[0] for path in paths}
@@ -272,7 +314,8 @@ class Manifest:
         return len(paths) >= needed and self.paths_done(paths)
 
     def keys(self) -> set[str]:
-        return set(self._paths_by_key)
+        """Every key the journals name: of files, and of samples in shards."""
+        return set(self._paths_by_key) | self.shard_samples.keys()
 
     def lines(self) -> Iterator[str]:
         """The merged manifest as JSON lines, sorted by path."""
@@ -398,7 +441,11 @@ def verify(root: str | os.PathLike[str], *, checksums: bool = True, workers: int
                 recorded = " or ".join(dict.fromkeys(str(c["bytes"]) for c in candidates))
                 return "size", f"{path}: {size} bytes on disk where the manifest records {recorded}"
             fmt = formats.get(candidates[0]["format"])
-            if fmt is not None:
+            if candidates[0]["format"] == SHARD_FORMAT:
+                problem = check_shard(os.fspath(full), manifest.shards.get(path, []), checksums=checksums)
+                if problem is not None:
+                    return "unreadable", f"{path}: {problem}"
+            elif fmt is not None:
                 try:
                     fmt.check_file(os.fspath(full))
                 except FileNotFoundError:

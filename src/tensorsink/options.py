@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Backend", "DictMode", "Durability", "SaveFormat", "WriterOptions"]
+__all__ = ["Backend", "DictMode", "Durability", "SaveFormat", "ShardOptions", "WriterOptions"]
 
 
 class _Choice(str, enum.Enum):
@@ -178,3 +178,57 @@ class WriterOptions:
         fields = {k: getattr(self, k) for k in self.__dataclass_fields__}
         fields.update(changes)
         return WriterOptions(**fields)
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    """Validated settings of a ShardWriter; those it shares with AsyncWriter mean the same there."""
+
+    out_root: Path
+    save_format: SaveFormat = SaveFormat.PYTORCH_PT
+    dict_mode: DictMode = DictMode.SINGLE
+    #: A shard is committed once it holds this many bytes (a sample that would take it past them starts
+    #: the next one; a sample larger than this alone is written in a shard of its own) ...
+    shard_bytes: int = 1 << 30
+    #: ... or this many samples (None: no limit by count).
+    shard_samples: int | None = None
+    durability: Durability = Durability.FILE
+    manifest: bool = True
+    skip_existing: bool = False
+    max_inflight_bytes: int = 1 << 30
+    pinned_pool_bytes: int | None = None
+    upload_queue: queue.Queue[Path] | None = None
+    follow_symlinks: bool = False
+    #: Shards are named `<prefix>-<writer>-<number>.tar` under the root; the prefix may hold folders.
+    prefix: str = "shard"
+    #: The shard list in wids' format that close() writes under the root, of every shard committed
+    #: there by every writer; None: none.
+    shard_list: str | None = "shards.json"
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "out_root", Path(self.out_root))
+        set_(self, "save_format", SaveFormat.coerce(self.save_format, argument="save_format"))
+        set_(self, "dict_mode", DictMode.coerce(self.dict_mode, argument="dict_mode"))
+        set_(self, "durability", Durability.coerce(self.durability, argument="durability"))
+        _positive_int("shard_bytes", self.shard_bytes, 1)
+        if self.shard_samples is not None:
+            _positive_int("shard_samples", self.shard_samples, 1)
+        _positive_int("max_inflight_bytes", self.max_inflight_bytes, 1)
+        if self.pinned_pool_bytes is not None:
+            _positive_int("pinned_pool_bytes", self.pinned_pool_bytes, 4096)
+        if self.skip_existing and not self.manifest:
+            raise ValueError("skip_existing=True needs manifest=True: skipping relies on the journals")
+        if self.upload_queue is not None and not callable(getattr(self.upload_queue, "put", None)):
+            raise TypeError(f"upload_queue={self.upload_queue!r} has no put(); pass a queue.Queue or None")
+        if not isinstance(self.prefix, str) or not self.prefix or "." in self.prefix.rpartition("/")[2]:
+            raise ValueError(
+                f"prefix={self.prefix!r} is not valid; use a name without '.' in its last part, "
+                "such as 'shard' or 'train/shard'"
+            )
+        if self.shard_list is not None and (
+            not isinstance(self.shard_list, str) or not self.shard_list.endswith(".json")
+        ):
+            raise ValueError(
+                f"shard_list={self.shard_list!r} is not valid; use a name ending in .json, or None"
+            )

@@ -19,7 +19,15 @@ from .formats import Container, FileEntry, Format
 from .manifest import JOURNAL_DIR
 from .options import DictMode
 
-__all__ = ["check_distinct_files", "entry_at", "file_path", "plan_files", "validate_key", "validate_suffix"]
+__all__ = [
+    "check_distinct_files",
+    "entry_at",
+    "file_path",
+    "flatten",
+    "plan_files",
+    "validate_key",
+    "validate_suffix",
+]
 
 _NAME_MAX = 255  # bytes in one file or folder name (Linux, and most filesystems)
 _PATH_MAX = 4095  # bytes in a whole path
@@ -119,7 +127,7 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
 
     Raises InvalidKeyError, InvalidLayoutError or UnsupportedValueError, naming the bad value.
     """
-    container, names, arrays = _flatten(value, fmt)
+    container, names, arrays = flatten(value, fmt)
     if container is Container.TENSOR:
         return [FileEntry(file_path(root, name, fmt.suffix), container, names, arrays, nbytes(arrays[0]))]
     if dict_mode is DictMode.SPLIT:
@@ -131,7 +139,7 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
         if container is Container.MAPPING:
             parts = names
             for part in parts:
-                _check_file_part(part, name)
+                check_file_part(part, name)
         else:
             parts = tuple(str(i) for i in range(len(arrays)))
         return [
@@ -155,7 +163,7 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
 
 def entry_at(path: str, value: object, fmt: Format) -> FileEntry:
     """The one file at `path` that holds all of `value` (DictMode.SINGLE), for writing it directly."""
-    container, names, arrays = _flatten(value, fmt)
+    container, names, arrays = flatten(value, fmt)
     if container is not Container.TENSOR:
         if not fmt.holds_collections:
             raise InvalidLayoutError(
@@ -180,7 +188,8 @@ def check_distinct_files(keys: Sequence[str], planned: Sequence[Sequence[FileEnt
                 )
 
 
-def _flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tuple[Array, ...]]:
+def flatten(value: object, fmt: Format) -> tuple[Container, tuple[str, ...], tuple[Array, ...]]:
+    """What a value holds: its container, its entries' names and their arrays, each checked for `fmt`."""
     if isinstance(value, (bool, int, float, complex, np.generic)):  # a number: a 0-d array of it
         value = np.asarray(value)
     array = as_array(value)
@@ -229,7 +238,7 @@ def _checked(where: str, given: object, fmt: Format) -> Array:
     return value
 
 
-def _check_file_part(entry_name: str, key: str) -> None:
+def check_file_part(entry_name: str, key: str) -> None:
     if "/" in entry_name or "\0" in entry_name or entry_name in (".", ".."):
         raise InvalidKeyError(
             f"mapping key {entry_name!r} of {key!r} becomes part of a file name with DictMode.SPLIT; "

@@ -6,7 +6,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["StatsRecorder", "WriterStats"]
+__all__ = ["ShardStats", "StatsRecorder", "WriterStats"]
 
 
 @dataclass(frozen=True)
@@ -153,3 +153,49 @@ class StatsRecorder:
                 self._write_seconds + call_seconds,
                 self._writes + calls,
             )
+
+
+_SHARD_COUNTS = ("samples", "shards", "bytes", "errors", "skipped", "writes")
+_SHARD_SECONDS = ("write_seconds", "blocked_seconds")
+
+
+@dataclass(frozen=True)
+class ShardStats:
+    """A ShardWriter's progress; `snapshot()` of a live one, made by the writer's `stats()`."""
+
+    samples: int = 0  # in committed shards
+    shards: int = 0  # committed
+    bytes: int = 0  # of committed shards, tar headers included
+    errors: int = 0
+    skipped: int = 0  # samples skipped with skip_existing
+    writes: int = 0  # write() and write_batch() calls
+    write_seconds: float = 0.0  # the callers' time inside them, blocked_seconds included
+    blocked_seconds: float = 0.0  # waiting for room under max_inflight_bytes
+    elapsed_seconds: float = 0.0  # from the writer's start to the latest commit
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    _started: float = field(default_factory=time.perf_counter, repr=False, compare=False)
+
+    def add(self, **amounts: float) -> None:
+        """Add to the counters (thread-safe); the elapsed time runs to this call."""
+        with self._lock:
+            for name, amount in amounts.items():
+                object.__setattr__(self, name, getattr(self, name) + amount)
+            object.__setattr__(self, "elapsed_seconds", time.perf_counter() - self._started)
+
+    def snapshot(self) -> ShardStats:
+        with self._lock:
+            return ShardStats(**{name: getattr(self, name) for name in (*_SHARD_COUNTS, *_SHARD_SECONDS)},
+                              elapsed_seconds=self.elapsed_seconds)  # fmt: skip
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.samples:,} samples in {self.shards:,} shards, {self.bytes / 2**20:,.1f} MiB in "
+            f"{self.elapsed_seconds:.2f} s ({self.samples_per_second:,.0f} samples/s), "
+            f"{self.write_seconds:.2f} s in {self.writes:,} write calls ({self.blocked_seconds:.2f} s "
+            f"of it blocked), {self.errors} errors"
+            + (f", {self.skipped:,} skipped as already written" if self.skipped else "")
+        )
