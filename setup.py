@@ -13,7 +13,10 @@ from setuptools import Extension, setup
 
 ENGINE = "src/tensorsink/engine/_native/"
 FLAGS = {"extra_compile_args": ["-O2", "-pthread", "-std=gnu11"], "extra_link_args": ["-pthread"]}
-ENGINE_FILES = ["module", "engine", "handle", "plain", "commit", "folders", "order", "journal", "files", "table", "crc"]
+ENGINE_FILES = [
+    *("module", "engine", "handle", "plain", "commit", "folders", "order", "journal", "files", "table", "crc"),
+    "tar",
+]
 
 setup(
     ext_modules=[

@@ -204,6 +204,9 @@ class ShardOptions:
     #: The shard list in wids' format that close() writes under the root, of every shard committed
     #: there by every writer; None: none.
     shard_list: str | None = "shards.json"
+    #: Who packs samples into the shard: "native" (C, without the GIL), "python", or "auto" (as
+    #: AsyncWriter's engine).
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__

@@ -69,3 +69,13 @@ class Engine:
     def close(self) -> None: ...
 
 def line_tail(size: int, crc: int, when: float, renaming: bool, /) -> bytes: ...
+def tar_pack(
+    fd: int,
+    size: int,
+    crc: int,
+    mtime: int,
+    keys: list[str],
+    rows: list[int],
+    groups: tuple[tuple[bytes, bytes, list[tuple[memoryview, int]]], ...],
+    /,
+) -> tuple[int, int, bytes]: ...

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 from ..checksum import crc32
 
-__all__ = ["BLOCK", "END", "Member", "check_shard", "member_header", "read_members"]
+__all__ = ["BLOCK", "END", "Member", "check_shard", "footprint", "member_header", "read_members"]
 
 BLOCK = 512
 END = bytes(2 * BLOCK)  # the end-of-archive marker
@@ -55,15 +55,35 @@ def _pax_record(keyword: bytes, value: bytes) -> bytes:
     return b"%d%s" % (length, body)
 
 
+def _plain(raw: bytes, size: int) -> bool:
+    return len(raw) <= _NAME_LIMIT and raw.isascii() and size < _USTAR_SIZE_LIMIT
+
+
+def footprint(name: str, size: int) -> int:
+    """Bytes a member takes in a shard: its header blocks, its data and the padding after it."""
+    raw = name.encode()
+    header = BLOCK if _plain(raw, size) else 2 * BLOCK + _padded(len(_pax_records(raw, size)))
+    return header + _padded(size)
+
+
+def _padded(size: int) -> int:
+    return size + (-size % BLOCK)
+
+
+def _pax_records(raw: bytes, size: int) -> bytes:
+    records = _pax_record(b"path", raw)
+    if size >= _USTAR_SIZE_LIMIT:
+        records += _pax_record(b"size", b"%d" % size)
+    return records
+
+
 def member_header(name: str, size: int, mtime: int) -> bytes:
     """The header block(s) of a member `name` of `size` bytes: one ustar block, or a pax header and
     its records first where ustar cannot hold the name or the size."""
     raw = name.encode()
-    if len(raw) <= _NAME_LIMIT and raw.isascii() and size < _USTAR_SIZE_LIMIT:
+    if _plain(raw, size):
         return bytes(_header(raw, size, mtime))
-    records = _pax_record(b"path", raw)
-    if size >= _USTAR_SIZE_LIMIT:
-        records += _pax_record(b"size", b"%d" % size)
+    records = _pax_records(raw, size)
     padding = -len(records) % BLOCK
     pax = _header(b"././@PaxHeader", len(records), mtime, b"x")
     short = raw[:_NAME_LIMIT].decode("ascii", "replace").encode("ascii", "replace")

@@ -18,7 +18,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,6 +26,7 @@ from ..arrays import Array, nbytes
 from ..batches import has_no_samples, split_batch
 from ..checksum import crc32, crc32_combine
 from ..commit import Committer
+from ..engine import engine_class
 from ..errors import WriterClosedError, WriterForkedError
 from ..formats import Buffer, BufferFormat, Container, FileEntry, format_for, write_buffers
 from ..future import WriteFuture, WriteHandle
@@ -36,7 +37,7 @@ from ..staging import Staged, Stager, default_pool_bytes
 from ..stats import ShardStats
 from .index import publish_shard_list, sample_line
 from .layout import Group, groups_of, shard_key, shard_keys
-from .tar import BLOCK, END, member_header
+from .tar import BLOCK, END, footprint, member_header
 
 __all__ = ["ShardWriter"]
 
@@ -93,7 +94,8 @@ class _Shard:
         self.size = 0
         self.crc = 0
         self.keys: set[str] = set()
-        self.lines: list[str] = []
+        self.lines: list[str] = []  # the samples' journal entries, one or a run of them each
+        self.count = 0  # samples
         self.pieces: dict[_Ticket, int] = {}
         self.pending: list[Buffer] = []
         self.pending_bytes = 0
@@ -137,6 +139,7 @@ class ShardWriter:
         follow_symlinks: bool = ShardOptions.follow_symlinks,
         prefix: str = ShardOptions.prefix,
         shard_list: str | None = ShardOptions.shard_list,
+        engine: str = ShardOptions.engine,
     ) -> None:
         o = self.options = ShardOptions(
             Path(out_root),
@@ -153,6 +156,7 @@ class ShardWriter:
             follow_symlinks,
             prefix,
             shard_list,
+            engine,
         )
         validate_key(o.prefix)
         if o.shard_list is not None:
@@ -170,6 +174,7 @@ class ShardWriter:
         self._mtime = int(time.time())
         self._earlier = Manifest.load(self._root) if o.skip_existing else None
         self._stager: Stager | None = None
+        self._tar_pack = _native_packer() if engine_class(o.engine).name == "native" else None
         self._pid = os.getpid()
         self._closed = False
         self._error: BaseException | None = None
@@ -402,38 +407,104 @@ class ShardWriter:
                 job.ticket.handle.set_staged()
         fmt = self._format
         assert isinstance(fmt, BufferFormat)
-        groups = groups_of(job.keys[0], job.container, job.names, arrays, fmt, self.options.dict_mode,
-                           batched=job.batched)  # fmt: skip
+        groups = groups_of(
+            job.keys[0], job.container, job.names, arrays, fmt, self.options.dict_mode, batched=job.batched
+        )
         count = arrays[0].shape[0] if job.batched else 1
         fixed = [group.buffers(fmt, count) for group in groups]
-        o = self.options
+        if self._tar_pack is not None and all(plain is not None for plain in fixed):
+            self._pack_natively(job, groups, fixed)  # type: ignore[arg-type]  # none is None
+            return
         for key, row in zip(job.keys, job.rows, strict=True):
             members = [
                 (f"{key}.{group.suffix}", _sample_buffers(group, plain, fmt, row))
                 for group, plain in zip(groups, fixed, strict=True)
             ]
             sizes = [sum(map(len, buffers)) for _, buffers in members]
-            footprint = sum(size + 3 * BLOCK for size in sizes)  # headers and padding, at most
-            shard = self._shard
-            if shard is not None and (
-                key in shard.keys
-                or (o.shard_samples is not None and len(shard.lines) >= o.shard_samples)
-                or shard.size + footprint > o.shard_bytes
-            ):
-                self._end_shard()
-                shard = None
-            if shard is None:
-                try:
-                    shard = self._open_shard()
-                except OSError as exc:
-                    self._fail_tickets([job.ticket], [key], exc)
-                    continue
+            try:
+                shard, _ = self._take(
+                    [key], [footprint(name, size) for (name, _), size in zip(members, sizes, strict=True)]
+                )
+            except OSError as exc:
+                self._fail_tickets([job.ticket], [key], exc)
+                continue
             shard.pieces[job.ticket] = shard.pieces.get(job.ticket, 0) + 1
             try:
                 self._append(shard, key, members, sizes)
             except OSError as exc:
                 shard.keys.add(key)
                 self._abandon(shard, exc)
+
+    def _pack_natively(
+        self, job: _Job, groups: list[Group], fixed: list[tuple[bytes, list[tuple[memoryview, int]]]]
+    ) -> None:
+        """Every sample of the job has the same members: runs of them go into the C packer, each run
+        as many as the open shard takes."""
+        assert self._tar_pack is not None
+        keys, rows = job.keys, job.rows
+        packed = tuple(
+            (g.suffix.encode(), header, parts) for g, (header, parts) in zip(groups, fixed, strict=True)
+        )
+        sizes = [len(header) + sum(stride for _, stride in parts) for header, parts in fixed]
+        longest = max(map(len, keys)) + 1 + max(len(g.suffix) for g in groups)
+        each: int | list[int]
+        if longest <= 100 and "".join(keys).isascii():  # ustar names: every sample takes as much
+            each = sum(footprint("", size) for size in sizes)
+        else:
+            each = [
+                sum(footprint(f"{key}.{g.suffix}", size) for g, size in zip(groups, sizes, strict=True))
+                for key in keys
+            ]
+        i = 0
+        while i < len(keys):
+            try:
+                shard, taken = self._take(keys[i:], each if isinstance(each, int) else each[i:])
+            except OSError as exc:
+                self._fail_tickets([job.ticket], keys[i:], exc)
+                return
+            run = slice(i, i + taken)
+            i += taken
+            shard.pieces[job.ticket] = shard.pieces.get(job.ticket, 0) + taken
+            shard.keys.update(keys[run])
+            try:
+                shard.drain()
+                shard.size, shard.crc, text = self._tar_pack(
+                    shard.fd, shard.size, shard.crc, self._mtime, keys[run], rows[run], packed
+                )
+            except OSError as exc:
+                self._abandon(shard, exc)
+                continue
+            shard.lines.append(text.decode())
+            shard.count += taken
+
+    def _take(self, keys: list[str], each: int | list[int]) -> tuple[_Shard, int]:
+        """The shard the next of `keys` go into, opened if need be, and how many of them it takes (at
+        least one; `each`: the bytes each takes in a shard, or all alike): up to shard_samples, up to
+        shard_bytes (a sample larger than that alone), and not a key it holds already."""
+        o = self.options
+        shard = self._shard
+        while True:
+            if shard is None:
+                shard = self._open_shard()
+            room = len(keys)
+            if o.shard_samples is not None:
+                room = min(room, o.shard_samples - shard.count)
+            if shard.keys and not shard.keys.isdisjoint(keys[:room]):
+                room = next(i for i, key in enumerate(keys[:room]) if key in shard.keys)
+            space = o.shard_bytes - len(END) - shard.size
+            if isinstance(each, int):
+                taken = min(room, max(space, 0) // each)
+            else:
+                taken = 0
+                while taken < room and each[taken] <= space:
+                    space -= each[taken]
+                    taken += 1
+            if taken == 0 and shard.count == 0 and room:  # larger than a shard: alone in one
+                taken = 1
+            if taken:
+                return shard, taken
+            self._end_shard()
+            shard = None
 
     def _open_shard(self) -> _Shard:
         final = f"{self._name}-{self._numbers:06d}.tar"
@@ -462,6 +533,7 @@ class ShardWriter:
             shard.add([header, *buffers, padding], len(header) + size + len(padding))
             records.append((name[len(key) + 1 :], offset, size, member_crc))
         shard.lines.append(sample_line(key, records))
+        shard.count += 1
         shard.keys.add(key)
         if shard.pending_bytes >= _WRITE_AHEAD:
             shard.drain()
@@ -493,7 +565,7 @@ class ShardWriter:
             return
         path = Path(shard.final)
         self._committed.update(shard.keys)
-        self._stats.add(shards=1, samples=len(shard.lines), bytes=shard.size)
+        self._stats.add(shards=1, samples=shard.count, bytes=shard.size)
         for ticket, count in shard.pieces.items():
             ticket.paths.append(path)
             ticket.remaining -= count
@@ -528,6 +600,12 @@ class ShardWriter:
         self._stats.add(errors=1)
         if self._error is None:
             self._error = exc
+
+
+def _native_packer() -> Callable[..., tuple[int, int, bytes]]:
+    from ..engine._native import tar_pack
+
+    return tar_pack
 
 
 def _sample_buffers(

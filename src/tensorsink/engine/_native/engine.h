@@ -19,6 +19,7 @@
  *   journal.c  the journal lines around each rename
  *   handle.c   the ready route's handle: a future settled by the threads, without the GIL
  *   plain.c    the plain route: write(key, array) in one call, key, path, header and record made in C
+ *   tar.c      shards: a batch of samples appended to an open tar as members, with their journal entries
  *   module.c   the module: its types, and the CRC chosen at import
  */
 #ifndef TENSORSINK_ENGINE_H
@@ -218,6 +219,9 @@ static inline char *put_decimal(char *at, unsigned long long value, int width) {
 static inline char *put_hexadecimal(char *at, unsigned long long value, int width) {
     return put_digits(at, value, width, 16);
 }
+
+/* tar.c: tar_pack(fd, size, crc, mtime, keys, rows, groups), a batch of samples appended to a shard. */
+PyObject *tar_pack(PyObject *module, PyObject *args);
 
 /* journal.c: append the job's journal line, before its rename or after it (held); write those held. */
 int journal_line(Engine *e, Job *job, int renaming, double when);

@@ -19,6 +19,7 @@ static PyObject *module_line_tail(PyObject *module, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"line_tail", module_line_tail, METH_VARARGS, "line_tail(size, crc, when, renaming): a journal line's end."},
+    {"tar_pack", tar_pack, METH_VARARGS, "tar_pack(fd, size, crc, mtime, keys, rows, groups): samples into a shard."},
     {NULL, NULL, 0, NULL},
 };
 
