@@ -298,7 +298,6 @@ class ShardWriter:
 
     def _done(self, paths: list[Path], skipped: int) -> WriteHandle:
         handle = WriteFuture()
-        handle.set_staged()
         handle.set_result(paths)
         return handle
 

@@ -45,14 +45,35 @@ static int text_reserve(Text *t, size_t more) {
     return 0;
 }
 
-/* A JSON string, as json.dumps writes it but for non-ASCII text, which is kept as its UTF-8. */
+/* A JSON string as json.dumps writes it (ensure_ascii): non-ASCII text as \u escapes, surrogate
+ * pairs above U+FFFF. `s` is valid UTF-8 (CPython's own encoding of a str); at most 6 bytes out per
+ * byte in. */
 static char *put_json(char *at, const char *s, Py_ssize_t n) {
+    static const char short_escapes[32] = {['\b'] = 'b', ['\f'] = 'f', ['\n'] = 'n', ['\r'] = 'r', ['\t'] = 't'};
     *at++ = '"';
-    for (Py_ssize_t i = 0; i < n; i++) {
+    for (Py_ssize_t i = 0; i < n;) {
         unsigned char c = (unsigned char)s[i];
-        if (c == '"' || c == '\\') *at++ = '\\', *at++ = (char)c;
-        else if (c < 0x20) *at++ = '\\', *at++ = 'u', at = put_hexadecimal(at, c, 4);
-        else *at++ = (char)c;
+        unsigned long code;
+        int length;
+        if (c < 0x80) {
+            i++;
+            if (c == '"' || c == '\\') *at++ = '\\', *at++ = (char)c;
+            else if (c < 0x20 && short_escapes[c]) *at++ = '\\', *at++ = short_escapes[c];
+            else if (c < 0x20 || c == 0x7f) *at++ = '\\', *at++ = 'u', at = put_hexadecimal(at, c, 4);
+            else *at++ = (char)c;
+            continue;
+        }
+        if (c >= 0xf0) code = c & 0x07, length = 4;
+        else if (c >= 0xe0) code = c & 0x0f, length = 3;
+        else code = c & 0x1f, length = 2;
+        for (int k = 1; k < length && i + k < n; k++) code = code << 6 | ((unsigned char)s[i + k] & 0x3f);
+        i += length;
+        if (code >= 0x10000) {
+            code -= 0x10000;
+            *at++ = '\\', *at++ = 'u', at = put_hexadecimal(at, 0xd800 | (code >> 10), 4);
+            code = 0xdc00 | (code & 0x3ff);
+        }
+        *at++ = '\\', *at++ = 'u', at = put_hexadecimal(at, code, 4);
     }
     *at++ = '"';
     return at;
