@@ -37,7 +37,8 @@ def test_headers_are_what_tarfile_reads_and_as_long_as_footprint_says(name: str,
 
 def test_a_size_over_eight_gib_goes_in_a_pax_record() -> None:
     header = member_header("big.npy", 9 << 30, 0)
-    assert len(header) == 3 * BLOCK and b"size=9663676416" in header
+    assert len(header) == 3 * BLOCK
+    assert b"size=9663676416" in header
     # The member's size comes from the record (tarfile reads the header alone).
     with tarfile.open(fileobj=io.BytesIO(header + bytes(4 * BLOCK)), ignore_zeros=False) as tar:
         assert tar.next().size == 9 << 30  # type: ignore[union-attr]
@@ -66,7 +67,7 @@ def _shard_and_line(root: Path, engine: str, keys: list[str], value: object, sav
     writer._mtime = 1_700_000_000  # both packers stamp the same time
     writer.write_batch(keys, value)
     writer.close()
-    (shard,) = [p for p in root.glob("*.tar")]
+    (shard,) = list(root.glob("*.tar"))
     (journal,) = (root / ".tensorsink").glob("journal-*.jsonl")
     samples = [
         line.partition(b',"samples":')[2].partition(b',"bytes"')[0]
@@ -78,7 +79,9 @@ def _shard_and_line(root: Path, engine: str, keys: list[str], value: object, sav
 keys_strategy = st.lists(
     st.one_of(
         st.from_regex(r"[a-z0-9_]{1,12}(/[a-z0-9_]{1,12}){0,2}", fullmatch=True),
-        st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="./\0"), min_size=1, max_size=140),
+        st.text(
+            st.characters(blacklist_categories=("Cs",), blacklist_characters="./\0"), min_size=1, max_size=140
+        ),
     ),
     min_size=1, max_size=12, unique=True,
 )  # fmt: skip
