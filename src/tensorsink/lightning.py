@@ -1,7 +1,8 @@
 """A Lightning prediction writer that writes each sample's output through an AsyncWriter.
 
 `Trainer.predict` calls it after every batch; it splits the batch into samples with one device-to-host
-copy per batch, queues one file per sample and returns, so the predict loop never waits for the disk.
+copy per batch, queues one file per sample (or, with shards=True, one tar member per sample through a
+ShardWriter) and returns, so the predict loop never waits for the disk.
 Needs the `lightning` extra; `import tensorsink` does not import Lightning.
 """
 
@@ -21,9 +22,10 @@ from lightning.pytorch.callbacks import BasePredictionWriter, TQDMProgressBar
 
 from .batches import Batch, has_no_samples, split_batch
 from .formats import Container
-from .options import DictMode, SaveFormat, WriterOptions
+from .options import DictMode, SaveFormat, ShardOptions, WriterOptions
 from .sample_writers import SampleWriter, Save, WriterRegistry, writers
-from .stats import WriterStats
+from .shards.writer import ShardWriter
+from .stats import ShardStats, WriterStats
 from .writer import AsyncWriter
 
 __all__ = ["PredictionWriter", "SampleWriter", "WriterRegistry", "progress_postfix", "writers"]
@@ -51,7 +53,10 @@ class PredictionWriter(BasePredictionWriter):
       "batch_and_epoch" would write every sample twice and is refused.
     - `progress_bar`: show the writer's throughput (files, MiB/s, in flight, blocked time, errors) in
       the postfix of Lightning's TQDM predict bar.
-    - `writer_options`: AsyncWriter's options (workers, durability, max_inflight, dict_mode, ...).
+    - `shards`: write the samples into WebDataset tar shards (a ShardWriter) instead of a file each:
+      for millions of small predictions. Only the writer's formats go into shards, not save functions.
+    - `writer_options`: AsyncWriter's options (workers, durability, max_inflight, dict_mode, ...), or
+      with shards=True ShardWriter's (shard_bytes, shard_samples, durability, dict_mode, ...).
 
     Pass `return_predictions=False` to `Trainer.predict`: otherwise Lightning keeps every prediction
     in memory until predict() returns, which this writer cannot (and does not try to) prevent.
@@ -67,10 +72,12 @@ class PredictionWriter(BasePredictionWriter):
         registry: WriterRegistry = writers,
         write_interval: str = "batch",
         progress_bar: bool = True,
+        shards: bool = False,
         **writer_options: Any,
     ) -> None:
         super().__init__(write_interval=_write_interval(write_interval))
-        _check_option_names(writer_options)
+        self.shards = shards
+        _check_option_names(writer_options, ShardWriter if shards else AsyncWriter)
         self.directory = Path(directory)
         _check_directory(self.directory)
         self.value_key = value_key
@@ -82,24 +89,32 @@ class PredictionWriter(BasePredictionWriter):
             raise ValueError(f"PredictionWriter(writer={writer!r}): {exc}") from None
         except TypeError as exc:
             raise TypeError(f"PredictionWriter(writer={writer!r}): {exc}") from None
+        if shards and self.sample_writer.save is not None:
+            raise ValueError(
+                f"PredictionWriter(writer={writer!r}, shards=True): shards hold the writer's formats "
+                "('pt', 'npy', 'npz', 'safetensors'), not files a save function makes; pick a format, "
+                "or leave shards=False"
+            )
         save_format = self.sample_writer.save_format or SaveFormat.PYTORCH_PT
         if save_format is SaveFormat.NUMPY_NPY:
             writer_options.setdefault("dict_mode", DictMode.SPLIT)  # .npy holds one array per file
         self._options = {"save_format": save_format, **writer_options}
         try:  # bad options fail here, not in predict()
-            WriterOptions(out_root=self.directory, **self._options)
+            (ShardOptions if shards else WriterOptions)(out_root=self.directory, **self._options)
         except ValueError as exc:
             raise ValueError(f"PredictionWriter: {exc}") from None
         except TypeError as exc:
             raise TypeError(f"PredictionWriter: {exc}") from None
-        self._writer: AsyncWriter | None = None
-        self._last: AsyncWriter | None = None
+        self._writer: AsyncWriter | ShardWriter | None = None
+        self._last: AsyncWriter | ShardWriter | None = None
 
     # Lifecycle: a writer per predict() call, drained at its end, closed on every way out.
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._close(raise_errors=False)
-        self._writer = self._last = AsyncWriter(self.directory, **self._options)
+        self._writer = self._last = (ShardWriter if self.shards else AsyncWriter)(
+            self.directory, **self._options
+        )
 
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_predict_epoch_end(trainer, pl_module)  # with write_interval="epoch": the writes
@@ -127,7 +142,7 @@ class PredictionWriter(BasePredictionWriter):
                 raise
             log.exception("tensorsink: the prediction writer failed while predict() was failing")
 
-    def stats(self) -> WriterStats | None:
+    def stats(self) -> WriterStats | ShardStats | None:
         """The current (or last) predict() call's writer statistics."""
         return self._last.stats() if self._last is not None else None
 
@@ -194,6 +209,9 @@ class PredictionWriter(BasePredictionWriter):
         if sample_writer.check is not None:
             for sample in _samples_for_check(split_batch(value, len(names))):
                 sample_writer.check(sample)
+        if isinstance(self._writer, ShardWriter):
+            self._writer.write_batch(names, value)
+            return
         self._writer.write_batch(
             names,
             value,
@@ -270,7 +288,7 @@ class PredictionWriter(BasePredictionWriter):
 
 
 _INTERVALS = ("batch", "epoch")
-_OWN_OPTIONS = ("registry", "write_interval", "progress_bar")
+_OWN_OPTIONS = ("registry", "write_interval", "progress_bar", "shards")
 
 
 def _write_interval(write_interval: object) -> Literal["batch", "epoch"]:
@@ -289,14 +307,14 @@ def _write_interval(write_interval: object) -> Literal["batch", "epoch"]:
     return cast(Literal["batch", "epoch"], str(value))
 
 
-def _asyncwriter_options() -> list[str]:
-    """The options PredictionWriter passes on to AsyncWriter: all of its own but the root and format."""
-    names = inspect.signature(AsyncWriter.__init__).parameters
+def _writer_options(writer: type[AsyncWriter] | type[ShardWriter] = AsyncWriter) -> list[str]:
+    """The options PredictionWriter passes on to its writer: all of its own but the root and format."""
+    names = inspect.signature(writer.__init__).parameters
     return [name for name in names if name not in ("self", "out_root", "save_format")]
 
 
-def _check_option_names(options: Mapping[str, Any]) -> None:
-    known = _asyncwriter_options()
+def _check_option_names(options: Mapping[str, Any], writer: type[AsyncWriter] | type[ShardWriter]) -> None:
+    known = _writer_options(writer)
     for name, value in options.items():
         if name == "save_format":
             raise TypeError(
@@ -312,13 +330,22 @@ def _check_option_names(options: Mapping[str, Any]) -> None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise TypeError(
                 f"PredictionWriter() got an unexpected keyword argument {name!r}; {hint}besides directory, "
-                f"value_key, writer, name_key, {', '.join(_OWN_OPTIONS)} it takes AsyncWriter's options: "
-                f"{', '.join(known)}"
+                f"value_key, writer, name_key, {', '.join(_OWN_OPTIONS)} it takes {writer.__name__}'s "
+                f"options: {', '.join(known)}"
             )
 
 
-def progress_postfix(stats: WriterStats) -> dict[str, str]:
-    """A writer's counters as the TQDM postfix shows them: files, MiB/s, in flight, blocked, errors."""
+def progress_postfix(stats: WriterStats | ShardStats) -> dict[str, str]:
+    """A writer's counters as the TQDM postfix shows them: files, MiB/s, in flight, blocked, errors
+    (a shard writer's: samples, shards, MiB/s, blocked, errors)."""
+    if isinstance(stats, ShardStats):
+        return {
+            "samples": f"{stats.samples:,}",
+            "shards": f"{stats.shards:,}",
+            "MiB/s": f"{stats.bytes / max(stats.elapsed_seconds, 1e-9) / 2**20:,.1f}",
+            "blocked": f"{stats.blocked_seconds:.2f}s",
+            "errors": str(stats.errors),
+        }
     return {
         "files": f"{stats.files:,}",
         "MiB/s": f"{stats.bytes_per_second / 2**20:,.1f}",

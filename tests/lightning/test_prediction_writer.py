@@ -376,3 +376,28 @@ def test_a_directory_that_is_a_file_fails_at_construction(tmp_path: Path) -> Non
     assert file.read_text() == "not a folder"
     PredictionWriter(tmp_path / "new" / "folder")  # a folder that does not exist yet is made at predict()
     assert not (tmp_path / "new").exists()
+
+
+def test_shards_hold_every_prediction_as_a_webdataset_sample(tmp_path: Path) -> None:
+    from tensorsink.shards import ShardReader
+
+    callback = PredictionWriter(tmp_path, value_key="y", writer="npy", shards=True, shard_samples=4)
+    _trainer(callback).predict(Doubler(), loader(10, batch_size=3), return_predictions=False)
+    listing = json.loads((tmp_path / "shards.json").read_text())["shardlist"]
+    assert [s["nsamples"] for s in listing] == [4, 4, 2]
+    reader = ShardReader(tmp_path)
+    assert sorted(reader.keys(), key=int) == [str(i) for i in range(10)]
+    for i in (0, 5, 9):
+        np.testing.assert_array_equal(reader.load(str(i))["npy"], expected(i).numpy())
+    stats = callback.stats()
+    assert stats is not None
+    assert (stats.samples, stats.shards) == (10, 3)
+
+
+def test_shards_refuse_save_functions_and_asyncwriter_only_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="shards hold the writer's formats"):
+        PredictionWriter(tmp_path, writer="image_2d", shards=True)
+    with pytest.raises(TypeError, match=r"'workers'.*ShardWriter's options"):
+        PredictionWriter(tmp_path, shards=True, workers=2)
+    with pytest.raises(ValueError, match="shard_samples=0"):
+        PredictionWriter(tmp_path, shards=True, shard_samples=0)
