@@ -795,3 +795,20 @@ def test_the_command_line_verifies_a_bucket_prefix(
     assert main(["verify", f"s3://{bucket}/run/", "--endpoint-url", endpoint]) == 1
     assert "missing: tensor.pt" in capsys.readouterr().out
     assert main(["verify", f"s3://{bucket}/elsewhere/", "--endpoint-url", endpoint]) == 2
+
+
+def test_shards_and_their_list_reach_the_bucket_intact(
+    tmp_path: Path, s3: Any, bucket: str, endpoint: str
+) -> None:
+    from tensorsink.shards import ShardWriter
+
+    uploads: queue.Queue[Path] = queue.Queue()
+    uploader = S3Uploader(uploads, tmp_path, bucket, "run/", endpoint_url=endpoint)
+    with ShardWriter(tmp_path, save_format="npy", shard_samples=10, upload_queue=uploads) as writer:
+        writer.write_batch(
+            [f"s{i}" for i in range(25)], torch.arange(25 * 8, dtype=torch.float32).reshape(25, 8)
+        )
+    uploader.close()
+    local = local_files(tmp_path)
+    assert sorted(name.rpartition(".")[2] for name in local) == ["json", "tar", "tar", "tar"]
+    assert objects(s3, bucket) == {f"run/{name}": data for name, data in local.items()}

@@ -143,12 +143,18 @@ def key_values(column: Any) -> list[Any]:
 
 
 def _asyncwriter_options() -> list[str]:
-    names = inspect.signature(AsyncWriter.__init__).parameters
+    return _options_of(AsyncWriter)
+
+
+def _options_of(writer: type[Any]) -> list[str]:
+    """The keyword options a writer class takes (all but its root)."""
+    names = inspect.signature(writer.__init__).parameters
     return [name for name in names if name not in ("self", "out_root")]
 
 
-def check_option_names(owner: str, options: Mapping[str, Any]) -> None:
-    known = _asyncwriter_options()
+def check_option_names(owner: str, options: Mapping[str, Any], writer: type[Any] | None = None) -> None:
+    """TypeError for an option `writer` (AsyncWriter by default) does not take, naming the close ones."""
+    known = _asyncwriter_options() if writer is None else _options_of(writer)
     for name in options:
         if name == "out_root":
             raise TypeError(f"{owner}(out_root=...): the output folder is the first argument, path")
@@ -156,6 +162,6 @@ def check_option_names(owner: str, options: Mapping[str, Any]) -> None:
             close = difflib.get_close_matches(name, known, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise TypeError(
-                f"{owner}() got an unexpected keyword argument {name!r}; {hint}it takes AsyncWriter's "
-                f"options: {', '.join(known)}"
+                f"{owner}() got an unexpected keyword argument {name!r}; {hint}it takes "
+                f"{(writer or AsyncWriter).__name__}'s options: {', '.join(known)}"
             )

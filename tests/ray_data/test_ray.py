@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import json
 import os
+import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +17,7 @@ from tensorsink import InvalidKeyError, sweep  # noqa: E402
 from tensorsink.commit import is_temporary  # noqa: E402
 from tensorsink.manifest import JOURNAL_DIR, Manifest, verify  # noqa: E402
 from tensorsink.ray import CommittedBatchWriter, TensorDatasink  # noqa: E402
+from tensorsink.shards import ShardReader  # noqa: E402
 from tests.support import outputs_under  # noqa: E402
 
 pytestmark = [
@@ -300,3 +303,54 @@ def test_killed_actor_leaves_no_torn_file(tmp_path: Path) -> None:
     assert len(_final_files(out)) == 16
     report = verify(out)
     assert report.ok, report
+
+
+class _ShardsDieOnce(TensorDatasink):
+    """Shards; kills its worker after its first block's shard is committed, on the first attempt only."""
+
+    def __init__(self, path: Path, marker: Path) -> None:
+        super().__init__(path, key_column="key", shards=True, save_format="npy", dict_mode="split")
+        self.marker = str(marker)
+
+    def write(self, blocks: Any, ctx: Any) -> Any:
+        def blocks_then_die() -> Any:
+            for block in blocks:
+                yield block
+                if not os.path.exists(self.marker):
+                    open(self.marker, "w").close()
+                    os._exit(1)
+
+        return super().write(blocks_then_die(), ctx)
+
+
+def test_shards_from_every_task_in_one_list(tmp_path: Path) -> None:
+    sink = TensorDatasink(tmp_path, key_column="key", shards=True, save_format="npy", dict_mode="split",
+                          shard_samples=5, min_bytes_per_write=None)  # fmt: skip
+    _rows(23, 3).write_datasink(sink)
+    assert sink.result is not None
+    assert (sink.result.rows, sink.result.files) == (23, 23)
+    listing = json.loads((tmp_path / "shards.json").read_text())["shardlist"]
+    assert sum(s["nsamples"] for s in listing) == 23
+    reader = ShardReader(tmp_path)
+    assert len(reader) == 23
+    np.testing.assert_array_equal(reader.load("scene/007")["field.npy"], np.full((4, 8), 7, np.float32))
+    assert verify(tmp_path).ok
+
+
+def test_a_retried_shard_task_lists_each_sample_once(tmp_path: Path) -> None:
+    out, marker = tmp_path / "out", tmp_path / "died"
+    sink = _ShardsDieOnce(out, marker)
+    _rows(16, 4).repartition(2).write_datasink(sink)
+    assert marker.exists()
+    listing = json.loads((out / "shards.json").read_text())["shardlist"]
+    keys: list[str] = []
+    for shard in listing:
+        with tarfile.open(out / shard["url"]) as tar:
+            keys += {name.split(".")[0] for name in tar.getnames()}  # two members a sample (split)
+    assert sorted(set(keys)) == sorted(keys) == [f"scene/{i:03d}" for i in range(16)]
+    assert verify(out).ok
+
+
+def test_shards_refuse_asyncwriter_only_options(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"'workers'.*ShardWriter's options"):
+        TensorDatasink(tmp_path, key_column="key", shards=True, workers=2)

@@ -45,9 +45,20 @@ def shard_list(root: str | os.PathLike[str]) -> dict[str, Any]:
     return {"wids_version": 1, "shardlist": listed}
 
 
-def publish_shard_list(root: str, name: str, committer: Committer, journal: Journal | None = None) -> Path:
-    """Write shard_list(root) to `<root>/<name>` atomically (journaled, so verify knows it); its path."""
-    data = (json.dumps(shard_list(root), indent=1) + "\n").encode()
+def publish_shard_list(
+    root: str,
+    name: str,
+    committer: Committer,
+    journal: Journal | None = None,
+    shards: list[tuple[str, int]] | None = None,
+) -> Path:
+    """Write `<root>/<name>` atomically (journaled, so verify knows it): the list of `shards` (url
+    relative to the root, samples), or by default shard_list(root); its path."""
+    if shards is None:
+        listing = shard_list(root)
+    else:
+        listing = {"wids_version": 1, "shardlist": [{"url": url, "nsamples": n} for url, n in sorted(shards)]}
+    data = (json.dumps(listing, indent=1) + "\n").encode()
     final = f"{root}/{name}"
     fd, temporary = committer.create(final)
     journaled = None

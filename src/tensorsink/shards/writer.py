@@ -179,6 +179,7 @@ class ShardWriter:
         self._closed = False
         self._error: BaseException | None = None
         self._committed: set[str] = set()
+        self._shards: list[tuple[Path, int]] = []
         self._stats = ShardStats()
         self._budget = threading.Condition()
         self._queued_bytes = 0
@@ -345,6 +346,10 @@ class ShardWriter:
 
     def stats(self) -> ShardStats:
         return self._stats.snapshot()
+
+    def shards(self) -> list[tuple[Path, int]]:
+        """The shards this writer committed so far, in order, and the samples each holds."""
+        return list(self._shards)
 
     def _wait_for_thread(self) -> None:
         done = threading.Event()
@@ -564,6 +569,7 @@ class ShardWriter:
             return
         path = Path(shard.final)
         self._committed.update(shard.keys)
+        self._shards.append((path, shard.count))
         self._stats.add(shards=1, samples=shard.count, bytes=shard.size)
         for ticket, count in shard.pieces.items():
             ticket.paths.append(path)
