@@ -13,6 +13,7 @@ from tensorsink import AsyncWriter, DictMode, Durability, SaveFormat, WriterOpti
 def test_all_is_sorted_and_complete() -> None:
     assert tensorsink.__all__ == sorted(tensorsink.__all__)
     public = {name for name in vars(tensorsink) if not name.startswith("_")} - {"annotations"}
+    public |= set(tensorsink._LAZY)  # imported on first use
     modules = {name for name, value in vars(tensorsink).items() if inspect.ismodule(value)}
     assert set(tensorsink.__all__) - {"__version__"} == public - modules
 
@@ -56,3 +57,16 @@ def test_original_positional_call_and_attributes(tmp_path: Path) -> None:
 def test_enums_expose_their_suffixes() -> None:
     assert [f.value for f in SaveFormat] == ["pt", "npy", "npz", "safetensors"]
     assert [d.value for d in Durability] == ["none", "file", "full"]
+
+
+def test_shard_writer_takes_its_defaults_from_shard_options() -> None:
+    from tensorsink import ShardOptions, ShardWriter
+
+    parameters = list(inspect.signature(ShardWriter).parameters.values())
+    settings = {f.name: f.default for f in dataclasses.fields(ShardOptions) if f.name != "out_root"}
+    assert {p.name: p.default for p in parameters[1:]} == settings
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in parameters[1:])
+
+
+def test_dir_lists_the_lazy_writers() -> None:
+    assert {"AsyncWriter", "ShardWriter", "ShardReader"} <= set(dir(tensorsink))

@@ -18,23 +18,33 @@ from .errors import (
     WriterForkedError,
 )
 from .future import WriteFuture, WriteHandle
-from .options import Backend, DictMode, Durability, SaveFormat, WriterOptions
-from .stats import WriterStats
+from .options import Backend, DictMode, Durability, SaveFormat, ShardOptions, WriterOptions
+from .stats import ShardStats, WriterStats
 
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> object:
-    """AsyncWriter on first use: it imports torch, which the command line's sweep and --help need not."""
-    if name == "AsyncWriter":
-        from .writer import AsyncWriter
+_LAZY = {"AsyncWriter": ".writer", "ShardReader": ".shards.index", "ShardWriter": ".shards.writer"}
 
-        globals()["AsyncWriter"] = AsyncWriter
-        return AsyncWriter
+
+def __getattr__(name: str) -> object:
+    """The writers on first use: they import torch, which the command line's sweep and --help need not."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'tensorsink' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 if typing.TYPE_CHECKING:
+    from .shards.index import ShardReader
+    from .shards.writer import ShardWriter
     from .writer import AsyncWriter
 
 __all__ = [
@@ -48,6 +58,10 @@ __all__ = [
     "InvalidLayoutError",
     "SaveFormat",
     "SaveFunctionError",
+    "ShardOptions",
+    "ShardReader",
+    "ShardStats",
+    "ShardWriter",
     "SymlinkError",
     "TensorsinkError",
     "UnsupportedValueError",
