@@ -14,7 +14,8 @@
 
 #define BLOCK 512
 #define NAME_LIMIT 100
-#define CHUNK 128 /* samples whose headers and writes are gathered at once */
+#define CHUNK 128 /* samples whose headers and writes are gathered at once, at most ... */
+#define CHUNK_BYTES (512 << 10) /* ... and about this much data: still in cache when written after its CRC */
 #define USTAR_SIZE_LIMIT (1ULL << 33) /* 8 GiB: what an 11-digit octal size field holds */
 
 typedef struct {
@@ -197,8 +198,12 @@ static void pack_samples(Pack *k) {
     }
     struct iovec *v = malloc(sizeof *v * vectors * CHUNK);
     if (!v) { k->error = -1; return; }
-    for (Py_ssize_t first = 0; first < k->count && !k->error; first += CHUNK) {
-        Py_ssize_t last = first + CHUNK < k->count ? first + CHUNK : k->count;
+    unsigned long long sample_bytes = 1;
+    for (Py_ssize_t m = 0; m < k->groups; m++) sample_bytes += k->group[m].size;
+    Py_ssize_t per_chunk = sample_bytes >= CHUNK_BYTES ? 1 : (Py_ssize_t)(CHUNK_BYTES / sample_bytes);
+    if (per_chunk > CHUNK) per_chunk = CHUNK;
+    for (Py_ssize_t first = 0; first < k->count && !k->error; first += per_chunk) {
+        Py_ssize_t last = first + per_chunk < k->count ? first + per_chunk : k->count;
         size_t arena_length = 0;
         for (Py_ssize_t s = first; s < last; s++)
             for (Py_ssize_t j = 0; j < k->groups; j++)
