@@ -389,3 +389,71 @@ def test_stats_and_repr(tmp_path: Path) -> None:
     assert (stats.samples, stats.shards, stats.writes, stats.errors) == (2, 1, 1, 0)
     assert stats.bytes == shards_in(tmp_path)[0].stat().st_size
     assert "2 samples in 1 shards" in str(stats)
+
+
+def test_is_done_does_not_turn_on_skipping(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, save_format="npy") as writer:
+        writer.write("a", torch.zeros(1))
+    with ShardWriter(tmp_path, save_format="npy") as writer:
+        assert writer.is_done("a")
+        writer.write("a", torch.ones(1))  # written again: skip_existing is off
+    assert ShardReader(tmp_path).load("a")["npy"].tolist() == [1.0]
+    assert writer.stats().skipped == 0
+
+
+def test_skipped_samples_name_the_shards_that_hold_them(tmp_path: Path) -> None:
+    with ShardWriter(tmp_path, save_format="npy") as writer:
+        writer.write_batch(["a", "b"], batch(2))
+    (first,) = shards_in(tmp_path)
+    with ShardWriter(tmp_path, save_format="npy", skip_existing=True) as writer:
+        assert writer.write_batch(["a", "b"], batch(2)).result() == [first]
+        both = writer.write_batch(["b", "c"], batch(2))
+    assert both.result()[0] == first
+    assert len(both.result()) == 2
+
+
+def test_an_unexpected_error_in_the_packer_fails_its_shard_and_close_does_not_hang(
+    tmp_path: Path, each_engine: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tensorsink.shards import writer as module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("packer broke")
+
+    writer = ShardWriter(tmp_path, save_format="npy")
+    if each_engine == "native":
+        monkeypatch.setattr(writer, "_tar_pack", broken)
+    else:
+        monkeypatch.setattr(module.ShardWriter, "_append", broken)
+    handle = writer.write_batch(["a", "b"], batch(2))
+    with pytest.raises(RuntimeError, match="packer broke"):
+        writer.close()
+    assert isinstance(handle.exception(), RuntimeError)
+    assert shards_in(tmp_path) == []
+    assert not any(tmp_path.rglob("*.partial"))
+
+
+def test_writes_from_threads_racing_close_are_written_or_refused(tmp_path: Path) -> None:
+    import threading
+
+    writer = ShardWriter(tmp_path, save_format="npy", shard_samples=7)
+    handles: list[object] = []
+    refused = []
+
+    def produce(offset: int) -> None:
+        for i in range(200):
+            try:
+                handles.append(writer.write(f"t{offset}/{i}", torch.full((3,), float(i))))
+            except WriterClosedError:
+                refused.append(i)
+                return
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    writer.close()
+    for thread in threads:
+        thread.join()
+    assert all(h.result(timeout=10) for h in handles)  # type: ignore[attr-defined]
+    assert len(ShardReader(tmp_path)) == len(handles)
+    assert verify(tmp_path).ok

@@ -14,11 +14,20 @@ from collections.abc import Iterator, Sequence
 
 from ..checksum import crc32
 
-__all__ = ["BLOCK", "END", "Member", "check_shard", "footprint", "member_header", "read_members"]
+__all__ = [
+    "BLOCK",
+    "END",
+    "USTAR_SIZE_LIMIT",
+    "Member",
+    "check_shard",
+    "footprint",
+    "member_header",
+    "read_members",
+]
 
 BLOCK = 512
 END = bytes(2 * BLOCK)  # the end-of-archive marker
-_USTAR_SIZE_LIMIT = 8**11  # an 11-digit octal size field holds less than this
+USTAR_SIZE_LIMIT = 8**11  # an 11-digit octal size field holds less than this
 _NAME_LIMIT = 100
 
 
@@ -56,7 +65,7 @@ def _pax_record(keyword: bytes, value: bytes) -> bytes:
 
 
 def _plain(raw: bytes, size: int) -> bool:
-    return len(raw) <= _NAME_LIMIT and raw.isascii() and size < _USTAR_SIZE_LIMIT
+    return len(raw) <= _NAME_LIMIT and raw.isascii() and size < USTAR_SIZE_LIMIT
 
 
 def footprint(name: str, size: int) -> int:
@@ -72,7 +81,7 @@ def _padded(size: int) -> int:
 
 def _pax_records(raw: bytes, size: int) -> bytes:
     records = _pax_record(b"path", raw)
-    if size >= _USTAR_SIZE_LIMIT:
+    if size >= USTAR_SIZE_LIMIT:
         records += _pax_record(b"size", b"%d" % size)
     return records
 
@@ -87,7 +96,7 @@ def member_header(name: str, size: int, mtime: int) -> bytes:
     padding = -len(records) % BLOCK
     pax = _header(b"././@PaxHeader", len(records), mtime, b"x")
     short = raw[:_NAME_LIMIT].decode("ascii", "replace").encode("ascii", "replace")
-    plain_size = size if size < _USTAR_SIZE_LIMIT else 0  # the pax record holds it, as tarfile does
+    plain_size = size if size < USTAR_SIZE_LIMIT else 0  # the pax record holds it, as tarfile does
     return bytes(pax) + records + bytes(padding) + bytes(_header(short, plain_size, mtime))
 
 

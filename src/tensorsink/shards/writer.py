@@ -37,7 +37,7 @@ from ..staging import Staged, Stager, default_pool_bytes
 from ..stats import ShardStats
 from .index import publish_shard_list, sample_line
 from .layout import Group, groups_of, shard_key, shard_keys
-from .tar import BLOCK, END, footprint, member_header
+from .tar import BLOCK, END, USTAR_SIZE_LIMIT, footprint, member_header
 
 __all__ = ["ShardWriter"]
 
@@ -177,6 +177,7 @@ class ShardWriter:
         self._tar_pack = _native_packer() if engine_class(o.engine).name == "native" else None
         self._pid = os.getpid()
         self._closed = False
+        self._closing = threading.Lock()  # orders a write's queueing against close()
         self._error: BaseException | None = None
         self._committed: set[str] = set()
         self._shards: list[tuple[Path, int]] = []
@@ -211,7 +212,7 @@ class ShardWriter:
         self._check_open()
         names = shard_keys(keys)
         if has_no_samples(batch) and not names:
-            return self._done([], 0)
+            return self._done([])
         layout = split_batch(batch, len(names))
         if layout.container is Container.SEQUENCE:
             handles = [
@@ -245,12 +246,17 @@ class ShardWriter:
         copy: bool,
     ) -> WriteHandle:
         began = time.perf_counter()
-        if self._earlier is not None:
-            kept = [i for i, key in enumerate(keys) if not self._earlier.done(key)]
+        skipped_in: list[Path] = []
+        earlier = self._earlier
+        if self.options.skip_existing and earlier is not None:
+            kept = [i for i, key in enumerate(keys) if not earlier.done(key)]
             if len(kept) < len(keys):
                 self._stats.add(skipped=len(keys) - len(kept))
+                done = set(range(len(keys))) - set(kept)
+                shards = {earlier.shard_samples[keys[i]][0] for i in done if keys[i] in earlier.shard_samples}
+                skipped_in = [Path(self._root, shard) for shard in sorted(shards)]
                 if not kept:
-                    return self._done([], 0)
+                    return self._done(skipped_in)
                 keys, rows = [keys[i] for i in kept], [rows[i] for i in kept]
         size = sum(map(nbytes, arrays))
         if batched and len(rows) < arrays[0].shape[0]:
@@ -264,9 +270,16 @@ class ShardWriter:
             raise
         # Host arrays are read until their shard is written (staged when done), unless copied.
         ticket = _Ticket(len(keys), staged_apart=copy or staged is not None)
+        ticket.paths.extend(skipped_in)
         if copy:
             ticket.handle.set_staged()
-        self._queue.put(_Job(ticket, keys, rows, container, names, arrays, batched, staged, size))
+        with self._closing:  # never after close()'s last message to the thread
+            if self._closed:
+                if staged is not None:
+                    staged.release()
+                self._release(size)
+                raise WriterClosedError(f"write() on a ShardWriter into {self._root} that is closed")
+            self._queue.put(_Job(ticket, keys, rows, container, names, arrays, batched, staged, size))
         self._stats.add(writes=1, write_seconds=time.perf_counter() - began)
         return ticket.handle
 
@@ -278,7 +291,9 @@ class ShardWriter:
         if self._stager is None:
             if not copy and not any(getattr(a, "is_cuda", False) for a in arrays):
                 return arrays, None
-            self._stager = Stager(self.options.pinned_pool_bytes or default_pool_bytes())
+            with self._closing:
+                if self._stager is None:
+                    self._stager = Stager(self.options.pinned_pool_bytes or default_pool_bytes())
         entries, staged = self._stager.stage([entry], copy=copy)
         return entries[0].arrays, staged
 
@@ -297,7 +312,8 @@ class ShardWriter:
             self._queued_bytes -= size
             self._budget.notify_all()
 
-    def _done(self, paths: list[Path], skipped: int) -> WriteHandle:
+    def _done(self, paths: list[Path]) -> WriteHandle:
+        """A handle settled already: for a write with nothing left to write."""
         handle = WriteFuture()
         handle.set_result(paths)
         return handle
@@ -327,7 +343,8 @@ class ShardWriter:
             raise WriterForkedError(
                 f"this ShardWriter was made in process {self._pid}; make one in the child"
             )
-        self._closed = True
+        with self._closing:
+            self._closed = True
         _open_writers.discard(self)
         try:
             self._wait_for_thread()
@@ -386,22 +403,37 @@ class ShardWriter:
     # -- the shard thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The shard thread's loop. Nothing may end it but close(): each failure fails the writes it
+        touched (and is the writer's), and the thread goes on."""
         while True:
             item = self._queue.get()
             if item is None:
                 return
             if isinstance(item, threading.Event):
-                self._end_shard()
-                item.set()
+                try:
+                    self._end_shard()
+                finally:
+                    item.set()
                 continue
             try:
                 self._pack(item)
-            except BaseException as exc:  # a failure of the job itself (its staging copy)
-                self._fail_tickets([item.ticket], item.keys, exc)
+                if self._shard is not None:  # the job's bytes all in the file before its memory goes back
+                    self._drain(self._shard)
+            except Exception as exc:  # a failure of the job itself (its staging copy, a refused value)
+                if self._shard is not None and item.ticket in self._shard.pieces:
+                    self._abandon(self._shard, exc)
+                else:
+                    self._fail_tickets([item.ticket], item.keys, exc)
             finally:
                 if item.staged is not None:
                     item.staged.release()
                 self._release(item.nbytes)
+
+    def _drain(self, shard: _Shard) -> None:
+        try:
+            shard.drain()
+        except OSError as exc:
+            self._abandon(shard, exc)
 
     def _pack(self, job: _Job) -> None:
         arrays = job.arrays
@@ -416,7 +448,11 @@ class ShardWriter:
         )
         count = arrays[0].shape[0] if job.batched else 1
         fixed = [group.buffers(fmt, count) for group in groups]
-        if self._tar_pack is not None and all(plain is not None for plain in fixed):
+        if (
+            self._tar_pack is not None
+            and all(plain is not None for plain in fixed)
+            and sum(len(p[0]) + sum(stride for _, stride in p[1]) for p in fixed if p) < USTAR_SIZE_LIMIT
+        ):  # a member of 8 GiB or more needs a pax size record: the Python packer writes those
             self._pack_natively(job, groups, fixed)  # type: ignore[arg-type]  # none is None
             return
         for key, row in zip(job.keys, job.rows, strict=True):
@@ -435,7 +471,7 @@ class ShardWriter:
             shard.pieces[job.ticket] = shard.pieces.get(job.ticket, 0) + 1
             try:
                 self._append(shard, key, members, sizes)
-            except OSError as exc:
+            except Exception as exc:
                 shard.keys.add(key)
                 self._abandon(shard, exc)
 
@@ -475,7 +511,7 @@ class ShardWriter:
                 shard.size, shard.crc, text = self._tar_pack(
                     shard.fd, shard.size, shard.crc, self._mtime, keys[run], rows[run], packed
                 )
-            except OSError as exc:
+            except Exception as exc:  # the shard may hold part of the run: it is not committed
                 self._abandon(shard, exc)
                 continue
             shard.lines.append(text.decode())
@@ -551,6 +587,10 @@ class ShardWriter:
             shard.add([END], len(END))
             shard.crc = crc32(END, shard.crc)
             shard.drain()
+        except Exception as exc:
+            self._abandon(shard, exc)
+            return
+        try:  # finish() closes the shard's descriptor, and removes its temporary on failure
             journal = self._journal
             journaled = None
             if journal is not None:
@@ -564,7 +604,7 @@ class ShardWriter:
 
             number = self._committer.order.reserve(shard.final)
             self._committer.finish(shard.final, number, shard.temporary, shard.fd, None, journaled)
-        except OSError as exc:
+        except Exception as exc:
             self._abandon(shard, exc, closed=True)
             return
         path = Path(shard.final)
