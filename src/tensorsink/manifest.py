@@ -214,23 +214,28 @@ class Manifest:
     renaming: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     #: "<journal>:<line>: why" for each line that is not a record (a torn last line is not counted).
     damaged: list[str] = field(default_factory=list)
-    #: Each shard's samples, `[key, [[suffix, offset, size, crc32], ...]]`, from its renaming line.
+    #: Each shard's samples, `[key, [[suffix, offset, size, crc32], ...]]`, from its renaming line
+    #: (left empty by `load(root, samples=False)`), and how many samples each shard holds.
     shards: dict[str, list[Any]] = field(default_factory=dict)
+    shard_sizes: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, root: str | os.PathLike[str]) -> Manifest:
+    def load(cls, root: str | os.PathLike[str], *, samples: bool = True) -> Manifest:
         """Merge every journal under `root`. A damaged line is skipped and listed in `damaged` (and
-        logged): its file counts as unrecorded, so a resumed job writes it again."""
+        logged): its file counts as unrecorded, so a resumed job writes it again. With samples=False
+        the samples listed in shards' lines are not read (for the shard list of millions of them)."""
         manifest = cls(Path(root))
         records: list[dict[str, Any]] = []
         for journal in sorted((manifest.root / JOURNAL_DIR).glob("journal-*.jsonl")):
-            records.extend(_read_journal(journal, manifest.damaged))
+            records.extend(_read_journal(journal, manifest.damaged, samples=samples))
         for problem in manifest.damaged:
             log.warning("tensorsink: damaged journal line, skipped: %s", problem)
         for record in sorted(records, key=lambda r: r["time"]):
             path = record["path"]
             if "samples" in record:
                 manifest.shards[path] = record["samples"]
+            if "nsamples" in record:
+                manifest.shard_sizes[path] = record["nsamples"]
             if record.get("renaming"):
                 manifest.renaming.setdefault(path, []).insert(0, record)
             else:
@@ -326,13 +331,23 @@ class Manifest:
 _RECORD_FIELDS = {"key": str, "path": str, "bytes": int, "crc32": str, "format": str, "time": float | int}
 
 
-def _read_journal(path: Path, damaged: list[str]) -> list[dict[str, Any]]:
-    """The records of one journal; each line that is not one is described in `damaged`."""
+_SAMPLES, _SAMPLES_END = b',"samples":[', b'],"bytes":'
+
+
+def _read_journal(path: Path, damaged: list[str], *, samples: bool = True) -> list[dict[str, Any]]:
+    """The records of one journal; each line that is not one is described in `damaged`. Without
+    `samples`, a shard's list of samples is cut out before the line is parsed (no key's JSON string
+    can hold `],"bytes":`, whose quote would be escaped)."""
     records = []
     with open(path, "rb") as journal:
         for number, raw in enumerate(journal, 1):
             if not raw.endswith(b"\n"):  # the last line, cut by a kill: not a record, not damage
                 break
+            if not samples and _SAMPLES in raw:
+                head, _, rest = raw.partition(_SAMPLES)
+                end = rest.rfind(_SAMPLES_END)
+                if end >= 0:
+                    raw = head + rest[end + 1 :]
             try:
                 record = json.loads(raw)
                 if not isinstance(record, dict):

@@ -457,3 +457,17 @@ def test_writes_from_threads_racing_close_are_written_or_refused(tmp_path: Path)
     assert all(h.result(timeout=10) for h in handles)  # type: ignore[attr-defined]
     assert len(ShardReader(tmp_path)) == len(handles)
     assert verify(tmp_path).ok
+
+
+def test_the_shard_list_reads_no_samples_and_agrees_with_the_manifest(tmp_path: Path) -> None:
+    keys = ['],"bytes":1,"x":"', 'quote"inside', *[f"k{i}" for i in range(20)]]
+    with ShardWriter(tmp_path, save_format="npy", shard_samples=6) as writer:
+        writer.write_batch(keys, batch(len(keys)))
+    light, full = Manifest.load(tmp_path, samples=False), Manifest.load(tmp_path)
+    assert light.shards == {}
+    assert light.shard_sizes == {path: len(samples) for path, samples in full.shards.items()}
+    assert light.damaged == []
+    assert full.done(keys[0])
+    assert full.done(keys[1])
+    listing = json.loads((tmp_path / "shards.json").read_text())["shardlist"]
+    assert sorted((s["url"], s["nsamples"]) for s in listing) == sorted(light.shard_sizes.items())

@@ -36,11 +36,11 @@ def sample_line(key: str, members: list[tuple[str, int, int, int]]) -> str:
 def shard_list(root: str | os.PathLike[str]) -> dict[str, Any]:
     """The shard list in wids' format of every shard the journals under `root` record, still whole in
     size, in name order; urls are relative to the root (where the list is written)."""
-    manifest = Manifest.load(root)
+    manifest = Manifest.load(root, samples=False)
     listed = [
-        {"url": path, "nsamples": len(samples)}
-        for path, samples in sorted(manifest.shards.items())
-        if samples and manifest.paths_done([path])
+        {"url": path, "nsamples": count}
+        for path, count in sorted(manifest.shard_sizes.items())
+        if count and manifest.paths_done([path])
     ]
     return {"wids_version": 1, "shardlist": listed}
 

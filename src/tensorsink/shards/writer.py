@@ -595,7 +595,9 @@ class ShardWriter:
             journaled = None
             if journal is not None:
                 relative = os.path.relpath(shard.final, self._root)
-                head = journal.prefix(relative, shard.final, SHARD_FORMAT, [], files=1)
+                head = (
+                    journal.prefix(relative, shard.final, SHARD_FORMAT, []) + b',"nsamples":%d' % shard.count
+                )
                 full = head + f',"samples":[{",".join(shard.lines)}]'.encode()
 
                 def journaled(renaming: bool, when: float) -> None:
