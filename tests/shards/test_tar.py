@@ -64,7 +64,7 @@ def test_a_torn_or_altered_shard_is_not_whole(tmp_path: Path, cut, why: str) -> 
 
 def _shard_and_line(root: Path, engine: str, keys: list[str], value: object, save_format: str, mode: str):  # type: ignore[no-untyped-def]
     writer = ShardWriter(root, save_format=save_format, dict_mode=mode, engine=engine, shard_list=None)
-    writer._mtime = 1_700_000_000  # both packers stamp the same time
+    writer._packer.mtime = 1_700_000_000  # both packers stamp the same time
     writer.write_batch(keys, value)
     writer.close()
     (shard,) = list(root.glob("*.tar"))

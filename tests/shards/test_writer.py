@@ -415,16 +415,16 @@ def test_skipped_samples_name_the_shards_that_hold_them(tmp_path: Path) -> None:
 def test_an_unexpected_error_in_the_packer_fails_its_shard_and_close_does_not_hang(
     tmp_path: Path, each_engine: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tensorsink.shards import writer as module
+    from tensorsink.shards.packer import Packer
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("packer broke")
 
     writer = ShardWriter(tmp_path, save_format="npy")
     if each_engine == "native":
-        monkeypatch.setattr(writer, "_tar_pack", broken)
+        monkeypatch.setattr(writer._packer, "tar_pack", broken)
     else:
-        monkeypatch.setattr(module.ShardWriter, "_append", broken)
+        monkeypatch.setattr(Packer, "_append", broken)
     handle = writer.write_batch(["a", "b"], batch(2))
     with pytest.raises(RuntimeError, match="packer broke"):
         writer.close()
