@@ -99,6 +99,15 @@ def _check_align(align: object, save_format: SaveFormat) -> None:
         )
 
 
+def _coerce_common(options: WriterOptions | ShardOptions) -> None:
+    """The settings both writers take, as their enums (given as strings too) and a Path."""
+    set_ = object.__setattr__
+    set_(options, "out_root", Path(options.out_root))
+    set_(options, "save_format", SaveFormat.coerce(options.save_format, argument="save_format"))
+    set_(options, "dict_mode", DictMode.coerce(options.dict_mode, argument="dict_mode"))
+    set_(options, "durability", Durability.coerce(options.durability, argument="durability"))
+
+
 @dataclass(frozen=True)
 class WriterOptions:
     """Validated settings of an AsyncWriter; constructing one raises ValueError naming any bad value."""
@@ -138,12 +147,8 @@ class WriterOptions:
     progress_seconds: float | None = None
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "out_root", Path(self.out_root))
-        set_(self, "save_format", SaveFormat.coerce(self.save_format, argument="save_format"))
-        set_(self, "dict_mode", DictMode.coerce(self.dict_mode, argument="dict_mode"))
-        set_(self, "durability", Durability.coerce(self.durability, argument="durability"))
-        set_(self, "backend", Backend.coerce(self.backend, argument="backend"))
+        _coerce_common(self)
+        object.__setattr__(self, "backend", Backend.coerce(self.backend, argument="backend"))
         _positive_int("kvikio_threads", self.kvikio_threads, 1)
         _positive_int("kvikio_task_size", self.kvikio_task_size, 4096)
         if self.kvikio_task_size % 4096:
@@ -209,11 +214,7 @@ class ShardOptions:
     engine: str = "auto"
 
     def __post_init__(self) -> None:
-        set_ = object.__setattr__
-        set_(self, "out_root", Path(self.out_root))
-        set_(self, "save_format", SaveFormat.coerce(self.save_format, argument="save_format"))
-        set_(self, "dict_mode", DictMode.coerce(self.dict_mode, argument="dict_mode"))
-        set_(self, "durability", Durability.coerce(self.durability, argument="durability"))
+        _coerce_common(self)
         _positive_int("shard_bytes", self.shard_bytes, 1)
         if self.shard_samples is not None:
             _positive_int("shard_samples", self.shard_samples, 1)

@@ -21,6 +21,7 @@ from .options import DictMode
 
 __all__ = [
     "check_distinct_files",
+    "check_one_file",
     "entry_at",
     "file_path",
     "flatten",
@@ -152,13 +153,19 @@ def plan_files(root: str, name: str, value: object, fmt: Format, dict_mode: Dict
             )
             for part, array in zip(parts, arrays, strict=True)
         ]
+    check_one_file(fmt, name, container, names, "file")
+    return [FileEntry(file_path(root, name, fmt.suffix), container, names, arrays, sum(map(nbytes, arrays)))]
+
+
+def check_one_file(fmt: Format, key: str, container: Container, names: tuple[str, ...], unit: str) -> None:
+    """InvalidLayoutError (or the format's own refusal) unless `fmt` holds this collection in one
+    file (`unit`: what SPLIT would make of each entry instead, "file" or "member")."""
     if not fmt.holds_collections:
         raise InvalidLayoutError(
-            f"{fmt.suffix} holds one array, but key {name!r} has a {container.value} of {len(arrays)}; "
-            "use dict_mode=DictMode.SPLIT (one file per entry) or SaveFormat.NUMPY_NPZ"
+            f"{fmt.suffix} holds one array, but key {key!r} has a {container.value} of {len(names)}; "
+            f"use dict_mode=DictMode.SPLIT (one {unit} per entry) or SaveFormat.NUMPY_NPZ"
         )
-    fmt.check_collection(name, container, names)
-    return [FileEntry(file_path(root, name, fmt.suffix), container, names, arrays, sum(map(nbytes, arrays)))]
+    fmt.check_collection(key, container, names)
 
 
 def entry_at(path: str, value: object, fmt: Format) -> FileEntry:

@@ -16,7 +16,7 @@ from ..arrays import Array, byte_view, nbytes, plain_byte_view
 from ..errors import InvalidKeyError, InvalidLayoutError
 from ..formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat
 from ..options import DictMode
-from ..plan import check_file_part, validate_key
+from ..plan import check_file_part, check_one_file, validate_key
 
 __all__ = ["Group", "groups_of", "shard_key", "shard_keys"]
 
@@ -121,10 +121,5 @@ def groups_of(
             Group(f"{part}.{ext}", Container.TENSOR, ("arr_0",), (array,), batched)
             for part, array in zip(parts, rows, strict=True)
         ]
-    if not fmt.holds_collections:
-        raise InvalidLayoutError(
-            f"{fmt.suffix} holds one array, but key {key!r} has a {container.value} of {len(rows)}; "
-            "use dict_mode=DictMode.SPLIT (one member per entry) or another format"
-        )
-    fmt.check_collection(key, container, names)
+    check_one_file(fmt, key, container, names, "member")
     return [Group(ext, container, names, rows, batched)]
