@@ -18,6 +18,8 @@ from tensorsink import (
     SaveFormat,
     UnsupportedValueError,
 )
+from tensorsink.formats import format_for
+from tensorsink.plan import plan_files
 from tests.support import outputs_under
 
 
@@ -299,3 +301,10 @@ def test_safetensors_headers_the_reader_refuses_are_refused_at_write(
     path.write_bytes((5000).to_bytes(8, "little") + b"{}" + b" " * 4998)
     with pytest.raises(ValueError, match="over the 1,000"):
         module.SafetensorsFormat().check_file(str(path))
+
+
+def test_a_jagged_nested_tensor_is_named_as_torch_nested_where_it_cannot_be_stored() -> None:
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)], layout=torch.jagged)
+    with pytest.raises(UnsupportedValueError, match=r"nested tensor \(torch\.nested\).*to_padded_tensor"):
+        plan_files("/r", "k", nested, format_for(SaveFormat.NUMPY_NPY), DictMode.SINGLE)
+    assert plan_files("/r", "k", nested, format_for(SaveFormat.PYTORCH_PT), DictMode.SINGLE)

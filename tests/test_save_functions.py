@@ -138,3 +138,17 @@ def test_registry_writers_are_callables(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.load(tmp_path / "t.npy"), np.arange(6).reshape(2, 3))
     writers.get("tensor")(tmp_path / "t.pt", {"a": torch.ones(2)})
     assert torch.equal(torch.load(tmp_path / "t.pt", weights_only=True)["a"], torch.ones(2))
+
+
+def test_a_save_functions_file_is_journaled_without_arrays(tmp_path: Path) -> None:
+    import json
+
+    def save_text(path: Path, value: Any) -> None:
+        path.write_text(str(value.tolist()))
+
+    with AsyncWriter(tmp_path, "npy") as writer:
+        writer.write_batch(["t"], torch.ones(1, 2, 3), save=save_text, suffix=".txt")
+    (journal,) = (tmp_path / ".tensorsink").glob("journal-*.jsonl")
+    records = [json.loads(line) for line in journal.read_text().splitlines()]
+    assert {r["format"] for r in records} == {"txt"}
+    assert all(r["arrays"] == [] for r in records)  # not the input sample's float32 (2, 3)

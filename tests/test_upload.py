@@ -660,6 +660,10 @@ def test_the_journal_follows_its_files_and_the_spool_is_left_empty(
     report = verify_prefix(bucket, "run/", endpoint_url=endpoint)
     assert report.ok, report
     assert report.checked == len(datas) + 1
+    from tensorsink.__main__ import main
+
+    for root in (f"s3://{bucket}/run/", f"s3://{bucket}/run"):  # a root is a folder, "/" or not
+        assert main(["verify", root, "--endpoint-url", endpoint, "--quiet"]) == 0
 
 
 def test_a_kept_spool_keeps_its_journal_and_both_verify(

@@ -295,6 +295,8 @@ def _verify_s3(args: argparse.Namespace) -> VerifyReport:
     try:
         bucket, prefix = split_s3_url(args.root)
         errors = _import("botocore.exceptions")
+        if prefix and not prefix.endswith("/"):  # a ROOT is a folder, with or without its "/"
+            prefix += "/"
     except (ValueError, ImportError) as exc:
         raise _Refused(str(exc)) from None
     try:

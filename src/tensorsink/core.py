@@ -366,7 +366,8 @@ class WriterCore:
         self, keys: list[str], entries: list[FileEntry], *, custom: bool = False
     ) -> list[bytes | None]:
         """Each file's journal record start (None without a journal): its key, path, format (a custom
-        writer's by its suffix), arrays, and for a key of several files their count and the write's id,
+        writer's by its suffix), arrays (none for a custom writer's file: a PNG is no array of its
+        input's dtype and shape), and for a key of several files their count and the write's id,
         so that resume knows a write of them whole from a part of one."""
         journal = self._journal
         if journal is None:
@@ -379,7 +380,7 @@ class WriterCore:
                 key,
                 entry.path,
                 Path(entry.path).suffix[1:] if custom else kind,
-                arrays_of(entry),
+                [] if custom else arrays_of(entry),  # a custom writer's file holds no arrays we know of
                 files_of[key] if files_of is not None else 1,
                 ids.get(key),
             )

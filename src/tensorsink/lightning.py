@@ -289,6 +289,7 @@ class PredictionWriter(BasePredictionWriter):
 
 _INTERVALS = ("batch", "epoch")
 _OWN_OPTIONS = ("registry", "write_interval", "progress_bar", "shards")
+_OWN_PARAMETERS = ("directory", "value_key", "writer", "name_key")
 
 
 def _write_interval(write_interval: object) -> Literal["batch", "epoch"]:
@@ -326,7 +327,7 @@ def _check_option_names(options: Mapping[str, Any], writer: type[AsyncWriter] | 
                 f"PredictionWriter(out_root={value!r}): the output folder is the first argument, directory"
             )
         if name not in known:
-            close = difflib.get_close_matches(name, [*known, *_OWN_OPTIONS], n=1)
+            close = difflib.get_close_matches(name, [*_OWN_PARAMETERS, *_OWN_OPTIONS, *known], n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise TypeError(
                 f"PredictionWriter() got an unexpected keyword argument {name!r}; {hint}besides directory, "

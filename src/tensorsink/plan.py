@@ -230,18 +230,18 @@ def _checked(where: str, given: object, fmt: Format) -> Array:
         raise UnsupportedValueError(f"{where} has dtype object, which cannot be stored without pickle")
     fmt.check(where, value)
     if isinstance(value, torch.Tensor):
+        if value.is_nested and not fmt.holds_nested:
+            raise UnsupportedValueError(
+                f"{where} is a nested tensor (torch.nested), which {fmt.suffix} cannot hold; write its "
+                "parts (tensor.unbind()) or a padded tensor (tensor.to_padded_tensor(0)), or use "
+                "SaveFormat.PYTORCH_PT"
+            )
         if value.layout is not torch.strided and not (value.layout is torch.jagged and fmt.holds_nested):
             raise UnsupportedValueError(
                 f"{where} has layout {value.layout}; convert it with .to_dense() first"
             )
         if value.is_meta:
             raise UnsupportedValueError(f"{where} is on the meta device and has no data to write")
-        if value.is_nested and not fmt.holds_nested:
-            raise UnsupportedValueError(
-                f"{where} is a nested tensor, which {fmt.suffix} cannot hold; write its parts "
-                "(tensor.unbind()) or a padded tensor (tensor.to_padded_tensor(0)), or use "
-                "SaveFormat.PYTORCH_PT"
-            )
     return value
 
 

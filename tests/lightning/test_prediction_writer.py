@@ -401,3 +401,10 @@ def test_shards_refuse_save_functions_and_asyncwriter_only_options(tmp_path: Pat
         PredictionWriter(tmp_path, shards=True, workers=2)
     with pytest.raises(ValueError, match="shard_samples=0"):
         PredictionWriter(tmp_path, shards=True, shard_samples=0)
+
+
+def test_a_misspelt_argument_is_matched_against_its_own_parameters_too(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="did you mean 'writer'"):
+        PredictionWriter(tmp_path, wrtier="npy")
+    with pytest.raises(TypeError, match="did you mean 'value_key'"):
+        PredictionWriter(tmp_path, valu_key="y")
