@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 # The C extensions' sources (setup.py): a change to any of them rebuilds them.
 C_SOURCES := $(wildcard src/tensorsink/engine/_native/*.[ch] src/tensorsink/_crc.c src/tensorsink/bench/_bare.c)
 
-.PHONY: install lint typecheck test bench clean
+.PHONY: install lint typecheck test docs bench clean
 
 # One virtualenv; each target installs what its purpose needs, once: `make bench` the package and the
 # bench extra (matplotlib, tqdm), `make test` everything CI checks (every extra and the tools).
@@ -25,7 +25,11 @@ $(VENV)/.bench: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES)
 
 $(VENV)/.ci: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES) | $(VENV)/.fuse
 	$(BIN)/python -m pip install -q -e ".[ci]"
-	touch $@ $(VENV)/.bench
+	touch $@ $(VENV)/.bench $(VENV)/.docs
+
+$(VENV)/.docs: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES)
+	$(BIN)/python -m pip install -q -e ".[docs]"
+	touch $@
 
 # The FUSE fault harness (tests/faultfs.py) needs libfuse.so.2 and fusermount. As root on Debian or Ubuntu
 # they come from the distribution: libfuse2 (libfuse2t64 on newer releases), and fuse, or fuse3 where fuse
@@ -55,8 +59,8 @@ $(VENV)/.fuse: | $(VENV)/.made
 install: $(VENV)/.ci
 
 lint: $(VENV)/.ci
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks conftest.py
+	$(BIN)/ruff format --check src tests benchmarks conftest.py
 	$(BIN)/hadolint docker/Dockerfile.gpu docker/Dockerfile.cpu
 	$(BIN)/python -m json.tool docker/cufile.json > /dev/null
 
@@ -65,10 +69,15 @@ typecheck: $(VENV)/.ci
 
 test: lint typecheck
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --markdown-docs --markdown-docs-syntax=superfences -p no:cacheprovider README.md docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site-check
 
+# The docs site, into site/ (strict: a broken link or reference fails the build).
+docs: $(VENV)/.docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 bench: $(VENV)/.bench
 	mkdir -p $(BENCH_OUT)
 	$(BIN)/tensorsink bench $(BENCH_ARGS) --json $(BENCH_OUT)/bench.json --plot $(BENCH_OUT)/bench.png
 
 clean:
-	rm -rf $(VENV) $(BENCH_OUT)
+	rm -rf $(VENV) $(BENCH_OUT) site
