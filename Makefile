@@ -21,10 +21,12 @@ $(VENV)/.made:
 
 $(VENV)/.bench: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES)
 	$(BIN)/python -m pip install -q -e ".[bench]"
+	@$(BIN)/python -c "import tensorsink.engine._native" 2>/dev/null || echo "NOTE: the C extensions were not built (no C compiler?): tensorsink runs its pure-Python engine, slower"
 	touch $@
 
 $(VENV)/.ci: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES) | $(VENV)/.fuse
 	$(BIN)/python -m pip install -q -e ".[ci]"
+	@$(BIN)/python -c "import tensorsink.engine._native" 2>/dev/null || echo "NOTE: the C extensions were not built (no C compiler?): tensorsink runs its pure-Python engine, slower"
 	touch $@ $(VENV)/.bench $(VENV)/.docs
 
 $(VENV)/.docs: $(VENV)/.made pyproject.toml setup.py $(C_SOURCES)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,32 @@ def test_producer_rows_get_step_ratios_and_call_latency(tmp_path: Path) -> None:
     path = tmp_path / "producer.png"
     write_plot(path, [], "title", rows)
     assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_the_table_shows_each_figures_spread_and_small_sizes_in_mb() -> None:
+    from dataclasses import replace
+
+    from tensorsink.bench.report import table
+
+    rows = _rows("small", "none", 16 << 10, [0.1, 0.05, 0.4])
+    rows[1] = replace(rows[1], seconds=[0.04, 0.05, 0.08], median_seconds=0.05)  # above the ceiling
+    text = table(rows, {"small": "small: 10 tensors of 16 KiB"})
+    assert "(0.2 MB)" in text
+    assert "0.00 GB" not in text
+    line = next(line for line in text.splitlines() if "tensorsink npy" in line)
+    assert re.search(r" 200 \(\s*125-250\)", line), line  # files/s: 10 / 0.05, and 10 / 0.08 .. 10 / 0.04
+    assert re.search(r" 2\.00 \(\s*1\.25-2\.50\)", line), line  # x ceiling: 0.1 / 0.05, and each round's
+    assert "Above 1.00x the ceiling" in text
+
+
+def test_the_header_names_the_write_engine() -> None:
+    import torch
+
+    from tensorsink.bench.environment import describe
+    from tensorsink.bench.report import header
+
+    environment = describe(Path("/tmp"), torch.device("cpu"))
+    config = {"format": "npy", "dict_mode": "single", "workers": 4, "backend": "auto", "device": "cpu",
+              "rounds": 3}  # fmt: skip
+    assert f"write engine: {environment['engine']}" in header(environment, config)
+    assert str(environment["engine"]).startswith(("native (C threads)", "python ("))

@@ -54,4 +54,17 @@ def describe(out: Path, device: torch.device) -> dict[str, str | int]:
         "gpu": gpu,
         "filesystem": filesystem_of(out),
         "kvikio": kvikio,
+        "engine": _engine(),
     }
+
+
+def _engine() -> str:
+    """Which write engine tensorsink runs here, and why when it is the Python one."""
+    from ..engine import available_engines, engine_class
+
+    name = engine_class("auto").name
+    if name == "native":
+        return "native (C threads)"
+    if "native" not in available_engines():
+        return "python (the C extension was not built: no C compiler at install?)"
+    return "python (chosen by TENSORSINK_ENGINE)"

@@ -33,6 +33,7 @@ def header(environment: Mapping[str, Any], config: Mapping[str, Any]) -> str:
             f"tensorsink {e['tensorsink']} bench, {e['date']}",
             f"  machine: {e['cpus']} CPUs, {e['platform']}, Python {e['python']}, torch {e['torch']}",
             f"  GPU: {e['gpu']}; kvikio/GDS: {e['kvikio']}",
+            f"  write engine: {e.get('engine', 'unknown')}",
             f"  output folder: {e['filesystem']}",
             f"  tensorsink: format={config['format']}, dict_mode={config['dict_mode']}, "
             f"workers={config['workers']}, backend={config['backend']}, device={config['device']}; "
@@ -53,22 +54,46 @@ def _micros(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _size(nbytes: int) -> str:
+    """A workload's size in a unit that shows it: 3.3 MB, not 0.00 GB."""
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
+def _spread(values: Sequence[float], digits: int) -> str:
+    return f"{min(values):,.{digits}f}-{max(values):,.{digits}f}"
+
+
 def table(rows: Sequence[Row], describe: Mapping[str, str]) -> str:
-    """One block per workload and durability: GB/s, files/s, the caller's blocked time, write() p50/p99."""
+    """One block per workload and durability: GB/s, files/s and x ceiling as medians with their spread
+    over the rounds (min-max), the caller's blocked time, write() p50/p99."""
     lines = []
+    above = False
     for group in _groups(rows):
         first = group[0]
         lines += [
             "",
-            f"{describe[first.workload]} ({first.bytes / 1e9:.2f} GB), durability={first.durability}",
-            f"  {'contender':<34} {'GB/s':>6} {'files/s':>8} {'blocked s':>9} "
-            f"{'call p50 us':>11} {'p99 us':>8} {'x ceiling':>9}",
+            f"{describe[first.workload]} ({_size(first.bytes)}), durability={first.durability}",
+            f"  {'contender':<37} {'GB/s (min-max)':>17} {'files/s (min-max)':>24} {'blocked s':>9} "
+            f"{'call p50 us':>11} {'p99 us':>8} {'x ceiling (min-max)':>20}",
         ]
         for r in group:
+            rates = [r.bytes / s / 1e9 for s in r.seconds] or [r.gb_per_s]
+            files = [r.files / s for s in r.seconds] or [r.files_per_s]
+            ratios = [r.x_ceiling * r.median_seconds / s for s in r.seconds] or [r.x_ceiling]
+            above = above or (r.kind != "ceiling" and r.x_ceiling > 1.0)
             lines.append(
-                f"  {r.contender:<34} {r.gb_per_s:>6.2f} {r.files_per_s:>8,.0f} {r.blocked_seconds:>9.3f} "
-                f"{_micros(r.call_p50_us):>11} {_micros(r.call_p99_us):>8} {r.x_ceiling:>9.2f}"
+                f"  {r.contender:<37} {r.gb_per_s:>5.2f} ({_spread(rates, 2):>9}) "
+                f"{r.files_per_s:>8,.0f} ({_spread(files, 0):>13}) {r.blocked_seconds:>9.3f} "
+                f"{_micros(r.call_p50_us):>11} {_micros(r.call_p99_us):>8} "
+                f"{r.x_ceiling:>6.2f} ({_spread(ratios, 2):>11})"
             )
+    if above:
+        lines += [
+            "",
+            "  Above 1.00x the ceiling: faster than the bare loop's median in this run. The ceiling is",
+            "  the faster of the bare C loops (one thread, one a core); a contender that overlaps more",
+            "  work, or a round of the bare loop slowed by the machine, lands above it: read the spread.",
+        ]
     return "\n".join(lines)
 
 
@@ -189,6 +214,14 @@ class _Panel:
     right_labels: list[str]
     #: Panels with the same group share the right column's scale (one workload's durabilities).
     group: str
+    #: Each left value's spread over the rounds (min, max), drawn as a whisker; None: not measured so.
+    left_spread: list[tuple[float, float]] | None = None
+
+
+def _ratio_spread(row: Row) -> tuple[float, float]:
+    """The lowest and highest x-ceiling of a contender's rounds (its median's spread)."""
+    ratios = [row.x_ceiling * row.median_seconds / s for s in row.seconds] or [row.x_ceiling]
+    return min(ratios), max(ratios)
 
 
 def _throughput_panel(group: Sequence[Row], describe: Mapping[str, str]) -> _Panel:
@@ -201,6 +234,7 @@ def _throughput_panel(group: Sequence[Row], describe: Mapping[str, str]) -> _Pan
         kinds=[r.kind for r in group],
         left=[r.x_ceiling for r in group],
         left_labels=[f"{r.x_ceiling:.2f}x  ({_throughput(r, small)})" for r in group],
+        left_spread=[_ratio_spread(r) for r in group],
         right=[r.blocked_seconds for r in group],
         right_labels=[
             f"{_seconds(r.blocked_seconds)} ({min(1.0, r.blocked_seconds / r.median_seconds):.0%})"
@@ -264,7 +298,8 @@ def chart(
         sections.append(
             (
                 [_throughput_panel(g, names) for g in _groups(rows)],
-                "x the ceiling: time of the fastest bare write loop / its time (higher is better)",
+                "x the ceiling: time of the fastest bare write loop / its time (higher is better); "
+                "whiskers: min-max over the rounds",
                 "caller blocked inside its calls (its share of the run); lower is better",
             )
         )
@@ -285,7 +320,11 @@ def chart(
     for section, left_unit, right_unit in sections:
         left_axes: list[Any] = []
         right_by_group: dict[str, Any] = {}
-        left_limit = 1.22 * max(max(max(p.left) for p in section), 1.0)
+        left_limit = 1.22 * max(
+            max(max(p.left) for p in section),
+            max((high for p in section for _, high in (p.left_spread or [])), default=0.0),
+            1.0,
+        )
         right_limits = {
             p.group: 1.7 * max(max(q.right) for q in section if q.group == p.group) or 1.0 for p in section
         }
@@ -298,6 +337,11 @@ def chart(
             positions = list(range(len(panel.names)))[::-1]  # the first contender on top
             colours = [_COLOURS[kind] for kind in panel.kinds]
             left.barh(positions, panel.left, color=colours, height=0.7)
+            if panel.left_spread is not None:  # the rounds' min-max: how much of a gap is noise
+                low = [value - lo for value, (lo, _) in zip(panel.left, panel.left_spread, strict=True)]
+                high = [hi - value for value, (_, hi) in zip(panel.left, panel.left_spread, strict=True)]
+                left.errorbar(panel.left, positions, xerr=[low, high], fmt="none", ecolor="#212121",
+                              elinewidth=0.8, capsize=2)  # fmt: skip
             right.barh(positions, panel.right, color=colours, height=0.7)
             left.axvline(1.0, color="#424242", linewidth=0.8, linestyle="--")
             last = number == len(section) - 1
