@@ -69,7 +69,7 @@ def _loaded(stderr: str) -> set[str]:
 @pytest.mark.parametrize(
     "argv",
     [["--help"], ["--version"], ["bench", "--help"], ["sweep", "--help"], ["verify", "--help"],
-     ["manifest", "--help"]],
+     ["manifest", "--help"], ["shards", "--help"]],
 )  # fmt: skip
 def test_help_and_version_import_neither_torch_nor_the_benchmark(argv: list[str]) -> None:
     done = _run_light(*argv)
@@ -461,3 +461,28 @@ def test_python_dash_m_and_the_script_agree(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "no such folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_shards_writes_the_list_of_every_shard_under_the_root(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    import torch
+
+    from tensorsink import ShardWriter
+    from tensorsink.manifest import verify
+
+    for writer_number in range(2):  # two jobs, neither of which wrote a list (as if killed)
+        with ShardWriter(tmp_path, save_format="npy", shard_samples=3, shard_list=None) as writer:
+            writer.write_batch([f"j{writer_number}/{i}" for i in range(4)], torch.ones(4, 2))
+    assert not (tmp_path / "shards.json").exists()
+    assert main(["shards", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == str(tmp_path / "shards.json")
+    assert err.strip() == "listed 4 shards, 8 samples"
+    listing = json.loads((tmp_path / "shards.json").read_text())
+    assert sorted(shard["nsamples"] for shard in listing["shardlist"]) == [1, 1, 3, 3]
+    assert verify(tmp_path).ok  # the list is journaled
+    assert main(["shards", str(tmp_path), "--name", "../out.json"]) == 2
+    assert main(["shards", str(tmp_path / "nowhere")]) == 2

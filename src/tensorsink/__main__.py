@@ -8,6 +8,7 @@ and the contenders are imported by `bench` when it measures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,9 +21,10 @@ if TYPE_CHECKING:
     from .manifest import VerifyReport
 
 DESCRIPTION = """\
-Command-line tools for the output folders of tensorsink.AsyncWriter: remove the temporaries a killed
-job left (sweep), check the files against the manifest a writer journaled (verify), print that manifest
-(manifest), and measure writing on this machine against its ceiling and the usual ways (bench)."""
+Command-line tools for the output folders of tensorsink's writers: remove the temporaries a killed job
+left (sweep), check the files against the manifest a writer journaled (verify), print that manifest
+(manifest), write the list of the shards under a root (shards), and measure writing on this machine
+against its ceiling and the usual ways (bench)."""
 
 EXIT_STATUS = """\
 exit status:
@@ -59,6 +61,16 @@ exit status:
   2    bad usage, ROOT is not a folder, or it holds no journals
        (it was not written with manifest=True)
   141  standard output was closed early (a pipe into head)"""
+
+SHARDS_EXIT = """\
+exit status:
+  0    written
+  2    bad usage, ROOT is not a folder, or it holds no journals
+  141  standard output was closed early (a pipe into head)"""
+
+SHARDS_DESCRIPTION = """\
+Write the list of every shard a ShardWriter committed under ROOT, in wids' format, atomically (what
+ShardWriter.close() writes): after a job that was killed, or to merge the shards of several jobs."""
 
 SWEEP_DESCRIPTION = """\
 Remove the temporaries (.<name>.tsink-<hex>.partial) that killed writers left under ROOT, and print
@@ -151,6 +163,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         MANIFEST_EXIT,
     )
     manifest_parser.add_argument("root", metavar="ROOT", help="an output root written with manifest=True")
+    shards_parser = command(
+        "shards",
+        "write the shard list (wids' format) of every shard under ROOT",
+        SHARDS_DESCRIPTION,
+        SHARDS_EXIT,
+    )
+    shards_parser.add_argument("root", metavar="ROOT", help="an output root a ShardWriter wrote")
+    shards_parser.add_argument(
+        "--name", default="shards.json", help="the list's file name under ROOT (default: %(default)s)"
+    )
     bench_parser = command("bench", BENCH_HELP, bench.DESCRIPTION, bench.EPILOG)
     bench.add_arguments(bench_parser)
     return parser, bench_parser
@@ -163,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "sweep": _sweep,
         "verify": _verify,
         "manifest": _manifest,
+        "shards": _shards,
         "bench": _bench,
     }
     try:
@@ -241,6 +264,32 @@ def _sweep(args: argparse.Namespace) -> int:
             print(path)
     sys.stdout.flush()
     print(f"removed {len(removed)} temporar{'y' if len(removed) == 1 else 'ies'}", file=sys.stderr)
+    return 0
+
+
+def _shards(args: argparse.Namespace) -> int:
+    from .commit import Committer
+    from .manifest import Journal
+    from .options import Durability
+    from .plan import validate_key
+    from .shards.index import publish_shard_list
+
+    root = str(_journaled(args.root).resolve())
+    try:
+        name = validate_key(args.name)
+    except ValueError as exc:
+        raise _Refused(str(exc)) from None
+    if not name.endswith(".json"):
+        raise _Refused(f"--name {args.name!r} must end in .json")
+    journal = Journal(root)
+    try:
+        path = publish_shard_list(root, name, Committer(Durability.FILE, root), journal)
+    finally:
+        journal.close()
+    listed = json.loads(path.read_text())["shardlist"]
+    print(path)
+    samples = sum(shard["nsamples"] for shard in listed)
+    print(f"listed {len(listed)} shards, {samples:,} samples", file=sys.stderr)
     return 0
 
 
