@@ -275,10 +275,13 @@ class Manifest:
 
     @functools.cached_property
     def shard_samples(self) -> dict[str, tuple[str, list[Any]]]:
-        """Each key in a shard: the shard (relative path) and its members; the latest shard's where a
-        key was written into several."""
+        """Each key in a shard that is on disk, whole in size: the shard (relative path) and its
+        members; the latest such shard's where a key was written into several (a newer shard killed
+        before its rename leaves the older one)."""
         index: dict[str, tuple[str, list[Any]]] = {}
         for path in sorted(self.shards, key=lambda p: self.candidates(p)[0]["time"]):
+            if not self.shard_done(path):
+                continue
             for key, members in self.shards[path]:
                 index[key] = (path, members)
         return index

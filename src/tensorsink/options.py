@@ -231,8 +231,11 @@ class ShardOptions:
                 "such as 'shard' or 'train/shard'"
             )
         if self.shard_list is not None and (
-            not isinstance(self.shard_list, str) or not self.shard_list.endswith(".json")
-        ):
+            not isinstance(self.shard_list, str)
+            or not self.shard_list.endswith(".json")
+            or "/" in self.shard_list
+        ):  # in the root itself: wids resolves the list's urls from the list's own folder
             raise ValueError(
-                f"shard_list={self.shard_list!r} is not valid; use a name ending in .json, or None"
+                f"shard_list={self.shard_list!r} is not valid; use a file name ending in .json, in the root "
+                "(wids reads the urls relative to the list), or None"
             )

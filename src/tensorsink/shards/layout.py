@@ -12,13 +12,15 @@ import re
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
+
 from ..arrays import Array, byte_view, nbytes, plain_byte_view
 from ..errors import InvalidKeyError, InvalidLayoutError
 from ..formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat
 from ..options import DictMode
 from ..plan import check_file_part, check_one_file, validate_key
 
-__all__ = ["Group", "groups_of", "shard_key", "shard_keys"]
+__all__ = ["Group", "groups_of", "row_of", "shard_key", "shard_keys"]
 
 #: Keys every reader takes as they are: plain ASCII names and folders; checked for a whole batch at once.
 _PLAIN_KEYS = re.compile(r"(?:[A-Za-z0-9_-]{1,255}(?:/[A-Za-z0-9_-]{1,255})*\n)*")
@@ -45,6 +47,7 @@ def shard_keys(keys: Sequence[object]) -> list[str]:
             f"keys {keys!r} is one {type(keys).__name__}, not a sequence of keys; pass a list, "
             "e.g. write_batch([key], ...) for one sample"
         )
+    keys = list(keys)  # once: a generator would be used up by the check below
     try:
         plain = _PLAIN_KEYS.fullmatch("\n".join(keys) + "\n") is not None  # type: ignore[arg-type]
     except TypeError:  # a key that is not a str: checked, and named, one by one
@@ -54,6 +57,12 @@ def shard_keys(keys: Sequence[object]) -> list[str]:
         twice = sorted({n for n in names if names.count(n) > 1})
         raise InvalidKeyError(f"keys {twice} appear more than once in one batch; each sample needs its own")
     return names
+
+
+def row_of(array: Array, row: int) -> Array:
+    """Sample `row` of a batch: an array always (numpy makes a row of a 1-D array a scalar)."""
+    sample = array[row]
+    return np.asarray(sample) if isinstance(sample, np.generic) else sample
 
 
 class Group(NamedTuple):
@@ -66,7 +75,7 @@ class Group(NamedTuple):
     batched: bool
 
     def sample(self, row: int) -> FileEntry:
-        arrays = tuple(a[row] for a in self.rows) if self.batched else self.rows
+        arrays = tuple(row_of(a, row) for a in self.rows) if self.batched else self.rows
         return FileEntry("", self.container, self.names, arrays, sum(map(nbytes, arrays)))
 
     def buffers(self, fmt: Format, count: int) -> tuple[bytes, list[tuple[memoryview, int]]] | None:

@@ -22,7 +22,7 @@ from ..checksum import crc32, crc32_combine
 from ..commit import Committer
 from ..engine import engine_class
 from ..formats import Buffer, BufferFormat, Container, write_buffers
-from ..future import WriteFuture
+from ..future import Callbacks, WriteFuture
 from ..manifest import SHARD_FORMAT, Journal
 from ..options import ShardOptions
 from ..staging import Staged
@@ -42,8 +42,10 @@ class Ticket:
 
     __slots__ = ("failed", "handle", "paths", "remaining")
 
-    def __init__(self, count: int, staged_apart: bool) -> None:
-        self.handle = WriteFuture(staged_apart=staged_apart)
+    def __init__(self, count: int, staged_apart: bool, callbacks: Callbacks | None = None) -> None:
+        # Done-callbacks run on the writer's callback thread, never on the shard thread: one that
+        # writes again on a full budget would otherwise wait for the thread that runs it.
+        self.handle = WriteFuture(staged_apart=staged_apart, callbacks=callbacks)
         self.remaining = count
         self.paths: list[Path] = []
         self.failed = False
@@ -156,9 +158,8 @@ class Packer:
             ]
             sizes = [sum(map(len, buffers)) for _, buffers in members]
             try:
-                shard, _ = self._take(
-                    [key], [footprint(name, size) for (name, _), size in zip(members, sizes, strict=True)]
-                )
+                each = sum(footprint(name, size) for (name, _), size in zip(members, sizes, strict=True))
+                shard, _ = self._take([key], [each])  # one sample: all its members
             except OSError as exc:
                 self._fail_tickets([job.ticket], [key], exc)
                 continue
@@ -313,7 +314,17 @@ class Packer:
             if ticket.remaining == 0 and not ticket.failed:
                 ticket.handle.set_result(ticket.paths)
         if self.options.upload_queue is not None:
-            self.options.upload_queue.put(path)
+            try:
+                self.options.upload_queue.put(path)
+            except Exception as exc:  # the shard is committed; its upload is what failed
+                self._note_failure(exc, f"tensorsink: while queueing the shard {path} for upload")
+
+    def _note_failure(self, exc: BaseException, note: str) -> None:
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        self.stats.add(errors=1)
+        if self.error is None:
+            self.error = exc
 
     def _abandon(self, shard: OpenShard, exc: BaseException, *, closed: bool = False) -> None:
         """A shard that failed: its temporary removed, each write with a sample in it failed."""

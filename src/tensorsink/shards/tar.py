@@ -114,8 +114,11 @@ def _field(block: bytes | mmap.mmap, start: int, end: int) -> bytes:
 
 
 def _octal(raw: bytes, where: str) -> int:
+    digits = raw.strip(b" \0") or b"0"
+    if not digits.isdigit():  # int() would take a sign, "_" or spaces: a size must be plain digits
+        raise ValueError(f"{where}: field {raw!r} is not an octal number")
     try:
-        return int(raw.strip(b" \0") or b"0", 8)
+        return int(digits, 8)
     except ValueError:
         raise ValueError(f"{where}: field {raw!r} is not an octal number") from None
 
@@ -159,6 +162,8 @@ def read_members(view: bytes | mmap.mmap) -> Iterator[Member]:
         if kind == b"x":
             pending = _pax(bytes(view[data_start : data_start + length]), where)
         if b"size" in pending and kind != b"x":
+            if not pending[b"size"].isdigit():
+                raise ValueError(f"{where}: pax size {pending[b'size']!r} is not a number")
             length = int(pending[b"size"])
         end = data_start + length
         if end > size:

@@ -24,14 +24,14 @@ from ..batches import has_no_samples, split_batch
 from ..commit import Committer
 from ..errors import WriterClosedError, WriterForkedError
 from ..formats import BufferFormat, Container, FileEntry, format_for
-from ..future import WriteFuture, WriteHandle
+from ..future import Callbacks, WriteFuture, WriteHandle
 from ..manifest import Journal, Manifest
 from ..options import DictMode, Durability, SaveFormat, ShardOptions
 from ..plan import flatten, validate_key
 from ..staging import Staged, Stager, default_pool_bytes
 from ..stats import ShardStats
 from .index import publish_shard_list
-from .layout import groups_of, shard_key, shard_keys
+from .layout import groups_of, row_of, shard_key, shard_keys
 from .packer import Job, Packer, Ticket
 
 __all__ = ["ShardWriter"]
@@ -117,7 +117,8 @@ class ShardWriter:
         self._stager: Stager | None = None
         self._pid = os.getpid()
         self._closed = False
-        self._closing = threading.Lock()  # orders a write's queueing against close()
+        self._closing = threading.Lock()  # orders a write's or flush's queueing against close()
+        self._callbacks = Callbacks()  # done-callbacks run there, never on the shard thread
         self._stats = ShardStats()
         self._budget = threading.Condition()
         self._queued_bytes = 0
@@ -156,11 +157,11 @@ class ShardWriter:
             handles = [
                 self.write(name, value, copy=copy) for name, value in zip(names, layout.values, strict=True)
             ]
-            return _all_of(handles)
+            return _all_of(handles, self._callbacks)
         first = (
-            layout.arrays[0][0]
+            row_of(layout.arrays[0], 0)
             if layout.container is Container.TENSOR
-            else {name: array[0] for name, array in zip(layout.names, layout.arrays, strict=True)}
+            else {name: row_of(array, 0) for name, array in zip(layout.names, layout.arrays, strict=True)}
         )
         flatten(first, self._format)  # every sample is of the same dtypes and shapes: one is checked
         groups_of(
@@ -207,7 +208,7 @@ class ShardWriter:
             self._release(size)
             raise
         # Host arrays are read until their shard is written (staged when done), unless copied.
-        ticket = Ticket(len(keys), staged_apart=copy or staged is not None)
+        ticket = Ticket(len(keys), staged_apart=copy or staged is not None, callbacks=self._callbacks)
         ticket.paths.extend(skipped_in)
         if copy:
             ticket.handle.set_staged()
@@ -266,9 +267,16 @@ class ShardWriter:
         return self._earlier.done(name)
 
     def flush(self) -> None:
-        """Commit the open shard and wait for every write so far; raise the first failure."""
+        """Commit the open shard and wait for every write so far and its done-callbacks; raise the
+        first failure."""
         self._check_open()
-        self._wait_for_thread()
+        with self._closing:  # never after close()'s last message to the thread
+            if self._closed:
+                raise WriterClosedError(f"flush() on a ShardWriter into {self._root} that is closed")
+            done = threading.Event()
+            self._queue.put(done)
+        done.wait()
+        self._callbacks.wait()
         if self._journal is not None:
             self._journal.sync()
         self._raise_if_failed()
@@ -285,14 +293,22 @@ class ShardWriter:
             self._closed = True
         _open_writers.discard(self)
         try:
-            self._wait_for_thread()
-            self._queue.put(None)
+            self._queue.put(None)  # after every job and flush queued before close() took the lock
             self._thread.join()
+            if not self._callbacks.here:  # a callback's close() must not wait for itself
+                self._callbacks.wait()
             if self._packer.error is None and self.options.shard_list is not None:
-                path = publish_shard_list(self._root, self.options.shard_list, self._committer, self._journal)
+                # Without journals, the list of this writer's own shards; else of every one under the root.
+                own = None if self._journal is not None else [
+                    (os.path.relpath(path, self._root), count) for path, count in self._packer.shards
+                ]  # fmt: skip
+                path = publish_shard_list(
+                    self._root, self.options.shard_list, self._committer, self._journal, own
+                )
                 if self.options.upload_queue is not None:
                     self.options.upload_queue.put(path)
         finally:
+            self._callbacks.stop(wait=not self._callbacks.here)
             if self._journal is not None:
                 self._journal.close()
             if self._stager is not None:
@@ -305,11 +321,6 @@ class ShardWriter:
     def shards(self) -> list[tuple[Path, int]]:
         """The shards this writer committed so far, in order, and the samples each holds."""
         return list(self._packer.shards)
-
-    def _wait_for_thread(self) -> None:
-        done = threading.Event()
-        self._queue.put(done)
-        done.wait()
 
     def _check_open(self) -> None:
         if self._pid != os.getpid():
@@ -346,25 +357,30 @@ class ShardWriter:
         the failure of the writes it touched (and the writer's)."""
         while True:
             item = self._queue.get()
-            if item is None:
-                return
-            if isinstance(item, threading.Event):
+            if item is None or isinstance(item, threading.Event):  # close(), or flush()
                 try:
                     self._packer.end_shard()
+                except BaseException as exc:  # nothing may end this thread: it is the writer's failure
+                    self._packer.error = self._packer.error or exc
                 finally:
-                    item.set()
+                    if item is not None:
+                        item.set()
+                if item is None:
+                    return
                 continue
             try:
                 self._packer.pack_job(item)
+            except BaseException as exc:
+                self._packer.error = self._packer.error or exc
             finally:
                 if item.staged is not None:
                     item.staged.release()
                 self._release(item.nbytes)
 
 
-def _all_of(handles: list[WriteHandle]) -> WriteHandle:
+def _all_of(handles: list[WriteHandle], callbacks: Callbacks) -> WriteHandle:
     """One handle for several: done with every path once all are, failed with the first failure."""
-    joined = WriteFuture(staged_apart=True)
+    joined = WriteFuture(staged_apart=True, callbacks=callbacks)
     remaining = [len(handles)]
     lock = threading.Lock()
 
