@@ -268,24 +268,15 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _shards(args: argparse.Namespace) -> int:
-    from .commit import Committer
-    from .manifest import Journal
-    from .options import Durability
-    from .plan import validate_key
-    from .shards.index import publish_shard_list
+    from .options import Durability, check_shard_list
+    from .shards.index import publish_journaled
 
     root = str(_journaled(args.root).resolve())
     try:
-        name = validate_key(args.name)
+        check_shard_list(args.name, argument="--name")
     except ValueError as exc:
         raise _Refused(str(exc)) from None
-    if not name.endswith(".json"):
-        raise _Refused(f"--name {args.name!r} must end in .json")
-    journal = Journal(root)
-    try:
-        path = publish_shard_list(root, name, Committer(Durability.FILE, root), journal)
-    finally:
-        journal.close()
+    path = publish_journaled(root, args.name, Durability.FILE)
     listed = json.loads(path.read_text())["shardlist"]
     print(path)
     samples = sum(shard["nsamples"] for shard in listed)

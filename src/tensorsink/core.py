@@ -26,12 +26,12 @@ from .batches import split_batch, tensors_of
 from .commit import find_symlink, make_root
 from .engine import Engine, PlainRoute, PythonEngine, engine_class
 from .engine.base import CopyWait, Settled
-from .errors import InvalidKeyError, SymlinkError, WriterClosedError, WriterForkedError
+from .errors import SymlinkError, WriterClosedError, WriterForkedError
 from .formats import Buffer, Container, FileEntry, Format, HeaderFormat, format_for
 from .future import Callbacks, WriteFuture, WriteHandle
 from .manifest import Journal, arrays_of
 from .options import Backend, Durability, WriterOptions
-from .plan import check_distinct_files, file_path, plan_files, validate_key, validate_suffix
+from .plan import batch_keys, check_distinct_files, file_path, plan_files, validate_key, validate_suffix
 from .prepared import FileWriter, PreparedRoute, Write, regroup, sample_values, saving
 from .resume import Resume
 from .scheduling import Gate, Pipeline
@@ -225,17 +225,7 @@ class WriterCore:
         suffix: str,
         allow_empty: bool,
     ) -> WriteHandle:
-        if isinstance(keys, (str, bytes, bytearray)):
-            raise InvalidKeyError(
-                f"keys {keys!r} is one {type(keys).__name__}, not a sequence of keys; pass a list, "
-                "e.g. write_batch([key], ...) for one sample"
-            )
-        names = [validate_key(key) for key in keys]
-        if len(set(names)) != len(names):
-            twice = sorted({n for n in names if names.count(n) > 1})
-            raise InvalidKeyError(
-                f"keys {twice} appear more than once in one batch; each sample needs its own"
-            )
+        names = batch_keys(keys)
         if save is not None:
             validate_suffix(suffix)
             if not suffix and not self._said_no_suffix:

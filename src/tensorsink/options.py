@@ -8,7 +8,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["Backend", "DictMode", "Durability", "SaveFormat", "ShardOptions", "WriterOptions"]
+__all__ = [
+    "Backend",
+    "DictMode",
+    "Durability",
+    "SaveFormat",
+    "ShardOptions",
+    "WriterOptions",
+    "check_shard_list",
+]
 
 
 class _Choice(str, enum.Enum):
@@ -185,6 +193,16 @@ class WriterOptions:
         return WriterOptions(**fields)
 
 
+def check_shard_list(name: object, *, argument: str) -> None:
+    """ValueError unless `name` names a shard list in the root itself: wids resolves the list's urls
+    (relative to the root) from the list's own folder."""
+    if not isinstance(name, str) or not name.endswith(".json") or "/" in name:
+        raise ValueError(
+            f"{argument}={name!r} is not valid; use a file name ending in .json, in the root "
+            "(wids reads the urls relative to the list)" + (", or None" if argument == "shard_list" else "")
+        )
+
+
 @dataclass(frozen=True)
 class ShardOptions:
     """Validated settings of a ShardWriter; those it shares with AsyncWriter mean the same there."""
@@ -230,12 +248,5 @@ class ShardOptions:
                 f"prefix={self.prefix!r} is not valid; use a name without '.' in its last part, "
                 "such as 'shard' or 'train/shard'"
             )
-        if self.shard_list is not None and (
-            not isinstance(self.shard_list, str)
-            or not self.shard_list.endswith(".json")
-            or "/" in self.shard_list
-        ):  # in the root itself: wids resolves the list's urls from the list's own folder
-            raise ValueError(
-                f"shard_list={self.shard_list!r} is not valid; use a file name ending in .json, in the root "
-                "(wids reads the urls relative to the list), or None"
-            )
+        if self.shard_list is not None:
+            check_shard_list(self.shard_list, argument="shard_list")

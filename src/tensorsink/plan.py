@@ -7,7 +7,7 @@ where they are (staging moves them).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from .manifest import JOURNAL_DIR
 from .options import DictMode
 
 __all__ = [
+    "batch_keys",
     "check_distinct_files",
     "check_one_file",
     "entry_at",
@@ -77,6 +78,21 @@ def validate_key(key: object) -> str:
                     f"a file or folder name holds at most {_NAME_MAX} bytes (UTF-8)"
                 )
     return key
+
+
+def batch_keys(keys: Sequence[object], name_of: Callable[[object], str] = validate_key) -> list[str]:
+    """write_batch's keys, each as `name_of` checks it; InvalidKeyError for one str given instead of
+    a list, or for a key that comes twice (two samples would make one file)."""
+    if isinstance(keys, (str, bytes, bytearray)):
+        raise InvalidKeyError(
+            f"keys {keys!r} is one {type(keys).__name__}, not a sequence of keys; pass a list, "
+            "e.g. write_batch([key], ...) for one sample"
+        )
+    names = [name_of(key) for key in keys]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InvalidKeyError(f"keys {twice} appear more than once in one batch; each sample needs its own")
+    return names
 
 
 def _check_unicode(text: str, what: str) -> None:

@@ -33,13 +33,13 @@ from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 from ray.data.datasource.datasink import WriteResult
 
-from .commit import Committer, sweep
+from .commit import sweep
 from .committed import CommittedBatchWriter, check_option_names, key_values
 from .errors import InvalidKeyError
-from .manifest import JOURNAL_DIR, Journal
+from .manifest import JOURNAL_DIR
 from .options import DictMode, Durability, SaveFormat, ShardOptions, WriterOptions
 from .plan import validate_key
-from .shards.index import publish_shard_list
+from .shards.index import publish_journaled
 from .shards.writer import ShardWriter
 from .writer import AsyncWriter
 
@@ -254,16 +254,9 @@ class TensorDatasink(Datasink[TaskWritten]):
         """The shard list, written and journaled by the driver (its journal holds that line alone)."""
         assert self._shard_list is not None
         durability = Durability.coerce(self._options.get("durability", "file"), argument="durability")
-        journal = None
-        if self._options["manifest"]:
-            journal = Journal(self.path, fsync=durability is not Durability.NONE)
-        try:
-            return publish_shard_list(
-                self.path, self._shard_list, Committer(durability, self.path), journal, shards
-            )
-        finally:
-            if journal is not None:
-                journal.close()
+        return publish_journaled(
+            self.path, self._shard_list, durability, manifest=self._options["manifest"], shards=shards
+        )
 
     def on_write_failed(self, error: Exception) -> None:
         """A task failed for good: the files already committed stay (each whole, and journaled, so a

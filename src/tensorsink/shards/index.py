@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 from ..checksum import crc32
 from ..formats import write_buffers
 from ..manifest import SHARD_LIST_FORMAT, Journal, Manifest
+from ..options import Durability
 
 if TYPE_CHECKING:
     from ..commit import Committer
 
-__all__ = ["ShardReader", "publish_shard_list", "sample_line", "shard_list"]
+__all__ = ["ShardReader", "publish_journaled", "publish_shard_list", "sample_line", "shard_list"]
 
 _text = json.encoder.encode_basestring_ascii  # a str as json.dumps writes it
 
@@ -75,6 +76,26 @@ def publish_shard_list(
 
     committer.finish(final, number, temporary, fd, write, journaled)
     return Path(final)
+
+
+def publish_journaled(
+    root: str,
+    name: str,
+    durability: Durability,
+    *,
+    manifest: bool = True,
+    shards: list[tuple[str, int]] | None = None,
+) -> Path:
+    """publish_shard_list() from outside a writer (the command line, Ray's driver): a committer of its
+    own and, with `manifest`, a journal of its own that holds the list's line alone."""
+    from ..commit import Committer
+
+    journal = Journal(root, fsync=durability is not Durability.NONE) if manifest else None
+    try:
+        return publish_shard_list(root, name, Committer(durability, root), journal, shards)
+    finally:
+        if journal is not None:
+            journal.close()
 
 
 class ShardReader:

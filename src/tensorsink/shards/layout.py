@@ -18,7 +18,7 @@ from ..arrays import Array, byte_view, nbytes, plain_byte_view
 from ..errors import InvalidKeyError, InvalidLayoutError
 from ..formats import Buffer, BufferFormat, Container, FileEntry, Format, HeaderFormat
 from ..options import DictMode
-from ..plan import check_file_part, check_one_file, validate_key
+from ..plan import batch_keys, check_file_part, check_one_file, validate_key
 
 __all__ = ["Group", "groups_of", "row_of", "shard_key", "shard_keys"]
 
@@ -42,21 +42,14 @@ def shard_key(key: object) -> str:
 def shard_keys(keys: Sequence[object]) -> list[str]:
     """shard_key() of each key, the common case checked with one match for the whole batch; and
     InvalidKeyError where a key comes twice (a shard holds one sample per key)."""
-    if isinstance(keys, (str, bytes, bytearray)):
-        raise InvalidKeyError(
-            f"keys {keys!r} is one {type(keys).__name__}, not a sequence of keys; pass a list, "
-            "e.g. write_batch([key], ...) for one sample"
-        )
-    keys = list(keys)  # once: a generator would be used up by the check below
-    try:
-        plain = _PLAIN_KEYS.fullmatch("\n".join(keys) + "\n") is not None  # type: ignore[arg-type]
-    except TypeError:  # a key that is not a str: checked, and named, one by one
-        plain = False
-    names: list[str] = list(keys) if plain else [shard_key(key) for key in keys]  # type: ignore[arg-type]
-    if len(set(names)) != len(names):
-        twice = sorted({n for n in names if names.count(n) > 1})
-        raise InvalidKeyError(f"keys {twice} appear more than once in one batch; each sample needs its own")
-    return names
+    if not isinstance(keys, (str, bytes, bytearray)):  # (one str is refused by batch_keys)
+        keys = list(keys)  # once: a generator would be used up by the match
+        try:
+            if _PLAIN_KEYS.fullmatch("\n".join(keys) + "\n") is not None:  # type: ignore[arg-type]
+                return batch_keys(keys, str)
+        except TypeError:  # a key that is not a str: checked, and named, one by one
+            pass
+    return batch_keys(keys, shard_key)
 
 
 def row_of(array: Array, row: int) -> Array:

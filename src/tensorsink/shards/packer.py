@@ -317,10 +317,11 @@ class Packer:
             try:
                 self.options.upload_queue.put(path)
             except Exception as exc:  # the shard is committed; its upload is what failed
-                self._note_failure(exc, f"tensorsink: while queueing the shard {path} for upload")
+                self.note_failure(exc, f"tensorsink: while queueing the shard {path} for upload")
 
-    def _note_failure(self, exc: BaseException, note: str) -> None:
-        if hasattr(exc, "add_note"):
+    def note_failure(self, exc: BaseException, note: str = "") -> None:
+        """Count a failure and keep the first as the writer's, with `note` saying where it happened."""
+        if note and hasattr(exc, "add_note"):
             exc.add_note(note)
         self.stats.add(errors=1)
         if self.error is None:
@@ -343,15 +344,11 @@ class Packer:
         shown = ", ".join(map(repr, keys[:_KEYS_NAMED])) + (
             f" and {len(keys) - _KEYS_NAMED} more" if len(keys) > _KEYS_NAMED else ""
         )
-        if hasattr(exc, "add_note"):
-            exc.add_note(f"tensorsink: while writing the shard {where or 'of'} with keys {shown}")
         for ticket in tickets:
             if not ticket.failed:
                 ticket.failed = True
                 ticket.handle.set_exception(exc)
-        self.stats.add(errors=1)
-        if self.error is None:
-            self.error = exc
+        self.note_failure(exc, f"tensorsink: while writing the shard {where or 'of'} with keys {shown}")
 
 
 def _native_packer() -> Callable[..., tuple[int, int, bytes]]:

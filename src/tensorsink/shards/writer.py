@@ -361,7 +361,7 @@ class ShardWriter:
                 try:
                     self._packer.end_shard()
                 except BaseException as exc:  # nothing may end this thread: it is the writer's failure
-                    self._packer.error = self._packer.error or exc
+                    self._packer.note_failure(exc)
                 finally:
                     if item is not None:
                         item.set()
@@ -371,7 +371,7 @@ class ShardWriter:
             try:
                 self._packer.pack_job(item)
             except BaseException as exc:
-                self._packer.error = self._packer.error or exc
+                self._packer.note_failure(exc)
             finally:
                 if item.staged is not None:
                     item.staged.release()
